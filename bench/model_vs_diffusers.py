@@ -1,0 +1,155 @@
+"""Our pipeline vs diffusers on the full SD 1.5 architecture with random weights (CPU, 256x256, 4 steps, batch 1).
+
+Both run in one process, alternately, on the same weights; the median of several runs is reported. Peak RSS is
+measured in a fresh subprocess per implementation (load + one generation). Results go to BENCHMARKS.md.
+
+    python bench/model_vs_diffusers.py [--runs 3] [--folder DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.report import markdown_table, write_section  # noqa: E402
+
+log = logging.getLogger("bench.model")
+
+SIZE, STEPS, PROMPT, SEED = 256, 4, "a photo of an astronaut riding a horse", 1234
+
+
+def write_sd15_folder(folder: Path) -> None:
+    """A diffusers folder with SD 1.5-shaped, randomly initialised UNet, VAE and text encoder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from model.tokenizer import ClipTokenizer
+    from tests.model.reference import SD15_SCHEDULER
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).save_pretrained(
+        folder / "unet")
+    AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+    ).save_pretrained(folder / "vae")
+    CLIPTextModel(CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407, vocab_size=49408,
+    )).save_pretrained(folder / "text_encoder")
+    ClipTokenizer.bundled().save_folder(folder / "tokenizer")
+    import json
+
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+
+
+def ours(folder: Path, dtype: str) -> Callable[[], None]:
+    from model.pipeline import Pipeline
+    from model.requests import GenerationRequest
+
+    pipe = Pipeline.load(folder, device="cpu", dtype=dtype)
+    req = GenerationRequest(prompt=PROMPT, width=SIZE, height=SIZE, steps=STEPS, sampler="euler_a", seed=SEED)
+    return lambda: pipe.generate([req]) and None
+
+
+def theirs(folder: Path) -> Callable[[], None]:
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    from tests.model.reference import SD15_SCHEDULER
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder), scheduler=EulerAncestralDiscreteScheduler(**{
+            k: v for k, v in SD15_SCHEDULER.items() if k not in ("set_alpha_to_one", "clip_sample")}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def run() -> None:
+        pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+             generator=torch.Generator("cpu").manual_seed(SEED))
+
+    return run
+
+
+def peak_rss_mib(folder: Path, which: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--folder", str(folder), "--rss", which],
+                         check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--rss", choices=("ours", "ours-fp32", "diffusers"), default=None)
+    args = parser.parse_args()
+    tmp = tempfile.TemporaryDirectory() if args.folder is None else None
+    folder = args.folder or Path(tmp.name)  # type: ignore[union-attr]
+    if not (folder / "unet").exists():
+        log.info("writing SD 1.5-size random weights to %s", folder)
+        write_sd15_folder(folder)
+    if args.rss:  # child: load one implementation, generate once, report peak RSS in MiB
+        run = theirs(folder) if args.rss == "diffusers" else ours(folder, "float32" if args.rss == "ours-fp32"
+                                                                   else "auto")
+        run()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+
+    from model.device import cpu_has_fast_bf16
+
+    runners = {"ours (auto)": ours(folder, "auto"), "ours (fp32)": ours(folder, "float32"),
+               "diffusers (fp32)": theirs(folder)}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for name, run in runners.items():  # warm-up
+        run()
+    for i in range(args.runs):
+        for name, run in runners.items():
+            gc.collect()
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+            log.info("run %d %s: %.2f s", i, name, times[name][-1])
+    del runners
+    gc.collect()
+    rss = {"ours (auto)": peak_rss_mib(folder, "ours"), "ours (fp32)": peak_rss_mib(folder, "ours-fp32"),
+           "diffusers (fp32)": peak_rss_mib(folder, "diffusers")}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["diffusers (fp32)"]
+    rows = [[k, f"{med[k]:.2f}", f"{base / med[k]:.2f}x", f"{rss[k]:.0f}"] for k in med]
+    import diffusers
+    import transformers
+
+    body = (
+        f"Full SD 1.5 architecture, random weights, txt2img {SIZE}x{SIZE}, {STEPS} steps, euler_a, batch 1, CFG 7.5, "
+        f"CPU; median of {args.runs} alternating runs after a warm-up. torch {torch.__version__}, diffusers "
+        f"{diffusers.__version__}, transformers {transformers.__version__}; threads {torch.get_num_threads()}; "
+        f"CPU bf16 fast path: {cpu_has_fast_bf16()}. Peak RSS: a fresh process loading the model and generating "
+        f"once.\n\n"
+        + markdown_table(["implementation", "seconds / image", "speed vs diffusers fp32", "peak RSS MiB"], rows)
+        + "\n\nTargets: ours (auto) >= 3x diffusers fp32; ours (fp32) >= 1.1x."
+    )
+    write_section("Model: sdqueue vs diffusers (CPU)", body)
+    log.info("\n%s", body)
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Choosing the device and the precision each network runs in."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU does bf16 matrix math natively (AMX tiles or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N, mps; got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but MPS is not available")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtype of each network. The VAE stays in a dtype that does not overflow (fp16 VAEs give NaNs)."""
+
+    unet: torch.dtype
+    text: torch.dtype
+    vae: torch.dtype
+
+
+def resolve_precision(device: torch.device, name: str = "auto") -> Precision:
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+        dtype = DTYPES[name]
+        if device.type == "cpu" and dtype == torch.float16:
+            raise ValueError("dtype float16 is not supported on CPU; use bfloat16 or float32")
+        # SD's VAE overflows in fp16: decode it in fp32 (bf16 has the range and is fine).
+        return Precision(dtype, dtype, torch.float32 if dtype == torch.float16 else dtype)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.float16, torch.float16, torch.bfloat16)
+        return Precision(torch.float16, torch.float16, torch.float32)
+    if device.type == "mps":
+        return Precision(torch.float16, torch.float16, torch.float32)
+    if cpu_has_fast_bf16():
+        return Precision(torch.bfloat16, torch.bfloat16, torch.float32)
+    return Precision(torch.float32, torch.float32, torch.float32)

@@ -1,0 +1,212 @@
+"""The SD 1.x pipeline: a list of requests in, one batched denoising loop, images out.
+
+Stages (as in diffusers' StableDiffusionPipeline.__call__, for a heterogeneous batch):
+  1. check the requests and that they can share one batch
+  2. encode prompts and negative prompts (CLIP)
+  3. prepare latents: per image a CPU generator seeded ``seed + i`` (see ``noise.py``)
+  4. denoise: one UNet call per step for the whole batch, classifier-free guidance per sample
+  5. decode with the VAE (in slices) and convert to PIL images
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from model.batch import Batch, BatchCancelled
+from model.device import Precision, resolve_device, resolve_precision
+from model.images import latents_to_preview, tensor_to_images
+from model.requests import GenerationRequest, GenerationResult, StepCallback
+from model.samplers import SAMPLERS, initial_latents, make_plan, sample
+from model.schedule import NoiseSchedule
+from model.tokenizer import ClipTokenizer
+from model.weights import Components, load_components
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS = 1000
+VAE_SLICE = 4  # images decoded per VAE call: bounds memory at large sizes
+
+
+class Pipeline:
+    """A resident SD 1.x model. ``generate`` runs a list of compatible requests as one batch."""
+
+    def __init__(
+        self,
+        components: Components,
+        tokenizer: ClipTokenizer,
+        schedule: NoiseSchedule,
+        device: torch.device,
+        precision: Precision,
+        name: str,
+    ) -> None:
+        self.components = components
+        self.tokenizer = tokenizer
+        self.schedule = schedule
+        self.device = device
+        self.precision = precision
+        self.name = name
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        allow_pickle: bool = False,
+    ) -> Pipeline:
+        """Load a single-file checkpoint or diffusers folder from a local path onto ``device``."""
+        dev = resolve_device(device)
+        precision = resolve_precision(dev, dtype)
+        components = load_components(
+            checkpoint,
+            device=dev,
+            dtype=precision.unet,
+            vae_dtype=precision.vae,
+            text_dtype=precision.text,
+            allow_pickle=allow_pickle,
+        )
+        if components.tokenizer_dir is not None:
+            tokenizer = ClipTokenizer.from_folder(components.tokenizer_dir)
+        else:
+            tokenizer = ClipTokenizer.bundled()
+        if components.scheduler_config is not None:
+            schedule = NoiseSchedule.from_diffusers_config(components.scheduler_config)
+        else:
+            schedule = NoiseSchedule.sd15()
+        if dev.type == "cpu":
+            # oneDNN convolutions are faster on NHWC tensors.
+            components.unet.to(memory_format=torch.channels_last)
+        log.info("loaded %s on %s (unet %s, vae %s)", checkpoint, dev, precision.unet, precision.vae)
+        return cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
+
+    @property
+    def is_inpaint(self) -> bool:
+        return self.components.is_inpaint
+
+    @property
+    def vae_scale(self) -> int:
+        return 8
+
+    # 1. checks ---------------------------------------------------------------------------------------------
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ValueError naming the field and the rule when ``request`` cannot run on this model."""
+        r = request
+        if r.task not in ("txt2img", "img2img", "inpaint"):
+            raise ValueError(f"task must be one of txt2img, img2img, inpaint; got {r.task!r}")
+        for field, value in (("width", r.width), ("height", r.height)):
+            if value < self.vae_scale or value % self.vae_scale:
+                raise ValueError(f"{field} must be a positive multiple of {self.vae_scale}, got {value}")
+        if not 1 <= r.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {r.steps}")
+        if r.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {r.sampler!r}")
+        if r.karras and r.sampler == "ddim":
+            raise ValueError("karras sigmas apply to euler, euler_a and dpmpp_2m, not ddim")
+        if not math.isfinite(r.guidance_scale) or r.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {r.guidance_scale}")
+        if not 0.0 <= r.eta <= 1.0:
+            raise ValueError(f"eta must be between 0 and 1, got {r.eta}")
+        if r.eta and r.sampler != "ddim":
+            raise ValueError(f"eta applies to the ddim sampler only, got eta {r.eta} with {r.sampler}")
+        if r.n < 1:
+            raise ValueError(f"n must be at least 1, got {r.n}")
+        if r.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {r.seed}")
+        if r.task != "txt2img":
+            if not 0.0 <= r.strength <= 1.0:
+                raise ValueError(f"strength must be between 0 and 1, got {r.strength}")
+            if r.init_image is None:
+                raise ValueError(f"init_image is required for {r.task}")
+            if r.init_image.size != (r.width, r.height):
+                w, h = r.init_image.size
+                raise ValueError(f"init_image is {w}x{h} but width x height is {r.width}x{r.height}")
+        if r.task == "inpaint":
+            if r.mask is None:
+                raise ValueError("mask is required for inpaint")
+            if r.init_image is not None and r.mask.size != r.init_image.size:
+                raise ValueError(f"mask is {r.mask.size[0]}x{r.mask.size[1]} but init_image is "
+                                 f"{r.init_image.size[0]}x{r.init_image.size[1]}: they must match")
+
+    # the whole call ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self, requests: Sequence[GenerationRequest], callback: StepCallback | None = None
+    ) -> list[GenerationResult | None]:
+        """Run ``requests`` as one batch. A request cancelled through ``callback`` gets ``None``."""
+        if not requests:
+            return []
+        for r in requests:
+            self.check(r)
+        keys = {r.batch_key() for r in requests}
+        if len(keys) > 1:
+            raise ValueError(f"requests cannot share a batch: they differ in (task, size, steps, sampler): {keys}")
+        first = requests[0]
+        strength = 1.0 if first.task == "txt2img" else first.strength
+        plan = make_plan(self.schedule, first.sampler, first.steps, karras=first.karras, strength=strength)
+
+        # 2. text
+        tokens = self.tokenizer.tokenize([r.prompt for r in requests] + [r.negative_prompt for r in requests])
+        embeddings = self._encode_text(tokens.input_ids)
+        cond, uncond = embeddings[: len(requests)], embeddings[len(requests):]
+
+        # 3. latents, per image from its own generator
+        batch = Batch(self, requests, cond, uncond, plan)
+        x = initial_latents(plan, batch.noise0, batch.start_latents)
+        if plan.num_steps == 0:  # strength 0: nothing to denoise, the input comes back (through the VAE)
+            final = x
+        else:
+            # 4. denoise
+            try:
+                final = sample(plan, batch.eps, x, noise=batch.step_noise, eta=first.eta,
+                               callback=batch.step_callback(callback))
+            except BatchCancelled:
+                return [None] * len(requests)
+
+        # 5. decode
+        images = self._decode(final)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        offset = 0
+        for req_index in batch.active_requests:
+            r = requests[req_index]
+            results[req_index] = GenerationResult(
+                images=images[offset : offset + r.n],
+                seeds=[r.seed + i for i in range(r.n)],
+                prompt_truncated=tokens.truncated[req_index],
+                negative_prompt_truncated=tokens.truncated[len(requests) + req_index],
+            )
+            offset += r.n
+        return results
+
+    # helpers -------------------------------------------------------------------------------------------------
+    def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        encoder = self.components.text_encoder
+        out = encoder(input_ids=ids.to(self.device)).last_hidden_state  # [B, 77, 768]
+        return out.to(self.precision.unet)
+
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, H, W] in [-1, 1] -> posterior (mean, std) of the scaled-less latents, float32."""
+        vae = self.components.vae
+        mean, logvar = vae.encode(pixels.to(self.device, self.precision.vae))
+        std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
+        return mean.float(), std
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.components.vae
+        scale = self.components.scaling_factor
+        images: list[Image.Image] = []
+        for start in range(0, latents.shape[0], VAE_SLICE):
+            chunk = latents[start : start + VAE_SLICE] / scale
+            decoded = vae.decode(chunk.to(self.device, self.precision.vae))  # [b, 3, H, W]
+            images.extend(tensor_to_images(decoded))
+        return images
+
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Cheap RGB previews of the running latents (no VAE), for progress events."""
+        return latents_to_preview(latents)

@@ -1,0 +1,450 @@
+"""Loading SD 1.x checkpoints from a local path: a single file in the original layout, or a diffusers folder.
+
+Networks are built on the meta device and every tensor is read on its own, converted, moved to the target device
+and assigned, so loading never holds a second copy of the model. Loading is strict: any missing, unexpected or
+mis-shaped tensor is an error that names them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import time
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from model import diffusers_format
+from model.clip_config import clip_text_config, state_dict_prefix
+from model.unet import UNetConfig, UNetModel
+from model.vae import AutoencoderKL, VAEConfig
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."  # then "text_model." in all but the oldest checkpoints
+SD1_SCALING_FACTOR = 0.18215
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Head counts cannot be read from tensor shapes; files written by save_single_file record them here.
+HEADS_METADATA_KEY = "sdqueue.attention_heads"
+
+# Training-only tensors that single-file checkpoints carry: the diffusion schedule (ours comes from the sampler
+# config), EMA copies, the VAE's training loss (LPIPS, discriminator) and CLIP's constant position ids.
+_IGNORED = re.compile(
+    r"betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|logvar|lvlb_weights"
+    r"|model_ema\..+|first_stage_model\.loss\..+|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids"
+)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be loaded into SD 1.x networks; the message says which tensors or files and why."""
+
+
+@dataclass
+class Components:
+    """Everything a pipeline needs from one checkpoint, ready on its device, in eval mode, without gradients."""
+
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+    scaling_factor: float  # latent = vae.encode(x).mean * scaling_factor
+    tokenizer_dir: Path | None  # a diffusers folder's tokenizer/, else None (use the packaged vocabulary)
+    scheduler_config: dict[str, Any] | None  # a diffusers folder's scheduler_config.json, else None
+    source: Path
+
+    @property
+    def is_inpaint(self) -> bool:
+        """An inpainting UNet takes latent + mask + masked-image latent: 4 + 1 + 4 input channels."""
+        return self.unet_config.in_channels == 9
+
+
+class _Reader:
+    """Names, shapes and values of the tensors in checkpoint files, read one tensor at a time."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.metadata: dict[str, str] = {}
+        self._getters: dict[str, Callable[[], torch.Tensor]] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._getters[name]()
+
+    def add(self, path: Path, stack: ExitStack, allow_pickle: bool) -> None:
+        if path.suffix == ".safetensors":
+            f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            self.metadata |= f.metadata() or {}
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                self.shapes[name] = tuple(f.get_slice(name).get_shape())
+                self._getters[name] = partial(f.get_tensor, name)
+        elif path.suffix in PICKLE_SUFFIXES:
+            for name, tensor in _load_pickle(path, allow_pickle).items():
+                self.shapes[name] = tuple(tensor.shape)
+                self._getters[name] = partial(lambda t: t, tensor)
+        else:
+            raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors")
+
+
+def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path} is a pickle file, and unpickling can run code hidden in it. Convert it to .safetensors, "
+            "or, if you trust its source, pass allow_pickle=True (CLI: --allow-pickle)."
+        )
+
+
+def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    _refuse_pickle(path, allow_pickle)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: holds Python objects besides tensors, refused by weights_only: {e}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning checkpoints wrap the weights
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+@dataclass
+class _Part:
+    """One network: its module (on the meta device) and where each of its tensors comes from."""
+
+    label: str
+    module: nn.Module
+    reader: _Reader
+    sources: dict[str, str]  # module key -> checkpoint key
+    unexpected: list[str]  # checkpoint keys of this network that no module key takes
+    checkpoint_name: Callable[[str], str]  # module key -> the name the checkpoint should have used
+
+
+def _fits(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    # a 1x1 conv and a linear layer hold the same matrix; VAE attention is stored either way
+    return have == want or have == (*want, 1, 1) or (*have, 1, 1) == want
+
+
+def _check(parts: list[_Part], stray: list[str], source: Path) -> None:
+    missing: list[str] = []
+    unexpected = list(stray)
+    wrong: list[str] = []
+    for part in parts:
+        expected = {k: tuple(v.shape) for k, v in part.module.state_dict().items()}
+        missing += [part.checkpoint_name(k) for k in expected if k not in part.sources]
+        unexpected += part.unexpected + [src for k, src in part.sources.items() if k not in expected]
+        for key, src in part.sources.items():
+            have = part.reader.shapes[src]
+            if key in expected and not _fits(have, expected[key]):
+                wrong.append(f"{src}: checkpoint {list(have)}, network {list(expected[key])}")
+    if missing or unexpected or wrong:
+        sections = [_listing(title, items) for title, items in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+        raise CheckpointError(
+            f"{source} does not match the SD 1.x networks inferred from it:\n" + "\n".join(sections)
+        )
+
+
+def _listing(title: str, items: list[str], limit: int = 20) -> str:
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {item}" for item in items[:limit]) + more
+
+
+def _materialize(part: _Part, device: torch.device, dtype: torch.dtype) -> None:
+    expected = part.module.state_dict()
+    state = {}
+    for key, src in part.sources.items():
+        tensor = part.reader.get(src).reshape(expected[key].shape)
+        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    part.module.load_state_dict(state, strict=True, assign=True)
+    # non-persistent buffers are not in checkpoints and are still on the meta device: rebuild them
+    for name, buffer in list(part.module.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            if leaf != "position_ids":
+                raise RuntimeError(f"{part.label}: buffer {name} has no value after loading")
+            ids = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape)
+            part.module.get_submodule(owner).register_buffer(leaf, ids, persistent=False)
+    part.module.eval().requires_grad_(False)
+
+
+def _build(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> tuple[UNetModel, AutoencoderKL, CLIPTextModel]:
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        return UNetModel(unet), AutoencoderKL(vae), CLIPTextModel(text)
+
+
+def _need(shapes: Mapping[str, tuple[int, ...]], key: str, prefix: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise CheckpointError(
+            f"cannot infer the network: tensor {prefix}{key} is missing (is this an SD 1.x checkpoint?)"
+        )
+    return shapes[key]
+
+
+def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
+    """How many numbered children (prefix0., prefix1., ...) the keys have."""
+    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+
+def _infer_unet(s: Mapping[str, tuple[int, ...]], heads: Mapping[str, int]) -> UNetConfig:
+    def need(key: str) -> tuple[int, ...]:
+        return _need(s, key, UNET_PREFIX)
+
+    model_channels, in_channels = need("input_blocks.0.0.weight")[:2]
+    levels: list[list[int]] = [[]]  # input block indices of each level's res blocks
+    for i in range(1, _count(s, "input_blocks.")):
+        if f"input_blocks.{i}.0.op.weight" in s:
+            levels.append([])
+        else:
+            levels[-1].append(i)
+    if not all(levels):
+        raise CheckpointError(f"cannot infer the network: a UNet level has no res blocks ({UNET_PREFIX}input_blocks)")
+    context_dim = need("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
+    # SD 2.x (1024-wide context) fixes 64 channels per head; SD 1.x fixes 8 heads. Shapes cannot tell.
+    default_heads = {"num_heads": 8, "num_head_channels": 64 if context_dim == 1024 else -1}
+    return UNetConfig(
+        in_channels=in_channels,
+        out_channels=need("out.2.weight")[0],
+        model_channels=model_channels,
+        channel_mult=tuple(need(f"input_blocks.{b[0]}.0.out_layers.3.weight")[0] // model_channels for b in levels),
+        num_res_blocks=len(levels[0]),
+        attention_resolutions=tuple(2**i for i, b in enumerate(levels) if f"input_blocks.{b[0]}.1.norm.weight" in s),
+        num_heads=heads.get("unet_num_heads", default_heads["num_heads"]),
+        num_head_channels=heads.get("unet_num_head_channels", default_heads["num_head_channels"]),
+        transformer_depth=_count(s, "middle_block.1.transformer_blocks."),
+        context_dim=context_dim,
+        use_linear_in_transformer=len(need("middle_block.1.proj_in.weight")) == 2,
+    )
+
+
+def _infer_vae(s: Mapping[str, tuple[int, ...]]) -> VAEConfig:
+    def need(key: str) -> tuple[int, ...]:
+        return _need(s, key, VAE_PREFIX)
+
+    ch, in_channels = need("encoder.conv_in.weight")[:2]
+    levels = _count(s, "encoder.down.")
+    return VAEConfig(
+        in_channels=in_channels,
+        out_channels=need("decoder.conv_out.weight")[0],
+        ch=ch,
+        ch_mult=tuple(need(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels)),
+        num_res_blocks=_count(s, "encoder.down.0.block."),
+        z_channels=need("decoder.conv_in.weight")[1],
+        embed_dim=need("post_quant_conv.weight")[1],
+    )
+
+
+def _infer_text(s: Mapping[str, tuple[int, ...]], heads: Mapping[str, int]) -> CLIPTextConfig:
+    def need(key: str) -> tuple[int, ...]:
+        return _need(s, key, TEXT_PREFIX + "text_model.")
+
+    vocab_size, hidden_size = need("embeddings.token_embedding.weight")
+    return clip_text_config(
+        hidden_size=hidden_size,
+        num_hidden_layers=_count(s, "encoder.layers."),
+        num_attention_heads=heads.get("text_num_attention_heads"),  # None: CLIP's one head per 64 channels
+        intermediate_size=need("encoder.layers.0.mlp.fc1.weight")[0],
+        vocab_size=vocab_size,
+        max_position_embeddings=need("embeddings.position_embedding.weight")[0],
+    )
+
+
+def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list[_Part], list[str], dict[str, Any]]:
+    reader = _Reader()
+    reader.add(path, stack, allow_pickle)
+    groups: dict[str, dict[str, str]] = {UNET_PREFIX: {}, VAE_PREFIX: {}, TEXT_PREFIX: {}}  # relative -> full key
+    stray = []
+    for name in reader.shapes:
+        prefix = next((p for p in groups if name.startswith(p)), None)
+        if _IGNORED.fullmatch(name):
+            continue
+        if prefix is None:
+            stray.append(name)
+        elif prefix == TEXT_PREFIX:
+            groups[prefix][name[len(prefix):].removeprefix("text_model.")] = name
+        else:
+            groups[prefix][name[len(prefix):]] = name
+    shapes = {p: {k: reader.shapes[v] for k, v in g.items()} for p, g in groups.items()}
+    heads = json.loads(reader.metadata.get(HEADS_METADATA_KEY, "{}"))
+    unet_config, vae_config = _infer_unet(shapes[UNET_PREFIX], heads), _infer_vae(shapes[VAE_PREFIX])
+    unet, vae, text = _build(unet_config, vae_config, _infer_text(shapes[TEXT_PREFIX], heads))
+    text_prefix = state_dict_prefix(text)
+    parts = [
+        _Part("unet", unet, reader, groups[UNET_PREFIX], [], lambda k: UNET_PREFIX + k),
+        _Part("vae", vae, reader, groups[VAE_PREFIX], [], lambda k: VAE_PREFIX + k),
+        _Part("text_encoder", text, reader, {text_prefix + k: v for k, v in groups[TEXT_PREFIX].items()}, [],
+              lambda k: TEXT_PREFIX + "text_model." + k.removeprefix(text_prefix)),
+    ]
+    return parts, stray, {"scaling_factor": SD1_SCALING_FACTOR, "tokenizer_dir": None, "scheduler_config": None}
+
+
+def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
+    """The weight files of one diffusers component, preferring safetensors, full precision, unsharded."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    for name in (f"{stem}.bin", f"{stem}.fp16.bin"):
+        if (folder / name).is_file():
+            _refuse_pickle(folder / name, allow_pickle)
+            return [folder / name]
+    raise CheckpointError(f"{folder}: no weights found; expected {stem}.safetensors")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent.parent}: not a diffusers model folder, {path} is missing")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _folder_part(
+    label: str, module: nn.Module, folder: Path, stem: str, to_module: Callable[[str], str | None],
+    from_module: Callable[[str], str], stack: ExitStack, allow_pickle: bool,
+) -> _Part:
+    reader = _Reader()
+    for file in _weight_files(folder / label, stem, allow_pickle):
+        reader.add(file, stack, allow_pickle)
+    sources, unexpected = {}, []
+    for name in reader.shapes:
+        key = to_module(name)
+        if key is None:
+            unexpected.append(f"{label}/{name}")
+        else:
+            sources[key] = name
+    return _Part(label, module, reader, sources, unexpected, lambda k: f"{label}/{from_module(k)}")
+
+
+def _diffusers_folder(
+    path: Path, stack: ExitStack, allow_pickle: bool
+) -> tuple[list[_Part], list[str], dict[str, Any]]:
+    vae_json = _read_json(path / "vae" / "config.json")
+    unet_config = diffusers_format.unet_config_from_diffusers(_read_json(path / "unet" / "config.json"))
+    vae_config = diffusers_format.vae_config_from_diffusers(vae_json)
+    text_config = CLIPTextConfig.from_dict(_read_json(path / "text_encoder" / "config.json"))
+    unet, vae, text = _build(unet_config, vae_config, text_config)
+
+    unet_names, vae_names = diffusers_format.unet_renames(unet_config), diffusers_format.vae_renames(vae_config)
+    unet_back, vae_back = diffusers_format.inverted(unet_names), diffusers_format.inverted(vae_names)
+    text_prefix = state_dict_prefix(text)
+    stem = "diffusion_pytorch_model"
+    parts = [
+        _folder_part("unet", unet, path, stem, partial(diffusers_format.rename, renames=unet_names),
+                     lambda k: diffusers_format.rename(k, unet_back) or k, stack, allow_pickle),
+        _folder_part("vae", vae, path, stem, partial(diffusers_format.rename, renames=vae_names),
+                     lambda k: diffusers_format.rename(k, vae_back) or k, stack, allow_pickle),
+        # transformers has saved CLIPTextModel with and without the "text_model." level
+        _folder_part("text_encoder", text, path, "model", lambda k: text_prefix + k.removeprefix("text_model."),
+                     lambda k: k, stack, allow_pickle),
+    ]
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    return parts, [], {
+        "scaling_factor": float(vae_json.get("scaling_factor", SD1_SCALING_FACTOR)),
+        "tokenizer_dir": path / "tokenizer" if (path / "tokenizer").is_dir() else None,
+        "scheduler_config": json.loads(scheduler.read_text()) if scheduler.is_file() else None,
+    }
+
+
+def load_components(
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+    text_dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> Components:
+    """Load an SD 1.x checkpoint (single .safetensors file, or diffusers folder) from a local path.
+
+    ``dtype`` applies to the UNet, and to the VAE and text encoder unless ``vae_dtype`` / ``text_dtype`` are given.
+    Pickle checkpoints (.ckpt, .pt, .bin) are refused unless ``allow_pickle``; even then nothing but tensors loads.
+    """
+    path, device = Path(path).expanduser(), torch.device(device)
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        if path.is_dir():
+            parts, stray, extras = _diffusers_folder(path, stack, allow_pickle)
+        elif path.is_file():
+            parts, stray, extras = _single_file(path, stack, allow_pickle)
+        else:
+            raise FileNotFoundError(f"checkpoint not found: {path} (a .safetensors file or a diffusers folder)")
+        _check(parts, stray, path)
+        for part, part_dtype in zip(parts, (dtype, vae_dtype or dtype, text_dtype or dtype), strict=True):
+            _materialize(part, device, part_dtype)
+    unet, vae, text = (part.module for part in parts)
+    assert isinstance(unet, UNetModel) and isinstance(vae, AutoencoderKL) and isinstance(text, CLIPTextModel)
+    log.info("loaded %s (%s UNet inputs) to %s in %.1fs", path.name, unet.config.in_channels, device,
+             time.perf_counter() - started)
+    return Components(unet=unet, vae=vae, text_encoder=text, unet_config=unet.config, vae_config=vae.config,
+                      source=path, **extras)
+
+
+def _save(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Path:
+    text_prefix = state_dict_prefix(text_encoder)
+    tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    tensors |= {VAE_PREFIX + k: v for k, v in vae.state_dict().items()}
+    tensors |= {TEXT_PREFIX + "text_model." + k.removeprefix(text_prefix): v
+                for k, v in text_encoder.state_dict().items()}
+    heads = {"unet_num_heads": unet.config.num_heads, "unet_num_head_channels": unet.config.num_head_channels,
+             "text_num_attention_heads": text_encoder.config.num_attention_heads}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt", HEADS_METADATA_KEY: json.dumps(heads)})
+    return path
+
+
+def save_single_file(components: Components, path: str | Path) -> Path:
+    """Write loaded components as one .safetensors file in the original (LDM) layout, e.g. to convert a folder."""
+    return _save(Path(path), components.unet, components.vae, components.text_encoder)
+
+
+def save_random_checkpoint(
+    path: str | Path, unet_config: UNetConfig, vae_config: VAEConfig, clip_config: CLIPTextConfig, *, seed: int = 0
+) -> Path:
+    """Write a randomly initialised single-file checkpoint (for tests and the no-download demo).
+
+    PyTorch's default init (and CLIP's), where unlike LDM training no layer starts at zero, plus small noise on
+    every norm scale and bias, so that outputs depend on every input and every tensor.
+    """
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        networks = UNetModel(unet_config), AutoencoderKL(vae_config), CLIPTextModel(clip_config)
+        for network in networks:
+            for param in network.parameters():
+                if param.ndim == 1:
+                    param.add_(0.1 * torch.randn_like(param))
+    return _save(Path(path), *networks)
+
+
+def tiny_configs(in_channels: int = 4) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
+    """The smallest configs with every part of the real architecture (tests). The VAE keeps 4 levels, so the
+    latent is H/8 x W/8 as in SD; CLIP keeps the real 49,408-token vocabulary and 77 positions."""
+    return (
+        UNetConfig(in_channels=in_channels, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                   attention_resolutions=(1, 2), num_heads=2, context_dim=32),
+        VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+        clip_text_config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    )
+
+
+def demo_configs() -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
+    """Small configs for the random-weights demo: a 256x256 image in seconds on a CPU."""
+    return (
+        UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
+                   num_heads=4, context_dim=128),
+        VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+        clip_text_config(hidden_size=128, num_hidden_layers=4, num_attention_heads=4),
+    )
