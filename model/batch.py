@@ -60,16 +60,14 @@ class Batch:
         noise, image_latents, masks, masked_latents = [], [], [], []
         row = 0
         for r in requests:
-            pixels = mask = None
-            if needs_image or self.inpaint9:
-                pixels = self._pixels(r)
+            pixels = self._pixels(r)  # [1, 3, H, W]
+            mask = self._mask(r)  # [1, 1, H, W], 1 = repaint
             if needs_image:
-                mean, std = pipe.encode_image(pixels)  # type: ignore[arg-type]
+                mean, std = pipe.encode_image(pixels)
             if self.inpaint9 or self.blend:
-                mask = self._mask(r)  # [1, 1, H, W], 1 = repaint
                 masks.append(F.interpolate(mask, size=(h, w)).to(device))
             if self.inpaint9:
-                masked_mean, masked_std = pipe.encode_image(pixels * (mask < 0.5))  # type: ignore[operator]
+                masked_mean, masked_std = pipe.encode_image(pixels * (mask < 0.5).to(pixels.dtype))
             for _ in range(r.n):
                 g = self.generators[row]
                 if needs_image:

@@ -82,7 +82,7 @@ class Pipeline:
             schedule = NoiseSchedule.sd15()
         if dev.type == "cpu":
             # oneDNN convolutions are faster on NHWC tensors.
-            components.unet.to(memory_format=torch.channels_last)
+            components.unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         log.info("loaded %s on %s (unet %s, vae %s)", checkpoint, dev, precision.unet, precision.vae)
         return cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
 

@@ -31,6 +31,9 @@ class UNetConfig:
     use_linear_in_transformer: bool = False  # SD 1.x: 1x1 conv proj_in/proj_out; SD 2.x: linear
 
     def __post_init__(self) -> None:
+        # one spelling per architecture, so configs compare equal: tuples, attention factors high to low as in LDM
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
         for mult in self.channel_mult:
             channels = self.model_channels * mult
             if channels % GROUPS:

@@ -28,6 +28,7 @@ class VAEConfig:
     embed_dim: int = 4
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))  # a list (from JSON) would not compare equal
         for mult in self.ch_mult:
             if (self.ch * mult) % GROUPS:
                 raise ValueError(f"ch * ch_mult must be a multiple of {GROUPS}, got {self.ch * mult}")

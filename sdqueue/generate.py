@@ -64,7 +64,7 @@ class ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     from model.pipeline import Pipeline
-    from model.requests import GenerationRequest, StepEvent
+    from model.requests import GenerationRequest, StepEvent, Task
 
     if not args.checkpoint:
         log.error("no checkpoint: pass --checkpoint PATH or set SDQ_CHECKPOINT")
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         init = init.resize((width, height), Image.Resampling.LANCZOS)
     if mask is not None and mask.size != (width, height):
         mask = mask.resize((width, height), Image.Resampling.LANCZOS)
-    task = "inpaint" if mask is not None else "img2img" if init is not None else "txt2img"
+    task: Task = "inpaint" if mask is not None else "img2img" if init is not None else "txt2img"
     strength = args.strength if args.strength is not None else (1.0 if task == "inpaint" else 0.75)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     request = GenerationRequest(
