@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig
 
 BOS_TOKEN_ID = 49406  # <|startoftext|>
 EOS_TOKEN_ID = 49407  # <|endoftext|>, also the padding token of SD 1.x prompts
@@ -34,6 +34,6 @@ def clip_text_config(
     )
 
 
-def state_dict_prefix(model: CLIPTextModel | nn.Module) -> str:
+def state_dict_prefix(model: nn.Module) -> str:
     """Prefix of the model's own state_dict keys: "text_model." in transformers 4, none since transformers 5."""
     return "text_model." if hasattr(model, "text_model") else ""

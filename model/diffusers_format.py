@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from model.single_file import CheckpointError
 from model.unet import GROUPS, UNetConfig
 from model.vae import VAEConfig
 
@@ -23,10 +24,13 @@ _UNET_FIXED: dict[str, Any] = {
     "encoder_hid_dim": None, "time_cond_proj_dim": None, "mid_block_type": "UNetMidBlock2DCrossAttn",
     "conv_in_kernel": 3, "conv_out_kernel": 3, "resnet_time_scale_shift": "default", "dual_cross_attention": False,
     "only_cross_attention": False, "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
+    "num_class_embeds": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_embedding_dim": None,
+    "encoder_hid_dim_type": None, "attention_type": "default", "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0, "cross_attention_norm": None,
 }
 _VAE_FIXED: dict[str, Any] = {
     "act_fn": "silu", "norm_num_groups": GROUPS, "mid_block_add_attention": True, "use_quant_conv": True,
-    "use_post_quant_conv": True, "shift_factor": None,
+    "use_post_quant_conv": True, "shift_factor": None, "latents_mean": None, "latents_std": None,
 }
 
 _UNET_RESNET = {
@@ -42,7 +46,7 @@ def _check_fixed(cfg: Mapping[str, Any], fixed: Mapping[str, Any], what: str) ->
         value = cfg.get(key, expected)
         values = value if isinstance(value, list) else [value]
         if any(v != expected for v in values):
-            raise ValueError(f"{what} config: {key}={value!r} is not supported (SD 1.x networks need {expected!r})")
+            raise CheckpointError(f"{what} config: {key}={value!r} is not supported (SD 1.x needs {expected!r})")
 
 
 def _one(cfg: Mapping[str, Any], key: str, default: Any, what: str) -> Any:
@@ -50,7 +54,7 @@ def _one(cfg: Mapping[str, Any], key: str, default: Any, what: str) -> Any:
     value = cfg.get(key, default)
     if isinstance(value, list):
         if len(set(value)) != 1:
-            raise ValueError(f"{what} config: {key}={value} differs between levels, which is not supported")
+            raise CheckpointError(f"{what} config: {key}={value} differs between levels, which is not supported")
         return value[0]
     return value
 
@@ -58,7 +62,7 @@ def _one(cfg: Mapping[str, Any], key: str, default: Any, what: str) -> Any:
 def _channel_mult(block_out_channels: list[int], what: str) -> tuple[int, tuple[int, ...]]:
     base = block_out_channels[0]
     if any(c % base for c in block_out_channels):
-        raise ValueError(f"{what} config: block_out_channels={block_out_channels} must be multiples of the first")
+        raise CheckpointError(f"{what} config: block_out_channels={block_out_channels} must be multiples of the first")
     return base, tuple(c // base for c in block_out_channels)
 
 
@@ -68,10 +72,10 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
     known = {"CrossAttnDownBlock2D", "DownBlock2D"}
     if not set(down) <= known:
-        raise ValueError(f"unet config: down_block_types={down} must use only {sorted(known)}")
+        raise CheckpointError(f"unet config: down_block_types={down} must use only {sorted(known)}")
     expected_up = [t.replace("Down", "Up") for t in reversed(down)]
     if up != expected_up:
-        raise ValueError(f"unet config: up_block_types={up} must mirror down_block_types (expected {expected_up})")
+        raise CheckpointError(f"unet config: up_block_types={up} must mirror down_block_types (expected {expected_up})")
     model_channels, channel_mult = _channel_mult(list(cfg["block_out_channels"]), "unet")
     attention_levels = [i for i, t in enumerate(down) if t == "CrossAttnDownBlock2D"]
 
@@ -86,7 +90,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     elif len(head_dims) == 1:
         num_heads, num_head_channels = 8, head_dims.pop()
     else:
-        raise ValueError(f"unet config: attention heads {heads} give neither a fixed head count nor head size")
+        raise CheckpointError(f"unet config: attention heads {heads} give neither a fixed head count nor head size")
 
     return UNetConfig(
         in_channels=cfg.get("in_channels", 4),
@@ -109,7 +113,7 @@ def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> VAEConfig:
     levels = len(cfg["block_out_channels"])
     for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         if list(cfg.get(key, [block] * levels)) != [block] * levels:
-            raise ValueError(f"vae config: {key}={cfg[key]} must be {levels} x {block}")
+            raise CheckpointError(f"vae config: {key}={cfg[key]} must be {levels} x {block}")
     ch, ch_mult = _channel_mult(list(cfg["block_out_channels"]), "vae")
     latent = cfg.get("latent_channels", 4)
     return VAEConfig(

@@ -248,7 +248,7 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, in, h, w], timesteps [B] or [] (int or float), context [B, 77, 768] -> eps [B, out, h, w]."""
-        t = timesteps.reshape(-1).expand(x.shape[0])
+        t = timesteps.to(x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # [B, 1280]
         skips = []
         h = x

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -20,36 +19,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from model import diffusers_format
+from model import diffusers_format, single_file
 from model.clip_config import clip_text_config, state_dict_prefix
+from model.single_file import (
+    HEADS_METADATA_KEY,
+    SD1_SCALING_FACTOR,
+    TEXT_MODEL_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    CheckpointError,
+)
 from model.unet import UNetConfig, UNetModel
 from model.vae import AutoencoderKL, VAEConfig
 
 log = logging.getLogger(__name__)
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."  # then "text_model." in all but the oldest checkpoints
-SD1_SCALING_FACTOR = 0.18215
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# Head counts cannot be read from tensor shapes; files written by save_single_file record them here.
-HEADS_METADATA_KEY = "sdqueue.attention_heads"
-
-# Training-only tensors that single-file checkpoints carry: the diffusion schedule (ours comes from the sampler
-# config), EMA copies, the VAE's training loss (LPIPS, discriminator) and CLIP's constant position ids.
-_IGNORED = re.compile(
-    r"betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|logvar|lvlb_weights"
-    r"|model_ema\..+|first_stage_model\.loss\..+|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids"
-)
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be loaded into SD 1.x networks; the message says which tensors or files and why."""
 
 
 @dataclass
@@ -78,22 +68,25 @@ class _Reader:
     def __init__(self) -> None:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.metadata: dict[str, str] = {}
-        self._getters: dict[str, Callable[[], torch.Tensor]] = {}
+        self._getters: dict[str, Callable[[], torch.Tensor]] = {}  # safetensors: read on demand
+        self._loaded: dict[str, torch.Tensor] = {}  # pickles: memory-mapped by torch.load
 
     def get(self, name: str) -> torch.Tensor:
-        return self._getters[name]()
+        return self._loaded[name] if name in self._loaded else self._getters[name]()
 
     def add(self, path: Path, stack: ExitStack, allow_pickle: bool) -> None:
         if path.suffix == ".safetensors":
-            f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            try:
+                f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            except SafetensorError as e:
+                raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
             self.metadata |= f.metadata() or {}
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 self.shapes[name] = tuple(f.get_slice(name).get_shape())
                 self._getters[name] = partial(f.get_tensor, name)
         elif path.suffix in PICKLE_SUFFIXES:
-            for name, tensor in _load_pickle(path, allow_pickle).items():
-                self.shapes[name] = tuple(tensor.shape)
-                self._getters[name] = partial(lambda t: t, tensor)
+            self._loaded |= _load_pickle(path, allow_pickle)
+            self.shapes |= {name: tuple(tensor.shape) for name, tensor in self._loaded.items()}
         else:
             raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors")
 
@@ -184,112 +177,29 @@ def _build(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> tuple[UNet
         return UNetModel(unet), AutoencoderKL(vae), CLIPTextModel(text)
 
 
-def _need(shapes: Mapping[str, tuple[int, ...]], key: str, prefix: str) -> tuple[int, ...]:
-    if key not in shapes:
-        raise CheckpointError(
-            f"cannot infer the network: tensor {prefix}{key} is missing (is this an SD 1.x checkpoint?)"
-        )
-    return shapes[key]
-
-
-def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
-    """How many numbered children (prefix0., prefix1., ...) the keys have."""
-    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
-
-
-def _infer_unet(s: Mapping[str, tuple[int, ...]], heads: Mapping[str, int]) -> UNetConfig:
-    def need(key: str) -> tuple[int, ...]:
-        return _need(s, key, UNET_PREFIX)
-
-    model_channels, in_channels = need("input_blocks.0.0.weight")[:2]
-    levels: list[list[int]] = [[]]  # input block indices of each level's res blocks
-    for i in range(1, _count(s, "input_blocks.")):
-        if f"input_blocks.{i}.0.op.weight" in s:
-            levels.append([])
-        else:
-            levels[-1].append(i)
-    if not all(levels):
-        raise CheckpointError(f"cannot infer the network: a UNet level has no res blocks ({UNET_PREFIX}input_blocks)")
-    context_dim = need("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    # SD 2.x (1024-wide context) fixes 64 channels per head; SD 1.x fixes 8 heads. Shapes cannot tell.
-    default_heads = {"num_heads": 8, "num_head_channels": 64 if context_dim == 1024 else -1}
-    return UNetConfig(
-        in_channels=in_channels,
-        out_channels=need("out.2.weight")[0],
-        model_channels=model_channels,
-        channel_mult=tuple(need(f"input_blocks.{b[0]}.0.out_layers.3.weight")[0] // model_channels for b in levels),
-        num_res_blocks=len(levels[0]),
-        attention_resolutions=tuple(2**i for i, b in enumerate(levels) if f"input_blocks.{b[0]}.1.norm.weight" in s),
-        num_heads=heads.get("unet_num_heads", default_heads["num_heads"]),
-        num_head_channels=heads.get("unet_num_head_channels", default_heads["num_head_channels"]),
-        transformer_depth=_count(s, "middle_block.1.transformer_blocks."),
-        context_dim=context_dim,
-        use_linear_in_transformer=len(need("middle_block.1.proj_in.weight")) == 2,
-    )
-
-
-def _infer_vae(s: Mapping[str, tuple[int, ...]]) -> VAEConfig:
-    def need(key: str) -> tuple[int, ...]:
-        return _need(s, key, VAE_PREFIX)
-
-    ch, in_channels = need("encoder.conv_in.weight")[:2]
-    levels = _count(s, "encoder.down.")
-    return VAEConfig(
-        in_channels=in_channels,
-        out_channels=need("decoder.conv_out.weight")[0],
-        ch=ch,
-        ch_mult=tuple(need(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels)),
-        num_res_blocks=_count(s, "encoder.down.0.block."),
-        z_channels=need("decoder.conv_in.weight")[1],
-        embed_dim=need("post_quant_conv.weight")[1],
-    )
-
-
-def _infer_text(s: Mapping[str, tuple[int, ...]], heads: Mapping[str, int]) -> CLIPTextConfig:
-    def need(key: str) -> tuple[int, ...]:
-        return _need(s, key, TEXT_PREFIX + "text_model.")
-
-    vocab_size, hidden_size = need("embeddings.token_embedding.weight")
-    return clip_text_config(
-        hidden_size=hidden_size,
-        num_hidden_layers=_count(s, "encoder.layers."),
-        num_attention_heads=heads.get("text_num_attention_heads"),  # None: CLIP's one head per 64 channels
-        intermediate_size=need("encoder.layers.0.mlp.fc1.weight")[0],
-        vocab_size=vocab_size,
-        max_position_embeddings=need("embeddings.position_embedding.weight")[0],
-    )
-
-
 def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list[_Part], list[str], dict[str, Any]]:
     reader = _Reader()
     reader.add(path, stack, allow_pickle)
-    groups: dict[str, dict[str, str]] = {UNET_PREFIX: {}, VAE_PREFIX: {}, TEXT_PREFIX: {}}  # relative -> full key
-    stray = []
-    for name in reader.shapes:
-        prefix = next((p for p in groups if name.startswith(p)), None)
-        if _IGNORED.fullmatch(name):
-            continue
-        if prefix is None:
-            stray.append(name)
-        elif prefix == TEXT_PREFIX:
-            groups[prefix][name[len(prefix):].removeprefix("text_model.")] = name
-        else:
-            groups[prefix][name[len(prefix):]] = name
-    shapes = {p: {k: reader.shapes[v] for k, v in g.items()} for p, g in groups.items()}
+    groups = single_file.group_keys(reader.shapes)
+    unet_shapes, vae_shapes, text_shapes = ({k: reader.shapes[v] for k, v in g.items()}
+                                            for g in (groups.unet, groups.vae, groups.text))
     heads = json.loads(reader.metadata.get(HEADS_METADATA_KEY, "{}"))
-    unet_config, vae_config = _infer_unet(shapes[UNET_PREFIX], heads), _infer_vae(shapes[VAE_PREFIX])
-    unet, vae, text = _build(unet_config, vae_config, _infer_text(shapes[TEXT_PREFIX], heads))
+    unet, vae, text = _build(
+        single_file.infer_unet_config(unet_shapes, heads),
+        single_file.infer_vae_config(vae_shapes),
+        single_file.infer_clip_config(text_shapes, heads),
+    )
     text_prefix = state_dict_prefix(text)
     parts = [
-        _Part("unet", unet, reader, groups[UNET_PREFIX], [], lambda k: UNET_PREFIX + k),
-        _Part("vae", vae, reader, groups[VAE_PREFIX], [], lambda k: VAE_PREFIX + k),
-        _Part("text_encoder", text, reader, {text_prefix + k: v for k, v in groups[TEXT_PREFIX].items()}, [],
-              lambda k: TEXT_PREFIX + "text_model." + k.removeprefix(text_prefix)),
+        _Part("unet", unet, reader, groups.unet, [], lambda k: UNET_PREFIX + k),
+        _Part("vae", vae, reader, groups.vae, [], lambda k: VAE_PREFIX + k),
+        _Part("text_encoder", text, reader, {text_prefix + k: v for k, v in groups.text.items()}, [],
+              lambda k: TEXT_MODEL_PREFIX + k.removeprefix(text_prefix)),
     ]
-    return parts, stray, {"scaling_factor": SD1_SCALING_FACTOR, "tokenizer_dir": None, "scheduler_config": None}
+    return parts, groups.stray, {"scaling_factor": SD1_SCALING_FACTOR, "tokenizer_dir": None, "scheduler_config": None}
 
 
-def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
+def _weight_files(folder: Path, stem: str, pickle_stem: str, allow_pickle: bool) -> list[Path]:
     """The weight files of one diffusers component, preferring safetensors, full precision, unsharded."""
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
         if (folder / name).is_file():
@@ -297,7 +207,7 @@ def _weight_files(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
         index = folder / f"{name}.index.json"
         if index.is_file():
             return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    for name in (f"{stem}.bin", f"{stem}.fp16.bin"):
+    for name in (f"{pickle_stem}.bin", f"{pickle_stem}.fp16.bin"):
         if (folder / name).is_file():
             _refuse_pickle(folder / name, allow_pickle)
             return [folder / name]
@@ -312,11 +222,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _folder_part(
-    label: str, module: nn.Module, folder: Path, stem: str, to_module: Callable[[str], str | None],
+    label: str, module: nn.Module, folder: Path, to_module: Callable[[str], str | None],
     from_module: Callable[[str], str], stack: ExitStack, allow_pickle: bool,
 ) -> _Part:
+    # transformers names its files model.safetensors / pytorch_model.bin, diffusers diffusion_pytorch_model.*
+    stem, pickle_stem = ("model", "pytorch_model") if label == "text_encoder" else ("diffusion_pytorch_model",) * 2
     reader = _Reader()
-    for file in _weight_files(folder / label, stem, allow_pickle):
+    for file in _weight_files(folder / label, stem, pickle_stem, allow_pickle):
         reader.add(file, stack, allow_pickle)
     sources, unexpected = {}, []
     for name in reader.shapes:
@@ -340,14 +252,13 @@ def _diffusers_folder(
     unet_names, vae_names = diffusers_format.unet_renames(unet_config), diffusers_format.vae_renames(vae_config)
     unet_back, vae_back = diffusers_format.inverted(unet_names), diffusers_format.inverted(vae_names)
     text_prefix = state_dict_prefix(text)
-    stem = "diffusion_pytorch_model"
     parts = [
-        _folder_part("unet", unet, path, stem, partial(diffusers_format.rename, renames=unet_names),
+        _folder_part("unet", unet, path, partial(diffusers_format.rename, renames=unet_names),
                      lambda k: diffusers_format.rename(k, unet_back) or k, stack, allow_pickle),
-        _folder_part("vae", vae, path, stem, partial(diffusers_format.rename, renames=vae_names),
+        _folder_part("vae", vae, path, partial(diffusers_format.rename, renames=vae_names),
                      lambda k: diffusers_format.rename(k, vae_back) or k, stack, allow_pickle),
         # transformers has saved CLIPTextModel with and without the "text_model." level
-        _folder_part("text_encoder", text, path, "model", lambda k: text_prefix + k.removeprefix("text_model."),
+        _folder_part("text_encoder", text, path, lambda k: text_prefix + k.removeprefix("text_model."),
                      lambda k: k, stack, allow_pickle),
     ]
     scheduler = path / "scheduler" / "scheduler_config.json"
@@ -396,7 +307,7 @@ def _save(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTex
     text_prefix = state_dict_prefix(text_encoder)
     tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     tensors |= {VAE_PREFIX + k: v for k, v in vae.state_dict().items()}
-    tensors |= {TEXT_PREFIX + "text_model." + k.removeprefix(text_prefix): v
+    tensors |= {TEXT_MODEL_PREFIX + k.removeprefix(text_prefix): v
                 for k, v in text_encoder.state_dict().items()}
     heads = {"unet_num_heads": unet.config.num_heads, "unet_num_head_channels": unet.config.num_head_channels,
              "text_num_attention_heads": text_encoder.config.num_attention_heads}

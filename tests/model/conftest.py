@@ -51,7 +51,9 @@ def diffusers_unet_kwargs(c: UNetConfig) -> dict[str, Any]:
     channels = [c.model_channels * m for m in c.channel_mult]
     attention = [2**i in c.attention_resolutions for i in range(len(channels))]
     # diffusers' attention_head_dim is the number of heads per level
-    heads: int | list[int] = c.num_heads if c.num_head_channels == -1 else [ch // c.num_head_channels for ch in channels]
+    heads: int | list[int] = c.num_heads
+    if c.num_head_channels != -1:
+        heads = [ch // c.num_head_channels for ch in channels]
     return {
         "sample_size": 8, "in_channels": c.in_channels, "out_channels": c.out_channels,
         "block_out_channels": tuple(channels), "layers_per_block": c.num_res_blocks,
@@ -86,11 +88,12 @@ class DiffusersModel:
 
 def write_diffusers_folder(name: str, folder: Path, configs: Configs, seed: int = 0) -> DiffusersModel:
     unet_config, vae_config, clip_config = configs
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(unet_config)).eval()
-    vae = diffusers.AutoencoderKL(**diffusers_vae_kwargs(vae_config)).eval()
-    text_encoder = CLIPTextModel(clip_config).eval()
-    with torch.no_grad():  # norms start as the identity: perturb them so a swapped norm cannot go unnoticed
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(unet_config)).eval()
+        vae = diffusers.AutoencoderKL(**diffusers_vae_kwargs(vae_config)).eval()
+        text_encoder = CLIPTextModel(clip_config).eval()
+        # norms start as the identity: perturb them so a swapped norm cannot go unnoticed
         for module in (unet, vae, text_encoder):
             for p in module.parameters():
                 if p.ndim == 1:

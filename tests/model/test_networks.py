@@ -41,7 +41,8 @@ def test_timestep_embedding_equals_diffusers_cos_first() -> None:
     assert max_diff(ours, theirs) < 1e-6
     assert torch.equal(ours[0, :160], torch.ones(160))  # cos(0) first
     # fractional timesteps (Karras sigmas) are not rounded
-    assert not torch.allclose(timestep_embedding(torch.tensor([10.5]), 320), timestep_embedding(torch.tensor([10]), 320))
+    fractional, whole = timestep_embedding(torch.tensor([10.5]), 320), timestep_embedding(torch.tensor([10]), 320)
+    assert not torch.allclose(fractional, whole)
 
 
 @pytest.mark.parametrize("size", [(8, 8), (9, 13), (5, 3)], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -108,10 +109,33 @@ def test_full_sd15_unet_matches_diffusers() -> None:
     torch.manual_seed(0)
     reference = diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(config)).eval()
     renames = diffusers_format.unet_renames(config)
-    state = {diffusers_format.rename(k, renames): v for k, v in reference.state_dict().items()}
+    state = {str(diffusers_format.rename(k, renames)): v for k, v in reference.state_dict().items()}
     with torch.device("meta"):
         ours = UNetModel(config)
     ours.load_state_dict(state, strict=True, assign=True)  # shares the reference's tensors: no second copy
     x, context, t = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 768), torch.tensor([500])
     with torch.no_grad():
         assert max_diff(ours(x, t, context), reference(x, t, encoder_hidden_states=context).sample) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_full_sd_vae_matches_diffusers() -> None:
+    from model import diffusers_format
+    from tests.model.conftest import diffusers_vae_kwargs
+
+    config = VAEConfig()
+    torch.manual_seed(0)
+    reference = diffusers.AutoencoderKL(**diffusers_vae_kwargs(config)).eval()
+    renames = diffusers_format.vae_renames(config)
+    with torch.device("meta"):
+        ours = AutoencoderKL(config)
+    expected = ours.state_dict()
+    state = {}
+    for k, v in reference.state_dict().items():
+        key = str(diffusers_format.rename(k, renames))
+        state[key] = v.reshape(expected[key].shape)  # attention: linear [C, C] -> 1x1 conv [C, C, 1, 1]
+    ours.load_state_dict(state, strict=True, assign=True)
+    image, z = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert max_diff(ours.encode(image).mean, reference.encode(image).latent_dist.mean) <= TOLERANCE
+        assert max_diff(ours.decode(z), reference.decode(z).sample) <= TOLERANCE

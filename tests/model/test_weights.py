@@ -15,15 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model import diffusers_format
+from model.single_file import infer_clip_config, infer_unet_config, infer_vae_config
 from model.unet import UNetConfig, UNetModel
 from model.vae import AutoencoderKL, VAEConfig
 from model.weights import (
-    HEADS_METADATA_KEY,
     CheckpointError,
     Components,
-    _infer_text,
-    _infer_unet,
-    _infer_vae,
     load_components,
     save_random_checkpoint,
     save_single_file,
@@ -63,7 +60,7 @@ def outputs(c: Components) -> list[torch.Tensor]:
 
 
 def test_random_checkpoint_round_trip(tiny_checkpoint: Path) -> None:
-    unet_config, vae_config, clip_config = tiny_configs()
+    unet_config, vae_config, _ = tiny_configs()
     c = load_components(tiny_checkpoint)
     assert (c.unet_config, c.vae_config) == (unet_config, vae_config)  # inferred from shapes (+ recorded heads)
     assert c.text_encoder.config.num_attention_heads == 4 and c.text_encoder.config.num_hidden_layers == 2
@@ -118,13 +115,15 @@ def test_sd15_architecture_inferred_from_shapes() -> None:
         for in_channels in (4, 9):
             unet = UNetModel(UNetConfig(in_channels=in_channels))
             shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-            assert _infer_unet(shapes, {}) == UNetConfig(in_channels=in_channels)
+            assert infer_unet_config(shapes, {}) == UNetConfig(in_channels=in_channels)
         vae_shapes = {k: tuple(v.shape) for k, v in AutoencoderKL().state_dict().items()}
-    assert _infer_vae(vae_shapes) == VAEConfig()
-    clip = {"embeddings.token_embedding.weight": (49408, 768), "embeddings.position_embedding.weight": (77, 768),
-            "encoder.layers.0.mlp.fc1.weight": (3072, 768)}
+    assert infer_vae_config(vae_shapes) == VAEConfig()
+    clip: dict[str, tuple[int, ...]] = {
+        "embeddings.token_embedding.weight": (49408, 768), "embeddings.position_embedding.weight": (77, 768),
+        "encoder.layers.0.mlp.fc1.weight": (3072, 768),
+    }
     clip |= {f"encoder.layers.{i}.layer_norm1.weight": (768,) for i in range(12)}
-    config = _infer_text(clip, {})
+    config = infer_clip_config(clip, {})
     assert (config.num_attention_heads, config.num_hidden_layers, config.hidden_act) == (12, 12, "quick_gelu")
 
 
@@ -139,7 +138,7 @@ def test_heads_default_to_sd1_without_metadata(tiny_checkpoint: Path, tmp_path: 
 def test_inpainting_unet_detected(tiny_inpaint_checkpoint: Path) -> None:
     c = load_components(tiny_inpaint_checkpoint)
     assert c.is_inpaint and c.unet_config.in_channels == 9
-    assert c.unet.input_blocks[0][0].weight.shape[1] == 9
+    assert c.unet.state_dict()["input_blocks.0.0.weight"].shape[1] == 9
 
 
 @pytest.mark.parametrize(
@@ -241,8 +240,8 @@ def test_diffusers_folder_strict_and_legacy_names(diffusers_model: DiffusersMode
     rewrite(text_file, text_file, lambda t: t.update({f"text_model.{k}": t.pop(k) for k in list(t)}))
     assert same_outputs(load_components(folder), load_components(diffusers_model.folder))
 
-    rewrite(vae_file, vae_file, lambda t: t.pop("decoder.up_blocks.0.resnets.1.conv2.bias"))
-    with pytest.raises(CheckpointError, match=r"missing \(1\):\n    vae/decoder\.up_blocks\.0\.resnets\.1\.conv2\.bias"):
+    rewrite(vae_file, vae_file, lambda t: t.__delitem__("decoder.up_blocks.0.resnets.1.conv2.bias"))
+    with pytest.raises(CheckpointError, match=r"missing \(1\):\n    vae/decoder\.up_blocks\.0\.resnets\.1\.conv2\.b"):
         load_components(folder)
 
 
@@ -251,17 +250,26 @@ def test_folder_problems_are_explained(diffusers_model: DiffusersModel, tmp_path
     unet_json = folder / "unet" / "config.json"
     config = json.loads(unet_json.read_text())
     unet_json.write_text(json.dumps({**config, "class_embed_type": "timestep"}))
-    with pytest.raises(ValueError, match="unet config: class_embed_type='timestep' is not supported"):
+    with pytest.raises(CheckpointError, match="unet config: class_embed_type='timestep' is not supported"):
         load_components(folder)
     unet_json.write_text(json.dumps(config))
 
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.rename(weights.with_suffix(".bin"))
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.bin is a pickle file"):
         load_components(folder)
+    assert load_components(folder, allow_pickle=True).unet_config == diffusers_model.configs[0]
 
     shutil.rmtree(folder / "text_encoder")
     with pytest.raises(CheckpointError, match=r"not a diffusers model folder.*text_encoder/config\.json is missing"):
         load_components(folder)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_components(tmp_path / "nowhere.safetensors")
+
+
+def test_unreadable_file_explained(tmp_path: Path) -> None:
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"not a readable \.safetensors file"):
+        load_components(bad)
