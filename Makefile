@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PORT ?= 8000
 
 .PHONY: install run test test-full lint bench clean
 
@@ -14,12 +15,12 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[model,dev]"
 	$(BIN)/python -m pip install -q --no-deps "open-clip-torch==3.3.0"
 	touch $(STAMP)
 
 run: install
-	$(BIN)/sdqueue dev
+	$(BIN)/sdqueue dev --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check .

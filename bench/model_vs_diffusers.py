@@ -73,14 +73,24 @@ def ours(folder: Path, dtype: str) -> Callable[[], None]:
 
 
 def theirs(folder: Path) -> Callable[[], None]:
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from tests.model.reference import SD15_SCHEDULER
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder), scheduler=EulerAncestralDiscreteScheduler(**{
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval(),
+        vae=AutoencoderKL.from_pretrained(str(folder / "vae")).eval(),
+        text_encoder=CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
+        scheduler=EulerAncestralDiscreteScheduler(**{
             k: v for k, v in SD15_SCHEDULER.items() if k not in ("set_alpha_to_one", "clip_sample")}),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
@@ -41,6 +40,7 @@ class Priority(str, Enum):
 
 
 TaskKind = Literal["txt2img", "img2img", "inpaint"]
+OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 def _multiple_of_8(name: str, value: int) -> int:
@@ -59,25 +59,28 @@ class GenerationParams(BaseModel):
     width: int = Field(512, ge=64, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     height: int = Field(512, ge=64, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     steps: int = Field(30, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance; 1 or less = off.")
+    # allow_inf_nan=False: a NaN would otherwise fail the range check with a misleading "should be <= 50".
+    guidance_scale: float = Field(
+        7.5, ge=0.0, le=50.0, allow_inf_nan=False, description="Classifier-free guidance; 1 or less = off."
+    )
     sampler: Sampler = Sampler.euler_a
     karras: bool = Field(False, description="Karras sigmas (euler, euler_a, dpmpp_2m).")
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic).")
+    eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM eta (0 = deterministic).")
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="null or -1 = random; image i uses seed+i.")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images to generate.")
     priority: Priority = Priority.normal
+    preview_every: int = Field(
+        0, ge=0, le=1000, description="Send a small preview image on the events stream every k steps (0 = off)."
+    )
+    output_format: OutputFormat = Field(
+        "png", description="Result file format; PNG carries the generation parameters as AUTOMATIC1111 writes them."
+    )
+    output_quality: int = Field(90, ge=1, le=100, description="JPEG / WebP quality (PNG is lossless).")
 
     @field_validator("width", "height")
     @classmethod
     def _check_multiple(cls, v: int, info: Any) -> int:
         return _multiple_of_8(info.field_name, v)
-
-    @field_validator("guidance_scale", "eta")
-    @classmethod
-    def _finite(cls, v: float, info: Any) -> float:
-        if not math.isfinite(v):
-            raise ValueError(f"{info.field_name} must be a finite number, got {v}")
-        return v
 
     @field_validator("prompt")
     @classmethod

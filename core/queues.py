@@ -37,3 +37,7 @@ class Keys:
     def cancel_requests(self) -> str:
         """Set of job ids whose cancel was requested while they run; workers check it every step."""
         return f"{self.prefix}:cancel"
+
+    def stats(self) -> str:
+        """Hash of moving averages the workers record (seconds per image, images per job) for queue ETAs."""
+        return f"{self.prefix}:stats"

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,29 @@ class Settings(BaseSettings):
 
     # --- api ---
     max_queued_jobs: int = Field(10_000, ge=1, description="Global queue limit; beyond it submits get 503.")
+
+    # --- s3 storage ---
+    # Used when SDQ_STORAGE=s3. Credentials left unset fall back to boto3's usual chain (AWS_ACCESS_KEY_ID /
+    # AWS_SECRET_ACCESS_KEY, ~/.aws, an instance or pod role), and the region to AWS_REGION / AWS_DEFAULT_REGION.
+    s3_bucket: str = Field("", description="Bucket for result images (required with SDQ_STORAGE=s3).")
+    s3_prefix: str = Field(
+        "", pattern=r"^([A-Za-z0-9!_.*'()-]+/)*([A-Za-z0-9!_.*'()-]+/?)?$",
+        description="Key prefix inside the bucket, e.g. 'sdqueue/' ('/' is added when missing).",
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, Ceph); unset = AWS.")
+    s3_public_endpoint_url: str | None = Field(
+        None, description="Endpoint clients reach, used in presigned URLs (default: SDQ_S3_ENDPOINT_URL)."
+    )
+    s3_region: str | None = Field(None, description="Bucket region (default: AWS_REGION / AWS_DEFAULT_REGION).")
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_path_style: bool = Field(False, description="Path-style URLs (endpoint/bucket/key), as MinIO needs.")
+    # SigV4 presigned URLs cannot be valid for longer than 7 days.
+    s3_url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned image URLs.")
+    # Result image lifetime for both backends; on S3 a bucket lifecycle rule can do the same (docs/deploy.md).
+    result_retention_s: int = Field(
+        7 * 24 * 3600, ge=0, description="`sdqueue cleanup` deletes result images older than this (0 = keep)."
+    )
 
 
 def load_settings(**overrides: object) -> Settings:

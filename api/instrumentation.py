@@ -1,0 +1,97 @@
+"""Prometheus metrics of the API process: HTTP traffic, submitted jobs, and queue state read at scrape time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis import Redis
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.jobstore import live_worker_count, queue_depths
+from core.queues import Keys
+
+log = logging.getLogger(__name__)
+
+# Submit and poll latencies are milliseconds; image downloads and /readyz can take longer.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ApiMetrics:
+    """One registry per app, so that several apps in one process (tests) do not share counters."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "sdq_http_requests", "HTTP requests by route template and status.", ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "sdq_http_request_duration_seconds", "HTTP request handling time.", ["method", "route"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.jobs_submitted = Counter(
+            "sdq_jobs_submitted", "Jobs accepted onto a queue.", ["task", "priority"], registry=self.registry
+        )
+        self.registry.register(_QueueCollector(redis, keys))
+
+
+class _QueueCollector(Collector):
+    """Queue depth and live workers, read from Redis when /metrics is scraped (so every API replica agrees)."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("sdq_redis_up", "Whether the API reached Redis during this scrape.")
+        try:
+            depths = queue_depths(self.redis, self.keys)
+            workers = live_worker_count(self.redis, self.keys)
+        except RedisError as exc:
+            log.warning("metrics: Redis unreachable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily("sdq_queue_depth", "Jobs waiting per queue.", labels=["queue"])
+        for priority, n in depths.items():
+            depth.add_metric([self.keys.queue(priority)], n)
+        yield depth
+        yield GaugeMetricFamily("sdq_workers", "Live workers registered on sdqueue's queues.", value=workers)
+
+
+class HttpMetricsMiddleware:
+    """Counts requests and their latency, labelled by route template (`/v1/jobs/{job_id}`) to bound cardinality."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # if the app raises before responding, the server answers 500
+
+        async def send_and_record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.http_requests.labels(method, template, str(status)).inc()
+            self.metrics.http_latency.labels(method, template).observe(time.perf_counter() - start)

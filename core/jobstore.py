@@ -1,0 +1,286 @@
+"""Jobs in Redis as the API sees them: enqueue a `JobSpec` on RQ, read a `JobPublic` back, cancel, queue position.
+
+Everything here works on the RQ job hash, its meta (written by the worker) and its result; nothing imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from redis import Redis
+from rq import Queue, Retry, worker_registration
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.queue import EnqueueData
+from rq.results import Result
+
+from core.jobs import (
+    MAX_SEED,
+    GenerationParams,
+    ImageRecord,
+    JobError,
+    JobPublic,
+    JobSpec,
+    Priority,
+    Progress,
+    Status,
+    TaskKind,
+    Timings,
+)
+from core.queue_stats import eta_seconds
+from core.queues import JOB_FUNC, PRIORITY_ORDER, Keys
+from core.settings import Settings
+from core.storage.base import Storage
+
+_PUBLIC_STATUS = {
+    JobStatus.CREATED: Status.queued,
+    JobStatus.QUEUED: Status.queued,
+    JobStatus.DEFERRED: Status.queued,
+    JobStatus.SCHEDULED: Status.queued,
+    JobStatus.STARTED: Status.running,
+    JobStatus.FINISHED: Status.succeeded,
+    JobStatus.FAILED: Status.failed,
+    JobStatus.CANCELED: Status.canceled,
+    JobStatus.STOPPED: Status.canceled,
+}
+
+
+class CancelOutcome(str, Enum):
+    canceled = "canceled"  # it was queued: removed from its queue, it never runs
+    requested = "requested"  # it is running: the worker drops it after the current denoising step
+    finished = "finished"  # already terminal: nothing to do
+
+
+def new_job_spec(params: GenerationParams, task: TaskKind = "txt2img") -> JobSpec:
+    """A job for `params` with its id and seed resolved (null or -1 = a random seed, returned to the client)."""
+    # Seeds are not secrets, so the cheap PRNG does (os.urandom costs a system call per job); ids stay uuid4.
+    seed = params.seed if params.seed is not None and params.seed >= 0 else random.randint(0, MAX_SEED)
+    return JobSpec(
+        id=uuid.uuid4().hex,
+        task=task,
+        params=params,
+        seed=seed,
+        created_at=datetime.now(timezone.utc),
+    )
+
+
+def enqueue(redis: Redis, settings: Settings, spec: JobSpec) -> int:
+    """Put one job on its priority's queue; returns its queue position. (The API batches with `enqueue_many`.)"""
+    [position] = enqueue_many(redis, settings, [spec])
+    assert position is not None
+    return position
+
+
+def enqueue_many(
+    redis: Redis, settings: Settings, specs: Sequence[JobSpec], *, limit: int | None = None
+) -> list[int | None]:
+    """Enqueue `specs` on their priorities' RQ queues in one transaction; returns each job's queue position, or
+    None for a job refused because the queues already hold `limit` jobs.
+
+    Two round trips however many jobs: the API funnels concurrent submissions through here, which is what lets
+    one process accept thousands per second. Retry covers a worker that dies mid-job (the next worker reruns it).
+    """
+    keys = Keys(settings.queue_prefix)
+    depths = queue_depths(redis, keys)
+    waiting = sum(depths.values())
+    retry = Retry(max=settings.job_retries) if settings.job_retries else None
+    positions: list[int | None] = []
+    by_priority: dict[Priority, list[EnqueueData]] = {}
+    for spec in specs:
+        if limit is not None and waiting >= limit:
+            positions.append(None)
+            continue
+        priority = spec.params.priority
+        positions.append(jobs_ahead(depths, priority))
+        depths[priority] += 1
+        waiting += 1
+        by_priority.setdefault(priority, []).append(Queue.prepare_data(
+            JOB_FUNC,
+            kwargs={"spec": spec.model_dump(mode="json")},
+            job_id=spec.id,
+            retry=retry,
+            timeout=settings.job_timeout_s,
+            result_ttl=settings.result_ttl_s,
+            failure_ttl=settings.result_ttl_s,
+            meta={"batch_key": spec.batch_key()},
+        ))
+    with redis.pipeline() as pipe:
+        for priority, datas in by_priority.items():
+            Queue(keys.queue(priority), connection=redis).enqueue_many(datas, pipeline=pipe)
+        pipe.execute()
+    return positions
+
+
+def queue_depths(redis: Redis, keys: Keys) -> dict[Priority, int]:
+    """Jobs waiting in each priority's queue (one round trip)."""
+    pipe = redis.pipeline(transaction=False)
+    for priority in PRIORITY_ORDER:
+        pipe.llen(Queue(keys.queue(priority), connection=redis).key)
+    return dict(zip(PRIORITY_ORDER, (int(n) for n in pipe.execute()), strict=True))
+
+
+def live_worker_count(redis: Redis, keys: Keys) -> int:
+    """Workers registered on sdqueue's queues whose registration has not expired (a killed worker's key lapses
+    after its TTL)."""
+    names: set[str] = set()
+    for name in keys.queues():
+        names |= worker_registration.get_keys(Queue(name, connection=redis))
+    if not names:
+        return 0
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.exists(name)
+    return sum(int(n) for n in pipe.execute())
+
+
+def jobs_ahead(depths: dict[Priority, int], priority: Priority) -> int:
+    """Jobs that run before a job entering `priority`'s queue now: its own queue plus all higher priorities."""
+    upto = PRIORITY_ORDER.index(priority)
+    return sum(depths[p] for p in PRIORITY_ORDER[: upto + 1])
+
+
+def queued_view(spec: JobSpec, queue_position: int | None) -> JobPublic:
+    """The public view of a job just enqueued (no Redis read needed)."""
+    return JobPublic(
+        id=spec.id,
+        status=Status.queued,
+        task=spec.task,
+        created_at=spec.created_at,
+        queue_position=queue_position,
+        params=spec.params,
+        seeds=spec.seeds(),
+    )
+
+
+def fetch_job(redis: Redis, keys: Keys, job_id: str) -> Job | None:
+    """The RQ job `job_id` if it exists and is an sdqueue job."""
+    try:
+        job = Job.fetch(job_id, connection=redis)
+    except (NoSuchJobError, ValueError):  # ValueError: not a valid RQ job id
+        return None
+    if job.func_name != JOB_FUNC or job.origin not in keys.queues():
+        return None
+    return job
+
+
+def get_job(redis: Redis, keys: Keys, storage: Storage, job_id: str) -> JobPublic | None:
+    """The job as clients see it, or None when there is no such job (or it has expired)."""
+    job = fetch_job(redis, keys, job_id)
+    if job is None:
+        return None
+    return job_view(redis, keys, storage, job)
+
+
+def job_view(redis: Redis, keys: Keys, storage: Storage, job: Job) -> JobPublic:
+    """`JobPublic` from the RQ job hash, the meta the worker wrote and, once finished, its latest result."""
+    spec = JobSpec.model_validate(job.kwargs["spec"])
+    status = _PUBLIC_STATUS[job.get_status(refresh=False)]
+    meta = job.meta
+    view = queued_view(spec, queue_position=None)
+    view.status = status
+    view.warnings = list(meta.get("warnings", []))
+    if "progress" in meta:
+        view.progress = Progress.model_validate(meta["progress"])
+    view.started_at = _utc(meta["started_at"]) if "started_at" in meta else _utc(job.started_at)
+    if status is Status.queued:
+        view.queue_position = queue_position(redis, keys, job)
+        if view.queue_position is not None:
+            workers = live_worker_count(redis, keys)
+            view.progress.eta_seconds = eta_seconds(redis, keys, view.queue_position, spec.params.n, workers)
+    elif status in (Status.succeeded, Status.failed):
+        _add_outcome(view, job, storage)
+    elif status is Status.canceled:
+        view.finished_at = _utc(job.ended_at)
+    view.timings = _timings(view, view.timings.run_seconds)
+    return view
+
+
+def _add_outcome(view: JobPublic, job: Job, storage: Storage) -> None:
+    """Result (images, warnings, run time) or error of a finished job."""
+    result = job.latest_result()
+    view.finished_at = _utc(job.ended_at) or (_utc(result.created_at) if result else None)
+    if view.status is Status.succeeded:
+        value: dict[str, Any] = result.return_value if result and isinstance(result.return_value, dict) else {}
+        view.images = [
+            ImageRecord.model_validate({**img, "url": storage.url(img["key"])}) for img in value.get("images", [])
+        ]
+        view.warnings = list(value.get("warnings", view.warnings))
+        view.timings.run_seconds = value.get("timings", {}).get("run_seconds")
+        view.progress = Progress(step=view.params.steps, total=view.params.steps, percent=100.0)
+        return
+    if "error" in job.meta:
+        view.error = JobError.model_validate(job.meta["error"])
+    else:
+        # No reason recorded by a worker: the job timed out or its last worker died. RQ's text says which.
+        exc = (result.exc_string if result and result.type == Result.Type.FAILED else None) or job.exc_info or ""
+        last_line = exc.strip().splitlines()[-1] if exc.strip() else "the job failed without a recorded reason"
+        view.error = JobError(type="WorkerError", message=last_line)
+
+
+def _timings(view: JobPublic, run_seconds: float | None) -> Timings:
+    def seconds(a: datetime | None, b: datetime | None) -> float | None:
+        return round((b - a).total_seconds(), 4) if a and b else None
+
+    if run_seconds is None:
+        run_seconds = seconds(view.started_at, view.finished_at)
+    return Timings(
+        queue_seconds=seconds(view.created_at, view.started_at),
+        run_seconds=run_seconds,
+        total_seconds=seconds(view.created_at, view.finished_at),
+    )
+
+
+def queue_position(redis: Redis, keys: Keys, job: Job) -> int | None:
+    """Jobs ahead of a queued job: those before it in its queue plus every job in higher-priority queues.
+
+    0 when it has left the queue list but not yet started (a worker is taking it); None when it waits elsewhere
+    (a retry scheduled for later).
+    """
+    priority = Priority(job.origin.removeprefix(keys.prefix + "-"))
+    higher = PRIORITY_ORDER[: PRIORITY_ORDER.index(priority)]
+    pipe = redis.pipeline(transaction=False)
+    pipe.lpos(Queue(job.origin, connection=redis).key, job.id)
+    for p in higher:
+        pipe.llen(Queue(keys.queue(p), connection=redis).key)
+    own, *lengths = pipe.execute()
+    if job.get_status(refresh=False) in (JobStatus.DEFERRED, JobStatus.SCHEDULED):
+        return None
+    return (int(own) if own is not None else 0) + sum(int(n) for n in lengths)
+
+
+def cancel_job(redis: Redis, keys: Keys, job_id: str) -> CancelOutcome | None:
+    """Cancel `job_id`; None when there is no such job.
+
+    A queued job is taken off its queue with LREM first: if that removed it, no worker can have it, so canceling
+    in RQ is safe. If it was already gone (a worker just took it) or it runs, the worker is asked to drop it.
+    """
+    job = fetch_job(redis, keys, job_id)
+    if job is None:
+        return None
+    status = job.get_status(refresh=False)
+    if _PUBLIC_STATUS[status].is_terminal():
+        return CancelOutcome.finished
+    if status in (JobStatus.DEFERRED, JobStatus.SCHEDULED) or (
+        status is not JobStatus.STARTED and redis.lrem(Queue(job.origin, connection=redis).key, 0, job.id)
+    ):
+        job.cancel()
+        return CancelOutcome.canceled
+    pipe = redis.pipeline(transaction=False)
+    pipe.sadd(keys.cancel_requests(), job.id)
+    pipe.publish(keys.events(job.id), json.dumps({"event": "cancel_requested", "job_id": job.id, "data": {}}))
+    pipe.execute()
+    return CancelOutcome.requested
+
+
+def _utc(value: datetime | str | None) -> datetime | None:
+    """Timestamps as aware UTC datetimes (the worker writes ISO strings; naive ones are taken as UTC)."""
+    if value is None:
+        return None
+    dt = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)

@@ -1,0 +1,103 @@
+"""The `sdqueue` command: `api`, `worker`, `dev` and `generate` sub-commands sharing one validated `Settings`.
+
+Each sub-command imports what it needs when it runs, so `sdqueue api` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from core.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("sdqueue")
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdqueue",
+        description="Self-hosted Stable Diffusion 1.x service. Configuration comes from SDQ_* environment variables "
+        "(or a .env file); see the README.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    api = sub.add_parser("api", help="serve the HTTP API (uvicorn)")
+    api.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all; default %(default)s)")
+    api.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    api.add_argument("--workers", type=int, default=1, help="API processes (they share nothing but Redis)")
+    api.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts them)")
+
+    sub.add_parser("worker", help="run a GPU/CPU worker: loads SDQ_CHECKPOINT once and takes jobs from Redis")
+
+    dev = sub.add_parser("dev", help="everything on this machine: Redis, the API and one worker (what `make run` runs)")
+    dev.add_argument("--port", type=int, default=8000, help="API port on 127.0.0.1 (default %(default)s)")
+
+    from sdqueue import info as info_cmd
+    from sdqueue import maintenance
+
+    info_cmd.configure_parser(sub.add_parser("info", help="print the generation parameters stored in an image file"))
+    maintenance.configure_parser(
+        sub.add_parser("cleanup", help="delete result images older than SDQ_RESULT_RETENTION_S")
+    )
+
+    generate = sub.add_parser("generate", help="generate images locally, without a server")
+    # Configured only when chosen: the generator's options come from a module that is cheap to skip otherwise.
+    if argv[:1] == ["generate"]:
+        from sdqueue import generate as generate_cmd
+
+        generate_cmd.configure_parser(generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"sdqueue: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call (dev's readiness probe) is noise
+    if args.command == "api":
+        return run_api(settings, args)
+    if args.command == "worker":
+        from worker.main import main as worker_main
+
+        return worker_main(settings)
+    if args.command == "info":
+        from sdqueue import info as info_cmd
+
+        return info_cmd.run(args)
+    if args.command == "cleanup":
+        from sdqueue import maintenance
+
+        return maintenance.run(args, settings)
+    if args.command == "dev":
+        from sdqueue.dev import run_dev
+
+        return run_dev(settings, port=args.port)
+    from sdqueue import generate as generate_cmd
+
+    return generate_cmd.run(args)
+
+
+def run_api(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.main import create_app
+
+    several = args.workers > 1
+    # Several processes need an import string; each then builds its app from the same environment.
+    uvicorn.run(
+        "api.main:create_app" if several else create_app(settings),
+        factory=several,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        access_log=args.access_log,
+    )
+    return 0

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = client.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_requests_jobs_and_queue_depth(client: TestClient) -> None:
+    job = client.post("/v1/txt2img", json={"prompt": "a", "width": 64, "height": 64}).json()
+    client.post("/v1/txt2img", json={"prompt": "a", "priority": "high", "width": 64, "height": 64})
+    client.post("/v1/txt2img", json={"width": 64})
+    client.get(f"/v1/jobs/{job['id']}")
+    client.get("/no/such/route")
+
+    m = samples(client)
+
+    post = (("method", "POST"), ("route", "/v1/txt2img"))
+    assert m[("sdq_http_requests_total", (*post, ("status", "202")))] == 2
+    assert m[("sdq_http_requests_total", (*post, ("status", "422")))] == 1
+    get_job = (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200"))
+    assert m[("sdq_http_requests_total", get_job)] == 1  # labelled by template, not by id
+    assert m[("sdq_http_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1
+    assert m[("sdq_http_request_duration_seconds_count", post)] == 3
+    assert m[("sdq_jobs_submitted_total", (("priority", "normal"), ("task", "txt2img")))] == 1
+    assert m[("sdq_jobs_submitted_total", (("priority", "high"), ("task", "txt2img")))] == 1
+    assert m[("sdq_queue_depth", (("queue", "sdq-normal"),))] == 1
+    assert m[("sdq_queue_depth", (("queue", "sdq-high"),))] == 1
+    assert m[("sdq_queue_depth", (("queue", "sdq-low"),))] == 0
+    assert m[("sdq_workers", ())] == 0
+    assert m[("sdq_redis_up", ())] == 1

@@ -1,0 +1,151 @@
+"""The batch worker in this process (RQ burst mode) on the tiny checkpoint: out-of-memory splitting, stop-job."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from redis import Redis
+from rq.command import send_stop_job_command
+from rq.job import Job, JobStatus
+from rq.worker import SimpleWorker
+
+from core.queues import Keys
+from core.settings import Settings
+from core.storage import LocalStorage
+from model.requests import GenerationRequest, GenerationResult
+from tests.worker.conftest import make_settings, max_pixel_diff, solo_images, stored_images, submit, wait_for
+from worker import tasks
+from worker.batch_worker import BatchWorker
+from worker.metrics import WorkerMetrics
+from worker.tasks import Resident
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers() -> Iterator[None]:
+    """RQ's work() installs SIGINT/SIGTERM handlers; give pytest its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path, tiny_checkpoint: Path) -> Settings:
+    return make_settings(redis_url, tmp_path, tiny_checkpoint)
+
+
+def resident(settings: Settings, pipe: Any) -> Resident:
+    storage = LocalStorage(settings.data_dir / "images", settings.public_url)
+    return Resident(pipe, storage, Keys(settings.queue_prefix), 0.0)
+
+
+def burst(redis: Redis, settings: Settings, pipe: Any) -> WorkerMetrics:
+    """Run a worker until the queues are empty; returns its metrics."""
+    keys = Keys(settings.queue_prefix)
+    metrics = WorkerMetrics()
+    worker = BatchWorker(keys.queues(), connection=redis, settings=settings, resident=resident(settings, pipe),
+                         metrics=metrics)
+    worker.work(burst=True)
+    return metrics
+
+
+class OutOfMemoryAbove:
+    """The real pipeline, except that a call with more than ``limit`` images raises CUDA's out-of-memory error."""
+
+    def __init__(self, pipe: Any, limit: int) -> None:
+        self.pipe = pipe
+        self.limit = limit
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def generate(self, requests: Sequence[GenerationRequest], callback: Callable[..., Any] | None = None
+                 ) -> list[GenerationResult | None]:
+        images = sum(r.n for r in requests)
+        self.calls.append(images)
+        if images > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB for {images} images")
+        return self.pipe.generate(requests, callback)
+
+
+def test_out_of_memory_splits_the_batch_until_it_fits(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
+    specs = [submit(redis, settings, seed=10 + i) for i in range(6)] + [submit(redis, settings, n=2, seed=99)]
+    pipe = OutOfMemoryAbove(tiny_pipe, limit=3)
+
+    metrics = burst(redis, settings, pipe)
+
+    for spec in specs:
+        job = Job.fetch(spec.id, connection=redis)
+        assert job.get_status() == JobStatus.FINISHED, job.meta.get("error")
+        assert max_pixel_diff(stored_images(settings.data_dir, spec.id), solo_images(tiny_pipe, spec)) <= 1
+    assert pipe.calls[0] == 8  # the whole batch first
+    ran = [n for n in pipe.calls if n <= 3]
+    assert sum(ran) == 8  # then halves of halves until each part fit, every image exactly once
+    assert metrics.batch_size._sum.get() == 8
+
+
+def test_rq_stop_job_command_stops_one_job_of_the_batch(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
+    keep = submit(redis, settings, steps=30, seed=5)
+    stop = submit(redis, settings, steps=30, seed=6)
+
+    def stop_when_running() -> None:
+        wait_for(lambda: "progress" in Job.fetch(stop.id, connection=redis).meta, 60, "the batch to run")
+        send_stop_job_command(redis, stop.id)
+
+    thread = threading.Thread(target=stop_when_running)
+    thread.start()
+    burst(redis, settings, tiny_pipe)
+    thread.join()
+
+    stopped = Job.fetch(stop.id, connection=redis)
+    assert stopped.get_status() == JobStatus.STOPPED
+    assert stored_images(settings.data_dir, stop.id) == []
+    assert Job.fetch(keep.id, connection=redis).get_status() == JobStatus.FINISHED
+    assert max_pixel_diff(stored_images(settings.data_dir, keep.id), solo_images(tiny_pipe, keep)) <= 1
+
+
+def test_progress_and_previews_reach_the_events_channel(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
+    spec = submit(redis, settings, steps=4, preview_every=2)
+    pubsub = redis.pubsub()
+    pubsub.subscribe(Keys().events(spec.id))
+    burst(redis, settings, tiny_pipe)
+
+    events = []
+    while (message := pubsub.get_message(timeout=1)) is not None:
+        if message["type"] == "message":
+            events.append(json.loads(message["data"]))
+    names = [e["event"] for e in events]
+    assert names[0] == "running" and names[-1] == "succeeded"
+    assert [e["data"]["step"] for e in events if e["event"] == "preview"] == [2, 4]
+    preview = next(e for e in events if e["event"] == "preview")["data"]["image"]
+    assert Image.open(io.BytesIO(base64.b64decode(preview))).format == "JPEG"
+    progress = [e["data"] for e in events if e["event"] == "progress"]
+    assert progress[-1] == {"step": 4, "total": 4, "percent": 100.0, "eta_seconds": 0.0}
+    assert Job.fetch(spec.id, connection=redis).meta["progress"]["step"] == 4
+    assert events[-1]["data"]["images"][0]["key"] == f"{spec.id}/0.png"
+
+
+def test_a_plain_rq_worker_can_run_a_job_with_run_job(redis: Redis, settings: Settings, tiny_pipe: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "_resident", resident(settings, tiny_pipe))  # what load_resident keeps per process
+    spec = submit(redis, settings, n=2)
+
+    SimpleWorker(Keys().queues(), connection=redis).work(burst=True)
+
+    job = Job.fetch(spec.id, connection=redis)
+    assert job.get_status() == JobStatus.FINISHED
+    result = job.return_value()
+    assert [image["seed"] for image in result["images"]] == [1, 2]
+    assert job.meta["progress"]["step"] == 3
+    assert max_pixel_diff(stored_images(settings.data_dir, spec.id), solo_images(tiny_pipe, spec)) <= 1

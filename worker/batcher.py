@@ -1,0 +1,178 @@
+"""Collect one batch: the head job RQ dequeued, then compatible waiting jobs, claimed one by one from the queues.
+
+Queue layout: one RQ queue per priority (``sdq-high``, ``sdq-normal``, ``sdq-low``), not one per compatibility key.
+The worker groups jobs itself:
+
+1. RQ's normal dequeue (``Queue.dequeue_any``, highest priority first) gives the *head* job. It always runs in the
+   next batch, so the oldest job of the highest non-empty priority is never passed over: an incompatible job waits at
+   most one batch before it is the head itself.
+2. For up to ``SDQ_BATCH_WINDOW_MS`` the batcher scans the first ``scan_depth`` ids of each queue (LRANGE, priority
+   order) for jobs with the head's ``JobSpec.batch_key()`` and claims them until the batch holds
+   ``SDQ_MAX_BATCH_IMAGES`` images. Incompatible jobs keep their places.
+
+Why not one queue per key: keys are open-ended (every size x sampler x steps), so workers would have to discover and
+poll a changing set of queues, FIFO order across keys would be lost, and queue position (``core.queue_position``)
+would need a scan of all of them. With grouping in the worker, position is one LPOS plus the lengths of the
+higher-priority queues, and a stock RQ worker can still drain the queues one job at a time.
+
+Claims are atomic (Lua): a job is removed from its queue only if it is still there (LREM returns 1, so two workers
+never both take it) and its status is still ``queued`` (canceled jobs and stale duplicate ids are never run). The
+head job, already popped by RQ, gets the same status check. A claimed id stays on RQ's intermediate list for its
+queue until the job is registered as started (after the collection window), so a worker that dies in between is
+recovered by RQ's intermediate-queue cleanup like any other dequeued job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from redis import Redis
+from rq.job import Job
+from rq.queue import Queue
+
+from core.jobs import JobSpec
+from core.queues import JOB_FUNC
+
+log = logging.getLogger(__name__)
+
+# KEYS: queue list, its intermediate list, job hash. ARGV: job id.
+# Returns 1 = claimed, 0 = no longer in the queue (another worker took it), -1 = removed but not runnable.
+CLAIM_WAITING = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return -1 end
+redis.call('HSET', KEYS[3], 'status', 'started')
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+# The head job was already popped by RQ's dequeue; take it only if nobody canceled or started it meanwhile.
+# KEYS: job hash, the intermediate list of its queue. ARGV: job id. (With a single queue RQ's dequeue already moved
+# the id to the intermediate list: keep one entry.)
+CLAIM_POPPED = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'started')
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+POLL_S = 0.005  # how often the queues are re-scanned while the collection window is open
+CACHE_LIMIT = 4096
+
+
+@dataclass
+class Claim:
+    """A job this worker has taken from a queue; it must now be started and finalized."""
+
+    job: Job
+    queue: Queue
+
+
+def job_spec(job: Job) -> JobSpec:
+    """The JobSpec stored in the job's kwargs; raises (ValueError, pydantic ValidationError) when it has none."""
+    if job.func_name != JOB_FUNC:
+        raise ValueError(f"job {job.id} runs {job.func_name!r}, not {JOB_FUNC!r}")
+    spec = job.kwargs.get("spec")
+    if not isinstance(spec, dict):
+        raise ValueError(f"job {job.id} has no 'spec' keyword argument (got {type(spec).__name__})")
+    return JobSpec.model_validate(spec)
+
+
+class Batcher:
+    def __init__(
+        self,
+        connection: Redis,
+        queues: list[Queue],
+        *,
+        max_images: int,
+        window_s: float,
+        scan_depth: int | None = None,
+    ) -> None:
+        self.connection = connection
+        self.queues = queues
+        self.max_images = max_images
+        self.window_s = window_s
+        self.scan_depth = scan_depth or max(32, 4 * max_images)
+        self._claim_waiting = connection.register_script(CLAIM_WAITING)
+        self._claim_popped = connection.register_script(CLAIM_POPPED)
+        # job id -> (batch key, images); key None = cannot batch (not ours or no valid spec). Ids are never reused.
+        self._seen: dict[str, tuple[str | None, int]] = {}
+
+    def take_head(self, job: Job, queue: Queue) -> bool:
+        """Claim the job RQ's dequeue popped; False when it was canceled or is already started elsewhere."""
+        return bool(self._claim_popped(keys=[job.key, queue.intermediate_queue_key], args=[job.id]))
+
+    def collect(self, head: Claim, should_stop: Callable[[], bool]) -> list[Claim]:
+        """The head (already claimed) plus compatible waiting jobs, claimed within the collection window."""
+        try:
+            spec = job_spec(head.job)
+        except Exception:
+            return [head]  # it fails alone, with its own error, when the worker parses it
+        batch = [head]
+        images, key = spec.params.n, spec.batch_key()
+        deadline = time.monotonic() + self.window_s
+        while images < self.max_images and not should_stop():
+            for claim, n in self._scan(key, self.max_images - images):
+                batch.append(claim)
+                images += n
+            remaining = deadline - time.monotonic()
+            if images >= self.max_images or remaining <= 0:
+                break
+            time.sleep(min(POLL_S, remaining))
+        if len(batch) > 1:
+            log.debug("batch of %d jobs, %d images, key %s", len(batch), images, key)
+        return batch
+
+    def _scan(self, key: str, room: int) -> list[tuple[Claim, int]]:
+        """One pass over the queues' first ``scan_depth`` ids; claims compatible jobs that fit in ``room`` images."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for queue in self.queues:
+                pipe.lrange(queue.key, 0, self.scan_depth - 1)
+            windows = [[i.decode() for i in ids] for ids in pipe.execute()]
+        self._learn([job_id for ids in windows for job_id in ids if job_id not in self._seen])
+        claimed: list[tuple[Queue, str, int]] = []
+        for queue, ids in zip(self.queues, windows, strict=True):
+            for job_id in ids:
+                job_key, n = self._seen.get(job_id, (None, 0))
+                if job_key != key or n > room:
+                    continue
+                outcome = self._claim_waiting(keys=[queue.key, queue.intermediate_queue_key, Job.key_for(job_id)],
+                                              args=[job_id])
+                if outcome == 1:
+                    claimed.append((queue, job_id, n))
+                    room -= n
+                elif outcome == -1:
+                    log.info("dropped stale queue entry %s: job is no longer queued", job_id)
+                if room <= 0:
+                    break
+            if room <= 0:
+                break
+        if not claimed:
+            return []
+        jobs = Job.fetch_many([job_id for _, job_id, _ in claimed], connection=self.connection)
+        out = []
+        for (queue, job_id, n), job in zip(claimed, jobs, strict=True):
+            if job is None:  # deleted between claim and fetch: nothing left to run or report
+                self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
+                continue
+            out.append((Claim(job, queue), n))
+        return out
+
+    def _learn(self, job_ids: list[str]) -> None:
+        """Remember the batch key and image count of jobs not seen yet (one pipelined fetch)."""
+        if not job_ids:
+            return
+        if len(self._seen) > CACHE_LIMIT:
+            self._seen.clear()
+        for job_id, job in zip(job_ids, Job.fetch_many(job_ids, connection=self.connection), strict=True):
+            if job is None:
+                continue  # not cached: a job hash written just after its id was pushed shows up next scan
+            try:
+                spec = job_spec(job)
+            except Exception:
+                self._seen[job_id] = (None, 0)
+                continue
+            self._seen[job_id] = (spec.batch_key(), spec.params.n)

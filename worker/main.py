@@ -1,0 +1,55 @@
+"""``sdqueue worker``: load the model once, serve metrics, register with RQ, run batches until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+from core.queues import Keys, connect
+from core.settings import Settings
+from worker.batch_worker import BatchWorker
+from worker.metrics import WorkerMetrics
+from worker.tasks import load_resident
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    # host and pid say where it runs; the suffix keeps a restarted container (same host, pid 1) from colliding with
+    # its predecessor's key, which RQ keeps for one lease after a crash.
+    return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+
+
+def main(settings: Settings) -> int:
+    """Run a worker until SIGTERM/SIGINT; returns the process exit code."""
+    metrics = WorkerMetrics()
+    metrics.serve(settings.worker_metrics_port)
+    try:
+        resident = load_resident(settings)
+    except Exception as exc:
+        log.error("cannot load the model from SDQ_CHECKPOINT=%s: %s", settings.checkpoint, exc)
+        return 1
+    metrics.model_load_seconds.set(resident.load_seconds)
+    keys = Keys(settings.queue_prefix)
+    worker = BatchWorker(
+        keys.queues(),
+        connection=connect(settings.redis_url),
+        settings=settings,
+        resident=resident,
+        metrics=metrics,
+        name=worker_name(),
+    )
+    log.info(
+        "worker %s: up to %d images per batch, %d ms window, heartbeat %d s",
+        worker.name, settings.max_batch_images, settings.batch_window_ms, settings.heartbeat_s,
+    )
+    worker.work(logging_level=settings.log_level)
+    if not worker.stop_requested:
+        # RQ's loop also ends on errors it cannot handle (Redis unreachable for too long); a non-zero exit lets the
+        # supervisor restart the worker. Jobs it was running come back through their expired leases.
+        log.error("worker %s stopped without a shutdown request (see the errors above)", worker.name)
+        return 1
+    log.info("worker %s stopped", worker.name)
+    return 0

@@ -1,0 +1,132 @@
+"""The pipeline's per-step callback for one pipeline call: progress, previews and cancellation, per job.
+
+After every denoising step it
+- reads the cancel-request set once (one SMEMBERS for the whole batch) and returns the request indices of the jobs
+  to drop: canceled through the API, or stopped through RQ's stop-job command;
+- writes each remaining job's progress (step, total, percent, ETA) to its meta and its events channel, at most every
+  ``throttle_s`` per job and always at the last step;
+- for jobs that asked (``preview_every`` = k), publishes a small JPEG of the running latents every k steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from redis import Redis
+from rq.job import Job
+
+from core.jobs import JobSpec, Progress
+from core.queues import Keys
+from model.requests import StepEvent
+from worker.events import PreviewImage, ProgressUpdate, publish
+from worker.images import preview_jpeg_base64
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+THROTTLE_S = 0.25  # at most ~4 progress writes per second per job
+DropReason = Literal["canceled", "stopped"]
+
+
+@dataclass
+class ReportedJob:
+    job: Job
+    spec: JobSpec
+
+
+class StepReporter:
+    def __init__(
+        self,
+        connection: Redis,
+        keys: Keys,
+        jobs: Sequence[ReportedJob],
+        *,
+        preview: Callable[[torch.Tensor], list[Image.Image]] | None = None,
+        stop_requests: Callable[[], set[str]] = set,
+        throttle_s: float = THROTTLE_S,
+    ) -> None:
+        self.connection = connection
+        self.keys = keys
+        self.jobs = jobs
+        self.preview = preview
+        self.stop_requests = stop_requests
+        self.throttle_s = throttle_s
+        self.started = time.monotonic()
+        self.first_step_at: float | None = None
+        self.last_step_at: float | None = None
+        self.steps = 0
+        self.dropped: dict[int, DropReason] = {}  # request index -> why it was dropped
+        self._last_sent = [-math.inf] * len(jobs)
+
+    def __call__(self, event: StepEvent) -> list[int]:
+        clock = time.monotonic()
+        self.first_step_at = self.first_step_at or clock
+        self.last_step_at = clock
+        self.steps = event.step
+        drop = self._to_drop(event.active)
+        elapsed = clock - self.started
+        eta = elapsed / event.step * (event.total - event.step)
+        progress = Progress(
+            step=event.step,
+            total=event.total,
+            percent=round(100.0 * event.step / event.total, 1),
+            eta_seconds=round(eta, 2),
+        )
+        with self.connection.pipeline(transaction=False) as pipe:
+            row = 0
+            for index in event.active:
+                reported = self.jobs[index]
+                rows = reported.spec.params.n
+                if index not in drop:
+                    if event.step == event.total or clock - self._last_sent[index] >= self.throttle_s:
+                        self._last_sent[index] = clock
+                        reported.job.meta["progress"] = progress.model_dump()
+                        pipe.hset(reported.job.key, "meta", reported.job.serializer.dumps(reported.job.meta))
+                        publish(pipe, self.keys, ProgressUpdate(reported.job.id, progress=progress))
+                    every = reported.spec.params.preview_every
+                    if self.preview is not None and every and event.step % every == 0:
+                        self._add_preview(pipe, reported.job.id, event.step, event.latents[row : row + 1])
+                row += rows
+            pipe.execute()
+        return drop
+
+    def _add_preview(self, pipe: Any, job_id: str, step: int, latents: torch.Tensor) -> None:
+        assert self.preview is not None
+        try:
+            image = preview_jpeg_base64(self.preview(latents)[0])
+        except Exception:
+            # A preview is a nicety: failing to draw one must not fail the jobs of the batch.
+            log.exception("preview of job %s failed", job_id)
+            return
+        publish(pipe, self.keys, PreviewImage(job_id, step=step, image=image))
+
+    def steps_per_second(self) -> float:
+        """Denoising steps per second, from the first step's end to the last's (text encoding excluded)."""
+        if self.first_step_at is None or self.last_step_at is None or self.steps < 2:
+            return 0.0
+        span = self.last_step_at - self.first_step_at
+        return (self.steps - 1) / span if span > 0 else 0.0
+
+    def _to_drop(self, active: list[int]) -> list[int]:
+        canceled = {m.decode() for m in self.connection.smembers(self.keys.cancel_requests())}
+        stopped = self.stop_requests()
+        drop = []
+        for index in active:
+            job_id = self.jobs[index].job.id
+            if job_id in stopped:
+                self.dropped[index] = "stopped"
+            elif job_id in canceled:
+                self.dropped[index] = "canceled"
+            else:
+                continue
+            drop.append(index)
+            log.info("job %s %s while running: dropped from its batch", job_id, self.dropped[index])
+        return drop

@@ -1,0 +1,211 @@
+"""Run the jobs of one batch through the resident pipeline, so that each job gets its own outcome.
+
+- Jobs are converted to ``GenerationRequest``s and grouped by ``GenerationRequest.batch_key()`` (what the pipeline
+  requires; normally one group, since the batcher matched ``JobSpec.batch_key()``).
+- One ``Pipeline.generate`` call per group, with a ``StepReporter`` for progress, previews and cancellation.
+- If the call raises for the whole batch: out of memory -> split the batch in two halves (by images) and run each,
+  recursively, before any job fails; any other error -> run the jobs one by one, so only the faulty one fails.
+  A job timeout ends the call for all its jobs (they ran out of time together).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from redis import Redis
+from rq.queue import Queue
+from rq.timeouts import BaseDeathPenalty, JobTimeoutException
+
+from core.jobs import JobSpec
+from core.queues import Keys
+from model.requests import GenerationRequest, GenerationResult
+from worker.bookkeeping import ExcInfo, RunningJob
+from worker.progress import DropReason, ReportedJob, StepReporter
+
+if TYPE_CHECKING:
+    from model.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchItem:
+    run: RunningJob
+    spec: JobSpec
+    request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class CallStats:
+    seconds: float  # text encoding to decoded images
+    images: int
+    jobs: int
+    steps: int  # denoising steps run
+    steps_per_second: float
+
+
+@dataclass(frozen=True)
+class Done:
+    result: GenerationResult
+    pipeline_seconds: float
+
+
+@dataclass(frozen=True)
+class Error:
+    exc_info: ExcInfo
+
+
+@dataclass(frozen=True)
+class Dropped:
+    reason: DropReason
+
+
+Outcome = Done | Error | Dropped
+Finish = Callable[[BatchItem, Outcome], None]
+# Called after every pipeline call that produced images, with what it ran and how fast.
+CallObserver = Callable[["CallStats"], None]
+
+
+def to_request(spec: JobSpec) -> GenerationRequest:
+    p = spec.params
+    return GenerationRequest(
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt,
+        task=spec.task,
+        width=p.width,
+        height=p.height,
+        steps=p.steps,
+        guidance_scale=p.guidance_scale,
+        sampler=p.sampler.value,
+        karras=p.karras,
+        eta=p.eta,
+        seed=spec.seed,
+        n=p.n,
+    )
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    # torch.OutOfMemoryError is a RuntimeError; other backends (MPS, oneDNN) raise plain RuntimeErrors saying so.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def current_exc_info() -> ExcInfo:
+    exc_type, exc, tb = sys.exc_info()
+    assert exc_type is not None and exc is not None
+    return exc_type, exc, tb
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        pipe: Pipeline,
+        connection: Redis,
+        keys: Keys,
+        *,
+        death_penalty_class: type[BaseDeathPenalty],
+        stop_requests: Callable[[], set[str]] = set,
+        observe: CallObserver | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.connection = connection
+        self.keys = keys
+        self.death_penalty_class = death_penalty_class
+        self.stop_requests = stop_requests
+        self.observe = observe
+
+    def run(self, items: Sequence[BatchItem], finish: Finish) -> None:
+        """Give every item exactly one outcome through ``finish`` (called as soon as that item is done)."""
+        groups: dict[tuple[object, ...], list[BatchItem]] = {}
+        for item in items:
+            groups.setdefault(item.request.batch_key(), []).append(item)
+        for group in groups.values():
+            self._run(group, finish)
+
+    def _run(self, items: list[BatchItem], finish: Finish) -> None:
+        reporter = StepReporter(
+            self.connection,
+            self.keys,
+            [ReportedJob(item.run.job, item.spec) for item in items],
+            preview=self.pipe.preview,
+            stop_requests=self.stop_requests,
+        )
+        started = time.monotonic()
+        try:
+            with self._deadline(items):
+                results = self.pipe.generate([item.request for item in items], callback=reporter)
+        except JobTimeoutException:
+            exc_info = current_exc_info()
+            for item in items:
+                finish(item, Error(exc_info))
+            return
+        except Exception as exc:
+            exc_info = current_exc_info()
+            # Jobs dropped before the error stay dropped; the others are retried.
+            pending = [item for i, item in enumerate(items) if i not in reporter.dropped]
+            for i, reason in reporter.dropped.items():
+                finish(items[i], Dropped(reason))
+            if len(pending) == 1:
+                finish(pending[0], Error(exc_info))
+            elif pending and is_out_of_memory(exc):
+                del exc, exc_info  # the traceback pins the failed call's tensors
+                release_memory()
+                first, second = halves(pending)
+                log.warning("out of memory on %d images: retrying as %d + %d",
+                            images(pending), images(first), images(second))
+                self._run(first, finish)
+                self._run(second, finish)
+            elif pending:
+                log.warning("batch of %d jobs failed (%s: %s): running them one by one",
+                            len(pending), type(exc).__name__, exc)
+                for item in pending:
+                    self._run([item], finish)
+            return
+        seconds = time.monotonic() - started
+        done = [(item, result) for item, result in zip(items, results, strict=True) if result is not None]
+        if done and self.observe is not None:
+            self.observe(CallStats(seconds, images(items), len(items), reporter.steps, reporter.steps_per_second()))
+        for i, (item, result) in enumerate(zip(items, results, strict=True)):
+            if result is None:
+                finish(item, Dropped(reporter.dropped.get(i, "canceled")))
+            else:
+                finish(item, Done(result, seconds))
+
+    @contextlib.contextmanager
+    def _deadline(self, items: list[BatchItem]) -> Iterator[None]:
+        """RQ's job timeout for the call: the longest of its jobs' timeouts, so no job is cut short of its own."""
+        timeouts = [int(item.run.job.timeout or Queue.DEFAULT_TIMEOUT) for item in items]
+        if any(t <= 0 for t in timeouts):  # -1 = no timeout
+            yield
+            return
+        with self.death_penalty_class(max(timeouts), JobTimeoutException, job_id=items[0].run.id):
+            yield
+
+
+def images(items: Sequence[BatchItem]) -> int:
+    return sum(item.request.n for item in items)
+
+
+def halves(items: list[BatchItem]) -> tuple[list[BatchItem], list[BatchItem]]:
+    """Split in two parts of about equal image counts, keeping order; both non-empty."""
+    total, running = images(items), 0
+    for cut in range(1, len(items)):
+        running += items[cut - 1].request.n
+        if running * 2 >= total:
+            return items[:cut], items[cut:]
+    return items[:-1], items[-1:]
+
+
+def release_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

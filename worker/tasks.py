@@ -1,0 +1,105 @@
+"""``JOB_FUNC`` (``worker.tasks.run_job``): the function every sdqueue job names in RQ, and the process's model.
+
+The sdqueue worker (``worker.batch_worker``) never calls ``run_job``: it recognises jobs by this name and runs them
+in batches. The function exists so that RQ's job records point at real code, and so that a stock RQ worker
+(``rq worker -w rq.SimpleWorker sdq-high sdq-normal sdq-low``) can still run sdqueue jobs one at a time, with progress
+in the meta and the same result format. It loads the model once per process, on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rq import get_current_job
+
+from core.jobs import JobSpec
+from core.queues import Keys
+from core.settings import Settings, get_settings
+from core.storage import Storage, make_storage
+from worker.images import store_images
+from worker.progress import ReportedJob, StepReporter
+from worker.runner import to_request
+
+if TYPE_CHECKING:
+    from model.pipeline import Pipeline
+    from model.requests import GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resident:
+    """What stays loaded for the life of a worker process."""
+
+    pipe: Pipeline
+    storage: Storage
+    keys: Keys
+    load_seconds: float
+
+
+_resident: Resident | None = None
+_lock = threading.Lock()
+
+
+def load_resident(settings: Settings) -> Resident:
+    """Load the checkpoint named by ``SDQ_CHECKPOINT`` once per process and keep it."""
+    global _resident
+    with _lock:
+        if _resident is None:
+            if settings.checkpoint is None:
+                raise ValueError("SDQ_CHECKPOINT is not set: point it at an SD 1.x .safetensors file or folder")
+            from model.pipeline import Pipeline  # torch is imported only by processes that run the model
+
+            started = time.monotonic()
+            pipe = Pipeline.load(
+                settings.checkpoint, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle
+            )
+            seconds = time.monotonic() - started
+            _resident = Resident(pipe, make_storage(settings), Keys(settings.queue_prefix), seconds)
+            log.info("model %s resident on %s after %.1f s", pipe.name, pipe.device, seconds)
+        return _resident
+
+
+def build_result(
+    storage: Storage, spec: JobSpec, result: GenerationResult, model_name: str, run_seconds: float,
+    pipeline_seconds: float,
+) -> dict[str, Any]:
+    """Write the images and return the job's RQ result, as the service contract defines it."""
+    warnings = []
+    if result.prompt_truncated:
+        warnings.append("prompt truncated to 77 CLIP tokens")
+    if result.negative_prompt_truncated:
+        warnings.append("negative prompt truncated to 77 CLIP tokens")
+    records = store_images(storage, spec, result.images, result.seeds, model_name)
+    return {
+        "images": records,
+        "warnings": warnings,
+        "timings": {"run_seconds": round(run_seconds, 4), "pipeline_seconds": round(pipeline_seconds, 4)},
+    }
+
+
+def run_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one job alone through the resident pipeline; used when a plain RQ worker executes sdqueue jobs."""
+    started = time.monotonic()
+    job_spec = JobSpec.model_validate(spec)
+    resident = load_resident(get_settings())
+    request = to_request(job_spec)
+    resident.pipe.check(request)
+    job = get_current_job()
+    reporter = None
+    if job is not None:
+        reporter = StepReporter(
+            job.connection, resident.keys, [ReportedJob(job, job_spec)], preview=resident.pipe.preview
+        )
+    generate_started = time.monotonic()
+    [result] = resident.pipe.generate([request], callback=reporter)
+    if result is None:
+        # A plain RQ worker has no "canceled while running" outcome: the job fails with this reason instead.
+        raise RuntimeError(f"job {job_spec.id} was canceled while running")
+    pipeline_seconds = time.monotonic() - generate_started
+    return build_result(resident.storage, job_spec, result, resident.pipe.name, time.monotonic() - started,
+                        pipeline_seconds)
