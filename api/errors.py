@@ -1,4 +1,5 @@
-"""422 responses that name the field and the rule, and never fail to render (a NaN input must not become a 500)."""
+"""Error responses: 422s that name the field and the rule (and never fail to render: a NaN input must not become a
+500), and 503 when Redis cannot be reached."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 
 # Locations FastAPI puts before the field path; the field path alone is what a client recognises.
 _SOURCES = ("body", "query", "path", "header", "cookie")
@@ -16,6 +18,11 @@ _SOURCES = ("body", "query", "path", "header", "cookie")
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return JSONResponse(status_code=422, content={"detail": [describe(err) for err in exc.errors()]})
+
+
+async def redis_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RedisError)
+    return JSONResponse(status_code=503, content={"detail": f"Redis unreachable: {exc}"}, headers={"Retry-After": "5"})
 
 
 def describe(err: dict[str, Any]) -> dict[str, Any]:

@@ -7,8 +7,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
 
-from api.errors import validation_error_handler
+from api.errors import redis_error_handler, validation_error_handler
 from api.instrumentation import ApiMetrics, HttpMetricsMiddleware
 from api.routes import health, images, jobs, metrics
 from api.submitter import Submitter
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.submitter = Submitter(redis, settings)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(RedisError, redis_error_handler)
     for module in (jobs, images, health, metrics):
         app.include_router(module.router)
     return app

@@ -43,3 +43,13 @@ def test_readyz_counts_live_workers_on_sdqueue_queues(client: TestClient, redis:
 
     redis.delete(ours.key)  # what an expired registration (a killed worker) looks like
     assert client.get("/readyz").status_code == 503
+
+
+def test_requests_needing_redis_get_503_while_it_is_down(settings: Settings) -> None:
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    with TestClient(create_app(down)) as client:
+        submit = client.post("/v1/txt2img", json={"prompt": "a cat", "width": 64, "height": 64})
+        read = client.get("/v1/jobs/0123456789abcdef")
+    for r in (submit, read):
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["detail"].startswith("Redis unreachable")
