@@ -1,6 +1,7 @@
-"""What route handlers get injected: the app's settings, Redis client, key names, storage and metrics.
+"""What route handlers get injected: the app's settings, Redis clients, key names, storage and metrics, the
+calling API key, and a submission context.
 
-The providers are `async def` although they do not await: FastAPI runs a plain `def` dependency in its thread pool,
+The providers are `async def` although most do not await: FastAPI runs a plain `def` dependency in its thread pool,
 a thread hop per dependency per request for what is an attribute lookup.
 """
 
@@ -8,10 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, cast
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
+from api.auth import Authenticator, Caller, bearer_scheme
 from api.instrumentation import ApiMetrics
+from api.intake import MAX_WAIT_S, Intake, Services
 from api.submitter import Submitter
 from core.queues import Keys
 from core.settings import Settings
@@ -24,6 +29,10 @@ async def _settings(request: Request) -> Settings:
 
 async def _redis(request: Request) -> Redis:
     return cast(Redis, request.app.state.redis)
+
+
+async def _aredis(request: Request) -> AsyncRedis:
+    return cast(AsyncRedis, request.app.state.aredis)
 
 
 async def _keys(request: Request) -> Keys:
@@ -42,9 +51,49 @@ async def _metrics(request: Request) -> ApiMetrics:
     return cast(ApiMetrics, request.app.state.metrics)
 
 
+async def _services(request: Request) -> Services:
+    return cast(Services, request.app.state.services)
+
+
+async def _caller(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+) -> Caller:
+    """The API key's owner name (401 without a valid key when auth is on; anonymous when it is off)."""
+    authenticator = cast(Authenticator, request.app.state.authenticator)
+    return await authenticator.caller(credentials)
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 RedisDep = Annotated[Redis, Depends(_redis)]
+AsyncRedisDep = Annotated[AsyncRedis, Depends(_aredis)]
 KeysDep = Annotated[Keys, Depends(_keys)]
 StorageDep = Annotated[Storage, Depends(_storage)]
 SubmitterDep = Annotated[Submitter, Depends(_submitter)]
 MetricsDep = Annotated[ApiMetrics, Depends(_metrics)]
+CallerDep = Annotated[Caller, Depends(_caller)]
+ServicesDep = Annotated[Services, Depends(_services)]
+# For `include_router(dependencies=[AUTHENTICATED])`: routes that do not otherwise need the caller.
+AUTHENTICATED = Depends(_caller)
+
+
+async def _intake(
+    request: Request,
+    caller: CallerDep,
+    prefer: Annotated[str | None, Header(
+        # No `examples`: API fuzzers send them, and each costs N seconds with no worker to end the job.
+        description=f"`wait=N`, e.g. `wait=30`: answer when the job has ended or after N seconds (at most "
+        f"{MAX_WAIT_S}), whichever is first: 200 with the ended job, else 202 as without it. The answer has "
+        "`Preference-Applied: wait=N`.",
+    )] = None,
+    idempotency_key: Annotated[str | None, Header(
+        min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+        description="Any unique string per intended job (e.g. a UUID). A repeat with the same key and body within "
+        "24 h returns the first job (202, `Idempotent-Replayed: true`) instead of queuing another; the same key "
+        "with another body is 409.",
+        examples=["5f1c0a52-0c3e-4d52-9a43-d56f2f7e9c1b"],
+    )] = None,
+) -> Intake:
+    return Intake(await _services(request), caller, prefer, idempotency_key)
+
+
+IntakeDep = Annotated[Intake, Depends(_intake)]

@@ -1,32 +1,187 @@
-"""Error responses: 422s that name the field and the rule (and never fail to render: a NaN input must not become a
-500), and 503 when Redis cannot be reached."""
+"""One error shape for every failed request: ``{"error": {"type", "message", "field"}}``.
+
+`type` is a stable machine-readable category (the table `ERRORS`), `message` a sentence for people that names the
+value and the rule, `field` the request field at fault (dotted path, or a header name) or null. Routes raise
+`ApiError`; FastAPI's own errors (validation, unknown route, wrong method) and Redis outages are converted here, so
+no response ever has another shape. `responses()` documents the same in each route's OpenAPI entry.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # Locations FastAPI puts before the field path; the field path alone is what a client recognises.
 _SOURCES = ("body", "query", "path", "header", "cookie")
 
 
+class ErrorInfo(BaseModel):
+    type: str = Field(description="Stable category: one of the types listed in the README (e.g. `rate_limited`).")
+    message: str = Field(description="What is wrong and the rule, for people.")
+    field: str | None = Field(default=None, description="The request field at fault (dotted path or header), if any.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class ApiError(Exception):
+    """Raise from a route or dependency to answer with `status_code` and the error shape."""
+
+    def __init__(self, status_code: int, type: str, message: str, field: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.info = ErrorInfo(type=type, message=message, field=field)
+        self.headers = dict(headers or {})
+
+
+# status -> (default type, OpenAPI description, {type: example message}). The README's error table mirrors this.
+ERRORS: dict[int, tuple[str, str, dict[str, str]]] = {
+    400: ("bad_request", "The request cannot be read.", {"bad_request": "image key '../x' is not a storage key"}),
+    401: ("unauthorized", "No API key, or an unknown one: send `Authorization: Bearer <key>`.",
+          {"unauthorized": "missing API key: send 'Authorization: Bearer <key>'"}),
+    403: ("forbidden", "The API key may not do this.",
+          {"forbidden": "priority 'high' is not allowed for API key 'alice' (its highest is 'normal')"}),
+    404: ("not_found", "No such job (or it expired, or another API key owns it).", {"not_found": "no job 'f00'"}),
+    405: ("method_not_allowed", "Wrong HTTP method for this path.", {"method_not_allowed": "Method Not Allowed"}),
+    409: ("conflict", "The request conflicts with the job's state or an earlier request.", {
+        "conflict": "job 0e1f already succeeded; nothing to cancel",
+        "idempotency_conflict": "Idempotency-Key 'order-42' was used with a different request body",
+    }),
+    413: ("payload_too_large", "The request body exceeds SDQ_MAX_BODY_BYTES.",
+          {"payload_too_large": "request body exceeds 20971520 bytes (SDQ_MAX_BODY_BYTES)"}),
+    422: ("invalid_request", "A field breaks a rule; nothing was queued.",
+          {"invalid_request": "width must be a multiple of 8, got 513"}),
+    429: ("rate_limited", "Too many requests for this API key; retry after `Retry-After` seconds.", {
+        "rate_limited": "API key 'alice' may submit 60 jobs per minute (SDQ_RATE_LIMIT_PER_MIN); retry in 2 s",
+        "too_many_queued": "API key 'alice' already has 100 jobs waiting (SDQ_MAX_QUEUED_PER_KEY)",
+    }),
+    500: ("internal_error", "A bug: the API log has the traceback.", {"internal_error": "internal error"}),
+    503: ("unavailable", "The service cannot take this now; retry after `Retry-After` seconds.", {
+        "queue_full": "queue full: 10000 jobs waiting (SDQ_MAX_QUEUED_JOBS); retry later",
+        "unavailable": "Redis unreachable: Connection refused",
+    }),
+}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+    503: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+}
+
+
+def responses(*codes: int, described: Mapping[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for error `codes`: the shared schema, examples and headers; `described`
+    overrides a code's description for one route."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        _, description, examples = ERRORS[code]
+        entry: dict[str, Any] = {
+            "model": ErrorResponse,
+            "description": (described or {}).get(code, description),
+            "content": {"application/json": {"examples": {
+                name: {"value": {"error": {"type": name, "message": message, "field": _example_field(name)}}}
+                for name, message in examples.items()
+            }}},
+        }
+        if code in _HEADERS:
+            entry["headers"] = _HEADERS[code]
+        out[code] = entry
+    return out
+
+
+def unify_error_docs(spec: dict[str, Any]) -> dict[str, Any]:
+    """Make every documented error answer `application/json` with `ErrorResponse`, as the handlers send it.
+
+    FastAPI documents its own 422 shape on routes with parameters, and gives error answers of a non-JSON route
+    (the event stream) that route's media type. Idempotent: the spec is fixed in place once and cached.
+    """
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path_item in spec.get("paths", {}).values():
+        for operation in path_item.values():
+            for code, response in operation.get("responses", {}).items():
+                json_content = response.get("content", {}).get("application/json", {})
+                schema = json_content.get("schema", {}).get("$ref", "")
+                if not code.startswith(("4", "5")) or schema not in ("", *_FASTAPI_ERROR_REFS, ref["$ref"]):
+                    continue  # e.g. /readyz's 503 is its own Readiness body
+                response["content"] = {"application/json": {**json_content, "schema": ref}}
+    schemas = spec.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return spec
+
+
+_FASTAPI_ERROR_REFS = ("#/components/schemas/HTTPValidationError",)
+
+
+def _example_field(error_type: str) -> str | None:
+    return {"invalid_request": "width", "forbidden": "priority", "idempotency_conflict": "Idempotency-Key"}.get(
+        error_type
+    )
+
+
+def error_response(status_code: int, info: ErrorInfo, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status_code, content={"error": info.model_dump()}, headers=dict(headers or {}))
+
+
+def count_error(app: Any, status_code: int, info: ErrorInfo) -> None:
+    """Count the error in the app's metrics (`sdq_http_errors_total{status, type}`)."""
+    metrics = getattr(app.state, "metrics", None)
+    if metrics is not None:
+        metrics.count_error(status_code, info.type)
+
+
+def _answer(request: Request, status_code: int, info: ErrorInfo,
+            headers: Mapping[str, str] | None = None) -> JSONResponse:
+    count_error(request.app, status_code, info)
+    return error_response(status_code, info, headers)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return _answer(request, exc.status_code, exc.info, exc.headers)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's and FastAPI's HTTPException (unknown route, wrong method, and routes that raise one)."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        # FastAPI answers 400 when a JSON body is not UTF-8 but 422 when it is not JSON: both are 422 here.
+        info = ErrorInfo(type="invalid_request", message=f"body: not UTF-8 text ({exc.__cause__.reason})", field="body")
+        return _answer(request, 422, info)
+    default_type = ERRORS.get(exc.status_code, ("error",))[0]
+    info = ErrorInfo(type=default_type, message=str(exc.detail))
+    return _answer(request, exc.status_code, info, exc.headers)
+
+
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each field and rule (and never failing to render: a NaN input must not become a 500)."""
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse(status_code=422, content={"detail": [describe(err) for err in exc.errors()]})
+    problems = [describe(err) for err in exc.errors()]
+    message = "; ".join(msg for _, msg in problems) or "invalid request"
+    return _answer(request, 422, ErrorInfo(type="invalid_request", message=message, field=problems[0][0]))
 
 
 async def redis_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RedisError)
-    return JSONResponse(status_code=503, content={"detail": f"Redis unreachable: {exc}"}, headers={"Retry-After": "5"})
+    info = ErrorInfo(type="unavailable", message=f"Redis unreachable: {exc}")
+    return _answer(request, 503, info, {"Retry-After": "5"})
 
 
-def describe(err: dict[str, Any]) -> dict[str, Any]:
-    """FastAPI's error shape (loc, msg, type) with a message such as "steps: Input should be greater than or
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette logs the traceback after this handler answers; the client gets the shape, not the trace.
+    return _answer(request, 500, ErrorInfo(type="internal_error", message="internal error; the API log has details"))
+
+
+def describe(err: Mapping[str, Any]) -> tuple[str, str]:
+    """(field, message) for one pydantic error, with messages such as "steps: Input should be greater than or
     equal to 1, got 0". The input is summarised in the message, not echoed (it may be 20,000 chars, or NaN)."""
     loc: Sequence[Any] = err["loc"]
     path = [str(p) for p in (loc[1:] if loc and loc[0] in _SOURCES else loc)]
@@ -38,7 +193,7 @@ def describe(err: dict[str, Any]) -> dict[str, Any]:
         msg += f" ({err.get('ctx', {}).get('error', 'not valid JSON')})"
     elif err["type"] not in ("missing", "value_error") and "input" in err:
         msg += f", got {_summary(err['input'])}"
-    return {"loc": list(loc), "msg": msg, "type": err["type"]}
+    return field, msg
 
 
 def _summary(value: object) -> str:

@@ -6,11 +6,13 @@ import logging
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
+from rq import Queue
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.jobstore import live_worker_count, queue_depths
@@ -19,6 +21,12 @@ from core.queues import Keys
 log = logging.getLogger(__name__)
 
 # Submit and poll latencies are milliseconds; image downloads and /readyz can take longer.
+_REGISTRIES = {
+    "running": StartedJobRegistry,
+    "succeeded": FinishedJobRegistry,
+    "failed": FailedJobRegistry,
+    "canceled": CanceledJobRegistry,
+}
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -38,7 +46,17 @@ class ApiMetrics:
         self.jobs_submitted = Counter(
             "sdq_jobs_submitted", "Jobs accepted onto a queue.", ["task", "priority"], registry=self.registry
         )
+        self.http_errors = Counter(
+            "sdq_http_errors", "Error responses by status and error type (unauthorized, rate_limited, queue_full...).",
+            ["status", "type"], registry=self.registry,
+        )
+        self.event_streams = Gauge(
+            "sdq_event_streams", "Open Server-Sent Events streams (GET /v1/jobs/{id}/events).", registry=self.registry
+        )
         self.registry.register(_QueueCollector(redis, keys))
+
+    def count_error(self, status: int, error_type: str) -> None:
+        self.http_errors.labels(str(status), error_type).inc()
 
 
 class _QueueCollector(Collector):
@@ -53,6 +71,7 @@ class _QueueCollector(Collector):
         try:
             depths = queue_depths(self.redis, self.keys)
             workers = live_worker_count(self.redis, self.keys)
+            by_status = self._jobs_by_status()
         except RedisError as exc:
             log.warning("metrics: Redis unreachable: %s", exc)
             up.add_metric([], 0)
@@ -65,6 +84,24 @@ class _QueueCollector(Collector):
             depth.add_metric([self.keys.queue(priority)], n)
         yield depth
         yield GaugeMetricFamily("sdq_workers", "Live workers registered on sdqueue's queues.", value=workers)
+        yield by_status
+
+    def _jobs_by_status(self) -> GaugeMetricFamily:
+        """Running jobs, and finished ones until they expire (SDQ_RESULT_TTL_S), from RQ's registries."""
+        family = GaugeMetricFamily(
+            "sdq_jobs_by_status", "Jobs running, and ended jobs not yet expired, per queue (RQ registries).",
+            labels=["queue", "status"],
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        rows = []
+        for name in self.keys.queues():
+            queue = Queue(name, connection=self.redis)
+            for status, registry in _REGISTRIES.items():
+                pipe.zcard(registry(queue=queue).key)
+                rows.append((name, status))
+        for (name, status), n in zip(rows, pipe.execute(), strict=True):
+            family.add_metric([name, status], int(n))
+        return family
 
 
 class HttpMetricsMiddleware:

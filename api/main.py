@@ -2,48 +2,86 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.errors import redis_error_handler, validation_error_handler
+from api import deps, errors
+from api.auth import Authenticator
 from api.instrumentation import ApiMetrics, HttpMetricsMiddleware
-from api.routes import health, images, jobs, metrics
+from api.intake import Services
+from api.limits import BodyLimitMiddleware, KeyLimits
+from api.routes import events, health, images, img2img, jobs, metrics, models
 from api.submitter import Submitter
+from core import eventlog
 from core.queues import Keys, connect
 from core.settings import Settings, load_settings
 from core.storage import make_storage
 from sdqueue import __version__
+
+log = logging.getLogger(__name__)
+
+# What any route behind an API key may answer (routes add their own, and may describe these more closely).
+_PROTECTED_ERRORS = errors.responses(401, 503, described={503: "Redis is unreachable; retry after `Retry-After`."})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; with no argument, settings come from the environment (uvicorn's `--factory` mode)."""
     settings = settings or load_settings()
     redis = connect(settings.redis_url)  # pooled and thread-safe: shared by all requests
+    # For what waits on Redis without a thread per request: SSE, Prefer: wait, auth and limit checks.
+    aredis = AsyncRedis.from_url(
+        settings.redis_url, health_check_interval=30, socket_keepalive=True,
+        socket_timeout=eventlog.READ_BLOCK_S + 10,  # blocking reads of event logs wait up to READ_BLOCK_S
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await aredis.aclose()  # type: ignore[attr-defined]  # (the redis stubs predate aclose)
         redis.close()
 
     app = FastAPI(
         title="sdqueue",
         version=__version__,
-        summary="Stable Diffusion 1.x jobs over HTTP: submit, poll, download.",
+        summary="Stable Diffusion 1.x jobs over HTTP: submit, follow, download.",
+        description="Errors always have the shape `{\"error\": {\"type\", \"message\", \"field\"}}`. With auth on, "
+        "every route but /healthz, /readyz, /metrics and the docs needs `Authorization: Bearer <API key>`.",
         lifespan=lifespan,
     )
+    fastapi_openapi = app.openapi
+    app.openapi = lambda: errors.unify_error_docs(fastapi_openapi())  # type: ignore[method-assign]
+    keys = Keys(settings.queue_prefix)
     app.state.settings = settings
     app.state.redis = redis
-    app.state.keys = Keys(settings.queue_prefix)
+    app.state.aredis = aredis
+    app.state.keys = keys
     app.state.storage = make_storage(settings)
-    app.state.metrics = ApiMetrics(redis, app.state.keys)
+    app.state.metrics = ApiMetrics(redis, keys)
     app.state.submitter = Submitter(redis, settings)
+    app.state.authenticator = Authenticator(settings, aredis, keys)
+    app.state.services = Services(
+        settings=settings, redis=redis, aredis=aredis, keys=keys, storage=app.state.storage,
+        submitter=app.state.submitter, limits=KeyLimits(aredis, keys, settings), metrics=app.state.metrics,
+    )
+    log.info("API keys %s", "required" if app.state.authenticator.enabled else "not required (SDQ_AUTH)")
+    # The last middleware added runs first: metrics see every answer, the 413s of the body limit included.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_exception_handler(RedisError, redis_error_handler)
-    for module in (jobs, images, health, metrics):
+    app.add_exception_handler(errors.ApiError, errors.api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
+    app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
+    app.add_exception_handler(RedisError, errors.redis_error_handler)
+    app.add_exception_handler(Exception, errors.internal_error_handler)
+    # Routes that need an API key when auth is on; health, readiness and metrics stay open for probes and scrapers.
+    for module in (jobs, events, img2img, images, models):
+        app.include_router(module.router, dependencies=[deps.AUTHENTICATED], responses=_PROTECTED_ERRORS)
+    for module in (health, metrics):
         app.include_router(module.router)
     return app

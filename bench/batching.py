@@ -4,10 +4,11 @@ Real processes on this machine: a redis-server and one `sdqueue worker`; jobs ar
 (`core.jobstore.enqueue`), all with the same size, sampler and steps and different seeds. Throughput = 8 images /
 wall time from the first submission to the last job finished. "One by one" submits a job, waits until it has
 succeeded, then submits the next. Both runs follow a warm-up (one job alone, one batch of 8), since the first call
-at a new batch size pays for kernel setup. Two models: the tiny test checkpoint, and SD 1.5-size random weights
+at a new batch size pays for kernel setup, and the two modes alternate over rounds so that load from other processes
+on the machine affects both alike. Two models: the tiny test checkpoint, and SD 1.5-size random weights
 (written once, ~4 GB in fp32, to --workdir or a temporary directory).
 
-    python bench/batching.py [--models tiny,sd15] [--workdir DIR] [--no-write]
+    python bench/batching.py [--models tiny,sd15] [--rounds 2] [--workdir DIR] [--no-write]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,26 +143,29 @@ def wait(condition: Callable[[], bool], timeout: float, what: str, poll: float =
         time.sleep(poll)
 
 
-def measure(service: Service, case: Case) -> dict[str, float]:
+def measure(service: Service, case: Case, rounds: int) -> dict[str, float]:
+    """Median wall times of ``rounds`` alternating rounds (one by one, then at once), after a warm-up."""
     seeds = iter(range(10_000))
     log.info("%s: warm-up", case.name)
     service.wait_done([service.submit(next(seeds), case.size, case.steps)])
     service.wait_done([service.submit(next(seeds), case.size, case.steps) for _ in range(JOBS)])
+    one_by_one, at_once, batches = [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(JOBS):
+            service.wait_done([service.submit(next(seeds), case.size, case.steps)])
+        one_by_one.append(time.perf_counter() - start)
+        log.info("%s: one by one %.2f s", case.name, one_by_one[-1])
 
-    start = time.perf_counter()
-    for _ in range(JOBS):
-        service.wait_done([service.submit(next(seeds), case.size, case.steps)])
-    one_by_one = time.perf_counter() - start
-    log.info("%s: one by one %.2f s", case.name, one_by_one)
-
-    before = service.mean_batch()
-    start = time.perf_counter()
-    service.wait_done([service.submit(next(seeds), case.size, case.steps) for _ in range(JOBS)])
-    at_once = time.perf_counter() - start
-    after = service.mean_batch()
-    log.info("%s: at once %.2f s", case.name, at_once)
-    return {"one_by_one": one_by_one, "at_once": at_once,
-            "mean_batch": (after[0] - before[0]) / max(1.0, after[1] - before[1])}
+        before = service.mean_batch()
+        start = time.perf_counter()
+        service.wait_done([service.submit(next(seeds), case.size, case.steps) for _ in range(JOBS)])
+        at_once.append(time.perf_counter() - start)
+        after = service.mean_batch()
+        batches.append((after[0] - before[0]) / max(1.0, after[1] - before[1]))
+        log.info("%s: at once %.2f s", case.name, at_once[-1])
+    return {"one_by_one": statistics.median(one_by_one), "at_once": statistics.median(at_once),
+            "mean_batch": statistics.mean(batches)}
 
 
 def main() -> None:
@@ -169,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="tiny,sd15", help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--workdir", type=Path, default=None, help="keeps the checkpoints between runs")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
@@ -184,7 +190,7 @@ def main() -> None:
         run_dir.mkdir(exist_ok=True)
         service = Service(run_dir, checkpoint)
         try:
-            r = measure(service, case)
+            r = measure(service, case, args.rounds)
         finally:
             service.stop()
         rows.append([case.name, f"{case.size}x{case.size}, {case.steps} steps", f"{r['one_by_one']:.2f}",
@@ -194,7 +200,7 @@ def main() -> None:
         f"{JOBS} txt2img jobs (euler_a, CFG 7.5, different seeds), one `sdqueue worker` process on the CPU "
         f"(dtype auto), `SDQ_MAX_BATCH_IMAGES={JOBS}`, `SDQ_BATCH_WINDOW_MS={WINDOW_MS}`, jobs enqueued as the API "
         "does. One by one: submit, wait until succeeded, next. At once: all submitted together. Wall time from the "
-        "first submission to the last success, after a warm-up.\n\n"
+        f"first submission to the last success, after a warm-up; median of {args.rounds} alternating rounds.\n\n"
         + markdown_table(["model", "job", "one by one s", "images/s", "at once s", "images/s",
                           "images per pipeline call (at once)", "speed-up"], rows)
         + "\n\nTarget: >= 1.3x at SD 1.5 size on this CPU (>= 3x on a GPU at 512x512)."

@@ -6,13 +6,17 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.webhooks import split_webhook_url
 
 MAX_PROMPT_CHARS = 4000
 MAX_SIDE = 2048
 MAX_STEPS = 150
 MAX_IMAGES = 8
 MAX_SEED = 2**32 - 1
+MAX_OUTPAINT = 1024
+MAX_WEBHOOK_CHARS = 2048
 
 
 class Status(str, Enum):
@@ -41,6 +45,9 @@ class Priority(str, Enum):
 
 TaskKind = Literal["txt2img", "img2img", "inpaint"]
 OutputFormat = Literal["png", "jpeg", "webp"]
+ResizeMode = Literal["resize", "crop"]
+WebhookEvent = Literal["start", "progress", "completed"]
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "completed")
 
 
 def _multiple_of_8(name: str, value: int) -> int:
@@ -76,11 +83,33 @@ class GenerationParams(BaseModel):
         "png", description="Result file format; PNG carries the generation parameters as AUTOMATIC1111 writes them."
     )
     output_quality: int = Field(90, ge=1, le=100, description="JPEG / WebP quality (PNG is lossless).")
+    webhook: str | None = Field(
+        None,
+        max_length=MAX_WEBHOOK_CHARS,
+        description="http(s) URL that receives the job as JSON on the events below, signed as Standard Webhooks "
+        "specifies (webhook-id, webhook-timestamp, webhook-signature). Must reach a public address.",
+        examples=["https://example.com/hooks/sdqueue"],
+    )
+    webhook_events_filter: list[WebhookEvent] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS),
+        min_length=1,
+        max_length=3,
+        description="start: the job runs; progress: at most once a second while it runs; completed: it succeeded, "
+        "failed or was canceled.",
+    )
 
     @field_validator("width", "height")
     @classmethod
-    def _check_multiple(cls, v: int, info: Any) -> int:
-        return _multiple_of_8(info.field_name, v)
+    def _check_multiple(cls, v: int | None, info: Any) -> int | None:
+        return None if v is None else _multiple_of_8(info.field_name, v)  # None: the input image's size (img2img)
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_syntax(cls, v: str | None) -> str | None:
+        # Only the form here; whether its host is allowed needs the operator's settings and DNS (checked at submit).
+        if v is not None:
+            split_webhook_url(v)
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -94,6 +123,85 @@ class Txt2ImgRequest(GenerationParams):
     pass
 
 
+_IMAGE_DOC = (
+    "base64 of a PNG, JPEG or WebP file, or a data: URL (JSON body); the file itself (multipart/form-data). "
+    "EXIF orientation is applied; transparent pixels are flattened onto white."
+)
+_SIZE_DOC = (
+    "Output {side} in pixels, a multiple of 8. Default: the image's {side} (after outpaint padding), rounded down to "
+    "a multiple of 8 by cropping the {edge} edge (SDQ_IMAGE_SIZE_RULE=strict refuses such images instead). When "
+    "width or height is given, the image is scaled to width x height as resize_mode says."
+)
+
+
+class Img2ImgRequest(GenerationParams):
+    """img2img: denoise a noised copy of `image` (docs/image-inputs.md)."""
+
+    image: str = Field(min_length=1, description="The source image: " + _IMAGE_DOC)
+    # None = the image's size, so these override the txt2img fields' type and default.
+    width: int | None = Field(  # type: ignore[assignment]
+        None, ge=64, le=MAX_SIDE, description=_SIZE_DOC.format(side="width", edge="right")
+    )
+    height: int | None = Field(  # type: ignore[assignment]
+        None, ge=64, le=MAX_SIDE, description=_SIZE_DOC.format(side="height", edge="bottom")
+    )
+    resize_mode: ResizeMode = Field(
+        "resize",
+        description="When width x height differs from the image: resize stretches it to fit; crop scales it to "
+        "cover width x height and cuts the overflow evenly from both sides.",
+    )
+    strength: float = Field(
+        0.75, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Share of the denoising schedule that runs (its last int(steps * strength) steps): "
+        "0 returns the image through the VAE, 1 repaints it from pure noise.",
+    )
+
+
+class Outpaint(BaseModel):
+    """Grow the canvas: pixels added on each side are filled by extending the edge pixels, then repainted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    left: int = Field(0, ge=0, le=MAX_OUTPAINT)
+    right: int = Field(0, ge=0, le=MAX_OUTPAINT)
+    top: int = Field(0, ge=0, le=MAX_OUTPAINT)
+    bottom: int = Field(0, ge=0, le=MAX_OUTPAINT)
+    overlap: int = Field(
+        0, ge=0, le=64, description="Pixels of the original image along each grown side that are repainted too, "
+        "so the seam is painted over.",
+    )
+
+    @model_validator(mode="after")
+    def _grows(self) -> Outpaint:
+        if not (self.left or self.right or self.top or self.bottom):
+            raise ValueError("outpaint must add pixels on at least one side (left, right, top or bottom)")
+        return self
+
+
+class InpaintRequest(Img2ImgRequest):
+    """inpaint: repaint the white area of `mask`; with `outpaint`, repaint a grown canvas's new area."""
+
+    mask: str | None = Field(
+        None,
+        description="White = repaint, black = keep (grey >= 50% repaints; transparent = keep); the image's size. "
+        "Same encodings as image. Optional with outpaint.",
+    )
+    invert_mask: bool = Field(False, description="Repaint the black area instead.")
+    mask_blur: int = Field(
+        4, ge=0, le=64, description="Gaussian blur radius (pixels) applied to the mask, as AUTOMATIC1111's mask blur: "
+        "softens the edge where repainted and kept pixels meet.",
+    )
+    mask_overlay: bool = Field(
+        True, description="Paste the original pixels back outside the mask (blended along a blurred edge), so kept "
+        "pixels come back exactly rather than through the VAE.",
+    )
+    outpaint: Outpaint | None = Field(None, description="Grow the canvas and repaint the new area.")
+    strength: float = Field(
+        1.0, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Share of the denoising schedule re-run in the masked area; 1 repaints it from noise.",
+    )
+
+
 class JobSpec(BaseModel):
     """What the worker needs to run a job: the request with its seed resolved. Stored as the RQ job's kwargs."""
 
@@ -103,14 +211,32 @@ class JobSpec(BaseModel):
     seed: int  # resolved: image i uses seed + i
     created_at: datetime
     owner: str | None = None
+    # img2img / inpaint: the API stores the prepared inputs (image and mask at width x height) before it enqueues;
+    # only their storage keys travel through Redis.
+    strength: float | None = None
+    init_image_key: str | None = None
+    mask_key: str | None = None
+    mask_overlay: bool = False
 
     def seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.params.n)]
 
+    def start_step(self) -> int:
+        """First denoising step that runs: 0 for txt2img, else steps - int(steps * strength) (as diffusers)."""
+        if self.task == "txt2img" or self.strength is None:
+            return 0
+        steps = self.params.steps
+        return steps - min(int(steps * self.strength), steps)
+
     def batch_key(self) -> str:
         """Jobs with equal keys can run in one UNet batch (same task, size, sampler and schedule)."""
         p = self.params
-        return f"{self.task}:{p.width}x{p.height}:{p.sampler.value}:{int(p.karras)}:{p.steps}"
+        key = f"{self.task}:{p.width}x{p.height}:{p.sampler.value}:{int(p.karras)}:{p.steps}"
+        if self.task != "txt2img":
+            key += f":from{self.start_step()}"
+        if p.sampler is Sampler.ddim:
+            key += f":eta{p.eta:g}"  # the pipeline runs a batch with one eta
+        return key
 
 
 class ImageRecord(BaseModel):
@@ -153,6 +279,7 @@ class JobPublic(BaseModel):
     progress: Progress = Field(default_factory=Progress)
     timings: Timings = Field(default_factory=Timings)
     params: GenerationParams
+    strength: float | None = Field(None, description="img2img / inpaint: the denoising strength.")
     seeds: list[int]
     images: list[ImageRecord] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)

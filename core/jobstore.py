@@ -20,6 +20,7 @@ from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
 from rq.results import Result
 
+from core import eventlog
 from core.jobs import (
     MAX_SEED,
     GenerationParams,
@@ -49,6 +50,11 @@ _PUBLIC_STATUS = {
     JobStatus.CANCELED: Status.canceled,
     JobStatus.STOPPED: Status.canceled,
 }
+
+
+# How long an owner's index outlives the newest job in it, beyond the result TTL and the job timeout: a day for time
+# spent queued.
+OWNER_INDEX_SLACK_S = 24 * 3600
 
 
 class CancelOutcome(str, Enum):
@@ -113,8 +119,32 @@ def enqueue_many(
     with redis.pipeline() as pipe:
         for priority, datas in by_priority.items():
             Queue(keys.queue(priority), connection=redis).enqueue_many(datas, pipeline=pipe)
+        _index_by_owner(pipe, keys, settings, [s for s, p in zip(specs, positions, strict=True) if p is not None])
         pipe.execute()
     return positions
+
+
+def _index_by_owner(pipe: Any, keys: Keys, settings: Settings, specs: Sequence[JobSpec]) -> None:
+    """Add each job to its owner's index (`GET /v1/jobs`), scored by creation time in microseconds.
+
+    Entries older than any job can still be are trimmed here, so an index never grows without bound; entries of
+    jobs that expired sooner are dropped when a listing meets them (`core.joblist`).
+    """
+    by_owner: dict[str | None, dict[str, float]] = {}
+    for spec in specs:
+        by_owner.setdefault(spec.owner, {})[spec.id] = created_score(spec.created_at)
+    lifetime_s = settings.result_ttl_s + settings.job_timeout_s + OWNER_INDEX_SLACK_S
+    cutoff = created_score(datetime.now(timezone.utc)) - lifetime_s * 1e6
+    for owner, members in by_owner.items():
+        index = keys.owner_jobs(owner)
+        pipe.zadd(index, members)
+        pipe.zremrangebyscore(index, "-inf", cutoff)
+        pipe.expire(index, lifetime_s)
+
+
+def created_score(created_at: datetime) -> float:
+    """A job's score in its owner's index: microseconds since the epoch (exact in a float until the year 2255)."""
+    return float(round(created_at.timestamp() * 1_000_000))
 
 
 def queue_depths(redis: Redis, keys: Keys) -> dict[Priority, int]:
@@ -154,6 +184,7 @@ def queued_view(spec: JobSpec, queue_position: int | None) -> JobPublic:
         created_at=spec.created_at,
         queue_position=queue_position,
         params=spec.params,
+        strength=spec.strength,
         seeds=spec.seeds(),
     )
 
@@ -167,6 +198,17 @@ def fetch_job(redis: Redis, keys: Keys, job_id: str) -> Job | None:
     if job.func_name != JOB_FUNC or job.origin not in keys.queues():
         return None
     return job
+
+
+def job_owner(job: Job) -> str | None:
+    """The API key name that submitted `job` (None: submitted with auth off)."""
+    owner = job.kwargs["spec"].get("owner")
+    return str(owner) if owner is not None else None
+
+
+def public_status(job: Job) -> Status:
+    """The job's status as clients see it, from the RQ status already loaded."""
+    return _PUBLIC_STATUS[job.get_status(refresh=False)]
 
 
 def get_job(redis: Redis, keys: Keys, storage: Storage, job_id: str) -> JobPublic | None:
@@ -270,6 +312,10 @@ def cancel_job(redis: Redis, keys: Keys, job_id: str) -> CancelOutcome | None:
         status is not JobStatus.STARTED and redis.lrem(Queue(job.origin, connection=redis).key, 0, job.id)
     ):
         job.cancel()
+        # No worker saw it, so the API tells the job's event readers (SSE, Prefer: wait) itself.
+        with redis.pipeline(transaction=False) as pipe:
+            eventlog.record(pipe, keys, job.id, eventlog.message("canceled", job.id, {"reason": "canceled"}))
+            pipe.execute()
         return CancelOutcome.canceled
     pipe = redis.pipeline(transaction=False)
     pipe.sadd(keys.cancel_requests(), job.id)

@@ -30,9 +30,37 @@ class Keys:
     def queues(self) -> list[str]:
         return [self.queue(p) for p in PRIORITY_ORDER]
 
+    def webhooks(self) -> str:
+        """The RQ queue of webhook deliveries; only `sdqueue webhooks` processes listen on it, never a GPU worker."""
+        return f"{self.prefix}-webhooks"
+
     def events(self, job_id: str) -> str:
         """Pub/sub channel of one job's events (running, progress, preview, terminal)."""
         return f"{self.prefix}:events:{job_id}"
+
+    def event_log(self, job_id: str) -> str:
+        """Stream of the same events, so a client that (re)connects late still reads them (SSE Last-Event-ID)."""
+        return f"{self.prefix}:event-log:{job_id}"
+
+    def owner_jobs(self, owner: str | None) -> str:
+        """Sorted set of an API key's job ids by creation time (``-``: jobs submitted without auth)."""
+        return f"{self.prefix}:owner:{owner or '-'}:jobs"
+
+    def owner_queued(self, owner: str) -> str:
+        """Sorted set of an API key's jobs that may still be waiting (for SDQ_MAX_QUEUED_PER_KEY)."""
+        return f"{self.prefix}:owner:{owner}:queued"
+
+    def rate_bucket(self, owner: str) -> str:
+        """Token bucket hash of an API key's submissions (SDQ_RATE_LIMIT_PER_MIN)."""
+        return f"{self.prefix}:owner:{owner}:bucket"
+
+    def idempotency(self, owner: str | None, key_digest: str) -> str:
+        """What an Idempotency-Key was used for: request fingerprint and job id, for 24 h."""
+        return f"{self.prefix}:owner:{owner or '-'}:idem:{key_digest}"
+
+    def api_keys(self) -> str:
+        """Hash of API keys added at run time: name -> SHA256HEX[:MAX_PRIORITY] (as in SDQ_API_KEYS)."""
+        return f"{self.prefix}:apikeys"
 
     def cancel_requests(self) -> str:
         """Set of job ids whose cancel was requested while they run; workers check it every step."""

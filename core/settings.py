@@ -7,8 +7,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core import apikeys
+from core.webhooks import AllowList, signing_key
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,32 @@ class Settings(BaseSettings):
 
     # --- api ---
     max_queued_jobs: int = Field(10_000, ge=1, description="Global queue limit; beyond it submits get 503.")
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="API keys required? auto: when SDQ_API_KEYS lists one; on: always (keys may live in Redis)."
+    )
+    api_keys: str = Field(
+        "", description="Comma-separated NAME:SHA256HEX[:MAX_PRIORITY] entries (`sdqueue apikey create` makes one)."
+    )
+    rate_limit_per_min: int = Field(60, ge=0, description="Job submissions per minute per API key (0 = no limit).")
+    rate_limit_burst: int = Field(10, ge=1, description="Submissions an idle API key may make at once.")
+    max_queued_per_key: int = Field(
+        100, ge=0, description="Jobs one API key may have waiting; beyond it submits get 429 (0 = no limit)."
+    )
+    max_body_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Largest request body (images come base64); beyond it 413."
+    )
+
+    # --- image inputs of img2img / inpaint (docs/image-inputs.md) ---
+    max_image_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest input image or mask file (decoded bytes); beyond it 413."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="Most pixels an input image may declare; checked before decoding (422)."
+    )
+    image_size_rule: Literal["round_down", "strict"] = Field(
+        "round_down", description="Input sides that are not multiples of 8: round_down crops the right and bottom "
+        "edges to the multiple of 8 below; strict refuses the image (422)."
+    )
 
     # --- s3 storage ---
     # Used when SDQ_STORAGE=s3. Credentials left unset fall back to boto3's usual chain (AWS_ACCESS_KEY_ID /
@@ -69,6 +98,44 @@ class Settings(BaseSettings):
         7 * 24 * 3600, ge=0, description="`sdqueue cleanup` deletes result images older than this (0 = keep)."
     )
 
+    # --- webhooks (docs/webhooks.md) ---
+    webhook_secret: SecretStr | None = Field(
+        None, description="Signs webhooks: whsec_<base64 key> or a string of 16+ bytes. Unset: webhooks are refused."
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Let webhooks reach loopback, private and link-local addresses."
+    )
+    webhook_allowed_hosts: str = Field(
+        "", description="Comma-separated host names, addresses or networks webhooks may reach although not public."
+    )
+    webhook_retry_base_s: float = Field(
+        1.0, ge=0, le=300, description="Delay before a failed delivery's first retry; doubles for each of 6 retries."
+    )
+    webhook_metrics_port: int = Field(9102, ge=0, le=65535, description="Webhook sender /metrics port (0 = off).")
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None  # an empty variable means unset
+        signing_key(v.get_secret_value())
+        return v
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, v: str) -> str:
+        AllowList.parse(v)
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, v: str) -> str:
+        apikeys.parse_list(v)
+        return v
+
+    def auth_enabled(self) -> bool:
+        return self.auth == "on" or (self.auth == "auto" and bool(apikeys.parse_list(self.api_keys)))
+
 
 def load_settings(**overrides: object) -> Settings:
     """Build settings, turning pydantic's errors into one readable line per `SDQ_` variable."""
@@ -78,7 +145,8 @@ def load_settings(**overrides: object) -> Settings:
         lines = []
         for err in exc.errors():
             name = "SDQ_" + "_".join(str(p) for p in err["loc"]).upper()
-            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+            got = "a hidden value" if "SECRET" in name else repr(err.get("input"))  # keep secrets out of logs
+            lines.append(f"{name}: {err['msg']} (got {got})")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

@@ -30,17 +30,19 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     api.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts them)")
 
     sub.add_parser("worker", help="run a GPU/CPU worker: loads SDQ_CHECKPOINT once and takes jobs from Redis")
+    sub.add_parser("webhooks", help="send queued webhooks (signed, retried); no GPU needed")
 
     dev = sub.add_parser("dev", help="everything on this machine: Redis, the API and one worker (what `make run` runs)")
     dev.add_argument("--port", type=int, default=8000, help="API port on 127.0.0.1 (default %(default)s)")
 
+    from sdqueue import apikey, maintenance
     from sdqueue import info as info_cmd
-    from sdqueue import maintenance
 
     info_cmd.configure_parser(sub.add_parser("info", help="print the generation parameters stored in an image file"))
     maintenance.configure_parser(
         sub.add_parser("cleanup", help="delete result images older than SDQ_RESULT_RETENTION_S")
     )
+    apikey.configure_parser(sub.add_parser("apikey", help="create API keys; list and revoke those stored in Redis"))
 
     generate = sub.add_parser("generate", help="generate images locally, without a server")
     # Configured only when chosen: the generator's options come from a module that is cheap to skip otherwise.
@@ -67,10 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from worker.main import main as worker_main
 
         return worker_main(settings)
+    if args.command == "webhooks":
+        from sdqueue.webhooks import run as run_webhooks
+
+        return run_webhooks(settings)
     if args.command == "info":
         from sdqueue import info as info_cmd
 
         return info_cmd.run(args)
+    if args.command == "apikey":
+        from sdqueue import apikey
+
+        return apikey.run(args, settings)
     if args.command == "cleanup":
         from sdqueue import maintenance
 

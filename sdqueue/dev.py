@@ -1,8 +1,9 @@
-"""`sdqueue dev` (what `make run` runs): Redis, the API and one worker on this machine, started and stopped together.
+"""`sdqueue dev` (what `make run` runs): Redis, the API, one worker and the webhook sender on this machine, started
+and stopped together.
 
 Children run in one process group of their own, so the terminal's Ctrl-C reaches only this supervisor, which then
-stops them in order (API, worker, Redis) and kills whatever is left in the group. On Linux each child also gets
-SIGTERM if the supervisor itself dies, so no process outlives it.
+stops them in order (API, worker, webhook sender, Redis) and kills whatever is left in the group. On Linux each child
+also gets SIGTERM if the supervisor itself dies, so no process outlives it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from core.settings import Settings
 log = logging.getLogger("sdqueue.dev")
 
 DEMO_CHECKPOINT = Path("demo") / "sdqueue-demo.safetensors"
-STOP_GRACE_S = {"api": 10.0, "worker": 30.0, "redis": 10.0}  # the worker may be finishing a batch
+STOP_GRACE_S = {"api": 10.0, "worker": 30.0, "webhooks": 15.0, "redis": 10.0}  # the worker may be finishing a batch
 _PR_SET_PDEATHSIG = 1
 
 
@@ -56,6 +57,7 @@ def run_dev(settings: Settings, port: int) -> int:
             env["SDQ_REDIS_URL"] = children.start_redis(data_dir / "redis")
         children.start("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env)
         children.start("worker", ["worker"], env)
+        children.start("webhooks", ["webhooks"], env)
         return children.supervise(f"http://127.0.0.1:{port}")
     except _StopRequested:
         log.info("stopping")
@@ -171,10 +173,10 @@ class Children:
                 time.sleep(0.25)
 
     def stop(self) -> None:
-        """Stop in reverse dependency order (API, worker, Redis), each with a grace period, then kill the group."""
+        """Stop in order (API, worker, webhooks, Redis), each with a grace period, then kill the group."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not abandon children half-stopped
-        for name in ("api", "worker", "redis"):
+        for name in ("api", "worker", "webhooks", "redis"):  # webhooks after the worker: it queues the last ones
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue

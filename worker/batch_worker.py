@@ -38,13 +38,16 @@ from rq.registry import clean_registries
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
+from core.catalog import publish_model
 from core.jobs import JobSpec
 from core.queue_stats import record_pipeline_call
 from core.queues import JOB_FUNC
 from core.settings import Settings
+from core.webhook_queue import WebhookNotifier
 from worker.batcher import Batcher, Claim, job_spec
 from worker.bookkeeping import Bookkeeper, ExcInfo, Heartbeat, RunningJob
 from worker.metrics import WorkerMetrics
+from worker.model_info import describe_model
 from worker.runner import BatchItem, BatchRunner, CallStats, Done, Error, Outcome, current_exc_info, to_request
 from worker.tasks import Resident, build_result
 
@@ -84,9 +87,11 @@ class BatchWorker(SimpleWorker):
         )
         self.phase = Phase.starting
         self.resident = resident
+        self.model = describe_model(resident.pipe, settings.checkpoint)
         self.metrics = metrics
         self.keys = resident.keys
-        self.books = Bookkeeper(self, self.keys, self.lease_s)
+        self.webhooks = WebhookNotifier(connection, settings, resident.storage)  # queues deliveries, never sends
+        self.books = Bookkeeper(self, self.keys, self.lease_s, webhooks=self.webhooks)
         self.batcher = Batcher(
             connection, self.queues, max_images=settings.max_batch_images, window_s=settings.batch_window_ms / 1000
         )
@@ -97,6 +102,7 @@ class BatchWorker(SimpleWorker):
             death_penalty_class=self.death_penalty_class,
             stop_requests=lambda: set(self._stop_ids),
             observe=self._observe,
+            webhooks=self.webhooks,
         )
         self._batch_ids: set[str] = set()
         self._stop_ids: set[str] = set()  # RQ stop-job commands received for jobs of the running batch
@@ -105,6 +111,12 @@ class BatchWorker(SimpleWorker):
     def stop_requested(self) -> bool:
         """Whether a warm shutdown (SIGTERM/SIGINT) was asked for."""
         return self._stop_requested
+
+    # RQ hooks: registration --------------------------------------------------------------------------------
+    def register_birth(self) -> None:
+        super().register_birth()
+        # GET /v1/models reads the model from the worker's own hash, so the entry lives and dies with the worker.
+        publish_model(self.connection, self.key, self.model)
 
     # RQ hooks: timings -------------------------------------------------------------------------------------
     @property
@@ -229,8 +241,8 @@ class BatchWorker(SimpleWorker):
                 if not isinstance(spec, JobSpec):  # no readable spec: it fails alone with the parse error
                     self._finish(heartbeat, run, None, Error(spec))
                     continue
-                request = to_request(spec)
                 try:
+                    request = to_request(spec, self.resident.storage)  # reads img2img / inpaint inputs
                     self.resident.pipe.check(request)  # a job the model cannot run fails alone, before the batch
                 except Exception:
                     self._finish(heartbeat, run, None, Error(current_exc_info()))

@@ -39,6 +39,7 @@ from rq.worker import BaseWorker
 
 from core.jobs import JobError
 from core.queues import Keys
+from core.webhook_queue import WebhookNotifier
 from worker.batcher import Claim
 from worker.events import Canceled, Failed, JobEvent, Running, Succeeded, publish
 
@@ -67,11 +68,12 @@ def job_error(exc: BaseException) -> JobError:
 
 
 class Bookkeeper:
-    def __init__(self, worker: BaseWorker, keys: Keys, lease_s: int) -> None:
+    def __init__(self, worker: BaseWorker, keys: Keys, lease_s: int, webhooks: WebhookNotifier | None = None) -> None:
         self.worker = worker
         self.connection = worker.connection
         self.keys = keys
         self.lease_s = lease_s
+        self.webhooks = webhooks
 
     # start -------------------------------------------------------------------------------------------------
     def start(self, claims: Sequence[Claim], batch_images: int) -> list[RunningJob]:
@@ -89,6 +91,8 @@ class Bookkeeper:
                 job.meta["started_at"] = started_at
                 self._save_meta(pipe, job)
                 publish(pipe, self.keys, Running(job.id, started_at=started_at, batch_images=batch_images))
+                if self.webhooks is not None:
+                    self.webhooks.started(job, pipe)
                 runs.append(RunningJob(job, claim.queue, execution))
             pipe.execute()
         return runs
@@ -130,7 +134,7 @@ class Bookkeeper:
             w.handle_job_success(job=job, queue=run.queue, started_job_registry=run.queue.started_job_registry)
         finally:
             w.execution = None
-        self._announce(job.id, Succeeded(job.id, result=result))
+        self._announce(job, Succeeded(job.id, result=result))
 
     def fail(self, run: RunningJob, exc_info: ExcInfo) -> None:
         """Fail the job with its own exception: status failed, FailedJobRegistry, exc info in its RQ result."""
@@ -146,7 +150,7 @@ class Bookkeeper:
             log.exception("failure callback of job %s raised", job.id)
         w.handle_exception(job, *exc_info)
         self._finish_failed(run, JobStatus.FAILED, exc_string)
-        self._announce(job.id, Failed(job.id, error=error))
+        self._announce(job, Failed(job.id, error=error))
 
     def cancel(self, run: RunningJob) -> None:
         """Canceled while running: status canceled, CanceledJobRegistry, no result."""
@@ -156,13 +160,13 @@ class Bookkeeper:
                 job.cancel(pipeline=pipe)
             run.execution.delete(job=job, pipeline=pipe)
             pipe.execute()
-        self._announce(job.id, Canceled(job.id, reason="canceled"))
+        self._announce(job, Canceled(job.id, reason="canceled"))
 
     def stop(self, run: RunningJob) -> None:
         """Stopped by RQ's stop-job command: status stopped, in the FailedJobRegistry, as RQ leaves such jobs."""
         run.job.ended_at = now()
         self._finish_failed(run, JobStatus.STOPPED, "Job stopped by user.")
-        self._announce(run.id, Canceled(run.id, reason="stopped"))
+        self._announce(run.job, Canceled(run.id, reason="stopped"))
 
     # helpers -----------------------------------------------------------------------------------------------
     def _finish_failed(self, run: RunningJob, status: JobStatus, exc_string: str) -> None:
@@ -184,12 +188,14 @@ class Bookkeeper:
                 w.increment_total_working_time(job.ended_at - job.started_at, pipe)
             pipe.execute()
 
-    def _announce(self, job_id: str, event: JobEvent) -> None:
-        """Publish the terminal event and forget any cancel request for the job."""
+    def _announce(self, job: Job, event: JobEvent) -> None:
+        """Publish the terminal event, forget any cancel request for the job, and queue its completed webhook."""
         with self.connection.pipeline() as pipe:
-            pipe.srem(self.keys.cancel_requests(), job_id)
+            pipe.srem(self.keys.cancel_requests(), job.id)
             publish(pipe, self.keys, event)
             pipe.execute()
+        if self.webhooks is not None:
+            self.webhooks.completed(job)
 
     @staticmethod
     def _save_meta(pipe: Any, job: Job) -> None:

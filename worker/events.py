@@ -1,17 +1,18 @@
 """What the worker tells clients about a job: typed events, published as JSON on the job's pub/sub channel.
 
-Wire format (the API relays it as Server-Sent Events): ``{"event": <name>, "job_id": ..., "data": {...}}``.
+Wire format (the API relays it as Server-Sent Events): ``{"event": <name>, "job_id": ..., "data": {...}}``. Each
+event also goes to the job's event log stream, so SSE clients that reconnect miss nothing.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from redis import Redis
 from redis.client import Pipeline
 
+from core import eventlog
 from core.jobs import JobError, Progress
 from core.queues import Keys
 
@@ -25,7 +26,7 @@ class JobEvent:
         return {}
 
     def to_json(self) -> str:
-        return json.dumps({"event": self.name, "job_id": self.job_id, "data": self.data()})
+        return eventlog.message(self.name, self.job_id, self.data())
 
 
 @dataclass(frozen=True)
@@ -85,4 +86,5 @@ class Canceled(JobEvent):
 
 
 def publish(conn: Redis | Pipeline, keys: Keys, event: JobEvent) -> None:
-    conn.publish(keys.events(event.job_id), event.to_json())
+    """Publish ``event`` and append it to the job's event log (`core.eventlog`), in the caller's pipeline."""
+    eventlog.record(conn, keys, event.job_id, event.to_json())

@@ -22,6 +22,7 @@ from rq.job import Job
 
 from core.jobs import JobSpec, Progress
 from core.queues import Keys
+from core.webhook_queue import WebhookNotifier
 from model.requests import StepEvent
 from worker.events import PreviewImage, ProgressUpdate, publish
 from worker.images import preview_jpeg_base64
@@ -52,6 +53,7 @@ class StepReporter:
         preview: Callable[[torch.Tensor], list[Image.Image]] | None = None,
         stop_requests: Callable[[], set[str]] = set,
         throttle_s: float = THROTTLE_S,
+        webhooks: WebhookNotifier | None = None,
     ) -> None:
         self.connection = connection
         self.keys = keys
@@ -59,6 +61,7 @@ class StepReporter:
         self.preview = preview
         self.stop_requests = stop_requests
         self.throttle_s = throttle_s
+        self.webhooks = webhooks
         self.started = time.monotonic()
         self.first_step_at: float | None = None
         self.last_step_at: float | None = None
@@ -91,6 +94,8 @@ class StepReporter:
                         reported.job.meta["progress"] = progress.model_dump()
                         pipe.hset(reported.job.key, "meta", reported.job.serializer.dumps(reported.job.meta))
                         publish(pipe, self.keys, ProgressUpdate(reported.job.id, progress=progress))
+                        if self.webhooks is not None:
+                            self.webhooks.progress(reported.job, pipe)
                     every = reported.spec.params.preview_every
                     if self.preview is not None and every and event.step % every == 0:
                         self._add_preview(pipe, reported.job.id, event.step, event.latents[row : row + 1])

@@ -25,8 +25,11 @@ from rq.timeouts import BaseDeathPenalty, JobTimeoutException
 
 from core.jobs import JobSpec
 from core.queues import Keys
+from core.storage import Storage
+from core.webhook_queue import WebhookNotifier
 from model.requests import GenerationRequest, GenerationResult
 from worker.bookkeeping import ExcInfo, RunningJob
+from worker.inputs import load_inputs, paste_back
 from worker.progress import DropReason, ReportedJob, StepReporter
 
 if TYPE_CHECKING:
@@ -73,8 +76,10 @@ Finish = Callable[[BatchItem, Outcome], None]
 CallObserver = Callable[["CallStats"], None]
 
 
-def to_request(spec: JobSpec) -> GenerationRequest:
+def to_request(spec: JobSpec, storage: Storage | None = None) -> GenerationRequest:
+    """The pipeline request of ``spec``; img2img / inpaint inputs are read from ``storage``."""
     p = spec.params
+    init_image, mask = load_inputs(spec, storage)
     return GenerationRequest(
         prompt=p.prompt,
         negative_prompt=p.negative_prompt,
@@ -88,6 +93,9 @@ def to_request(spec: JobSpec) -> GenerationRequest:
         eta=p.eta,
         seed=spec.seed,
         n=p.n,
+        strength=1.0 if spec.strength is None else spec.strength,
+        init_image=init_image,
+        mask=mask,
     )
 
 
@@ -112,6 +120,7 @@ class BatchRunner:
         death_penalty_class: type[BaseDeathPenalty],
         stop_requests: Callable[[], set[str]] = set,
         observe: CallObserver | None = None,
+        webhooks: WebhookNotifier | None = None,
     ) -> None:
         self.pipe = pipe
         self.connection = connection
@@ -119,6 +128,7 @@ class BatchRunner:
         self.death_penalty_class = death_penalty_class
         self.stop_requests = stop_requests
         self.observe = observe
+        self.webhooks = webhooks
 
     def run(self, items: Sequence[BatchItem], finish: Finish) -> None:
         """Give every item exactly one outcome through ``finish`` (called as soon as that item is done)."""
@@ -135,6 +145,7 @@ class BatchRunner:
             [ReportedJob(item.run.job, item.spec) for item in items],
             preview=self.pipe.preview,
             stop_requests=self.stop_requests,
+            webhooks=self.webhooks,
         )
         started = time.monotonic()
         try:
@@ -175,7 +186,7 @@ class BatchRunner:
             if result is None:
                 finish(item, Dropped(reporter.dropped.get(i, "canceled")))
             else:
-                finish(item, Done(result, seconds))
+                finish(item, Done(paste_back(item.spec, item.request, result), seconds))
 
     @contextlib.contextmanager
     def _deadline(self, items: list[BatchItem]) -> Iterator[None]:

@@ -21,6 +21,7 @@ from core.queues import Keys
 from core.settings import Settings, get_settings
 from core.storage import Storage, make_storage
 from worker.images import store_images
+from worker.inputs import paste_back
 from worker.progress import ReportedJob, StepReporter
 from worker.runner import to_request
 
@@ -87,7 +88,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     job_spec = JobSpec.model_validate(spec)
     resident = load_resident(get_settings())
-    request = to_request(job_spec)
+    request = to_request(job_spec, resident.storage)
     resident.pipe.check(request)
     job = get_current_job()
     reporter = None
@@ -100,6 +101,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     if result is None:
         # A plain RQ worker has no "canceled while running" outcome: the job fails with this reason instead.
         raise RuntimeError(f"job {job_spec.id} was canceled while running")
+    result = paste_back(job_spec, request, result)
     pipeline_seconds = time.monotonic() - generate_started
     return build_result(resident.storage, job_spec, result, resident.pipe.name, time.monotonic() - started,
                         pipeline_seconds)

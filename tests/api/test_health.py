@@ -52,4 +52,5 @@ def test_requests_needing_redis_get_503_while_it_is_down(settings: Settings) -> 
         read = client.get("/v1/jobs/0123456789abcdef")
     for r in (submit, read):
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
-        assert r.json()["detail"].startswith("Redis unreachable")
+        error = r.json()["error"]
+        assert error["type"] == "unavailable" and error["message"].startswith("Redis unreachable")

@@ -131,7 +131,8 @@ def test_cancel_finished_job_is_409_and_unknown_is_404(client: TestClient, redis
 
     r = client.post(f"/v1/jobs/{job_id}/cancel")
 
-    assert r.status_code == 409 and "already succeeded" in r.json()["detail"]
+    assert r.status_code == 409 and r.json()["error"]["type"] == "conflict"
+    assert "already succeeded" in r.json()["error"]["message"]
     assert client.post("/v1/jobs/nope/cancel").status_code == 404
 
 

@@ -36,3 +36,22 @@ def test_metrics_count_requests_jobs_and_queue_depth(client: TestClient) -> None
     assert m[("sdq_queue_depth", (("queue", "sdq-low"),))] == 0
     assert m[("sdq_workers", ())] == 0
     assert m[("sdq_redis_up", ())] == 1
+
+
+def test_metrics_count_errors_by_type_and_jobs_by_status(client: TestClient) -> None:
+    job = client.post("/v1/txt2img", json={"prompt": "a", "width": 64, "height": 64}).json()
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    client.get("/v1/jobs/nope")
+    client.post("/v1/txt2img", json={"width": 64})
+    client.get(f"/v1/jobs/{job['id']}/events")  # the job has ended: one event, then the stream closes
+
+    m = samples(client)
+
+    assert m[("sdq_http_errors_total", (("status", "404"), ("type", "not_found")))] == 1
+    assert m[("sdq_http_errors_total", (("status", "422"), ("type", "invalid_request")))] == 1
+    assert m[("sdq_jobs_by_status", (("queue", "sdq-normal"), ("status", "canceled")))] == 1
+    assert m[("sdq_jobs_by_status", (("queue", "sdq-normal"), ("status", "running")))] == 0
+    assert m[("sdq_event_streams", ())] == 0  # opened and closed again
+    events = (("method", "GET"), ("route", "/v1/jobs/{job_id}/events"), ("status", "200"))
+    assert m[("sdq_http_requests_total", events)] == 1

@@ -92,9 +92,10 @@ def test_bad_request_is_422_naming_field_and_rule_and_nothing_is_enqueued(
     r = client.post("/v1/txt2img", content=content, headers={"content-type": "application/json"})
 
     assert r.status_code == 422, r.text
-    [error] = r.json()["detail"]
-    assert error["msg"].startswith(field), error
-    assert rule in error["msg"], error
+    error = r.json()["error"]
+    assert (error["type"], error["field"]) == ("invalid_request", field), error
+    assert error["message"].startswith(field), error
+    assert rule in error["message"], error
     assert len(r.content) < 1000  # the 20,000-char input is summarised, not echoed
     assert queued_ids(redis, keys) == {name: [] for name in keys.queues()}
     assert redis.keys("rq:job:*") == []
@@ -106,7 +107,8 @@ def test_full_queue_answers_503_with_retry_after(settings: Settings, redis: Redi
         r = client.post("/v1/txt2img", json=TINY)
 
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
-    assert r.json()["detail"] == "queue full: 2 jobs waiting (SDQ_MAX_QUEUED_JOBS); retry later"
+    assert r.json()["error"] == {"type": "queue_full", "field": None,
+                                 "message": "queue full: 2 jobs waiting (SDQ_MAX_QUEUED_JOBS); retry later"}
     assert len(Queue("sdq-normal", connection=redis)) == 2
 
 

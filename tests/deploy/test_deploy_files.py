@@ -148,7 +148,7 @@ def test_compose_schema_rejects_a_broken_file() -> None:
 
 def test_compose_services_are_wired_for_scaling_and_durability() -> None:
     services = compose.load(COMPOSE_DEFAULTS)["services"]
-    assert set(services) == {"redis", "minio", "createbucket", "api", "worker", "prometheus", "grafana"}
+    assert set(services) == {"redis", "minio", "createbucket", "api", "worker", "webhooks", "prometheus", "grafana"}
 
     redis_cmd = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_cmd and "--maxmemory-policy noeviction" in redis_cmd
@@ -162,7 +162,13 @@ def test_compose_services_are_wired_for_scaling_and_durability() -> None:
     assert worker["volumes"] == ["./models:/models:ro"]
     assert worker["environment"]["SDQ_CHECKPOINT"] == "/models/v1-5-pruned-emaonly.safetensors"
 
-    for name in ("api", "worker"):
+    # The webhook sender needs no GPU and no torch: it runs the api image, with its own metrics port.
+    webhooks = services["webhooks"]
+    assert webhooks["build"]["target"] == "api" and webhooks["image"] == services["api"]["image"]
+    assert webhooks["command"] == ["sdqueue", "webhooks"] and "deploy" not in webhooks
+    assert "9102" in " ".join(webhooks["healthcheck"]["test"])  # the api image's own check probes port 8000
+
+    for name in ("api", "worker", "webhooks"):
         env = services[name]["environment"]
         assert env["SDQ_REDIS_URL"] == "redis://redis:6379/0"
         assert env["SDQ_STORAGE"] == "s3" and env["SDQ_S3_ENDPOINT_URL"] == "http://minio:9000"
@@ -203,7 +209,7 @@ def test_kubernetes_manifests_match_their_schemas() -> None:
     assert sorted(checked) == sorted([
         "Namespace/sdqueue", "ConfigMap/sdqueue-config", "Secret/sdqueue-secrets", "Service/redis",
         "StatefulSet/redis", "Deployment/sdqueue-api", "Service/sdqueue-api", "PersistentVolumeClaim/sdqueue-models",
-        "Deployment/sdqueue-worker",
+        "Deployment/sdqueue-worker", "Deployment/sdqueue-webhooks",
     ])
 
 
@@ -225,7 +231,7 @@ def test_worker_deployment_requests_a_gpu_and_matches_the_settings() -> None:
     config = docs[("ConfigMap", "sdqueue-config")]["data"]
     Settings.model_validate({k[4:].lower(): v for k, v in config.items() if v != ""})
     assert config["SDQ_STORAGE"] == "s3"
-    for name in ("sdqueue-api", "sdqueue-worker"):
+    for name in ("sdqueue-api", "sdqueue-worker", "sdqueue-webhooks"):
         pod = docs[("Deployment", name)]["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert [e["configMapRef"]["name"] if "configMapRef" in e else e["secretRef"]["name"]
@@ -265,6 +271,8 @@ def test_prometheus_scrapes_the_ports_the_services_listen_on() -> None:
     services = compose.load(COMPOSE_DEFAULTS)["services"]
     assert targets["sdqueue-api"] == (["api"], int(services["api"]["command"][-1]))
     assert targets["sdqueue-worker"] == (["worker"], int(services["worker"]["environment"]["SDQ_WORKER_METRICS_PORT"]))
+    webhooks_port = int(services["webhooks"]["environment"]["SDQ_WEBHOOK_METRICS_PORT"])
+    assert targets["sdqueue-webhooks"] == (["webhooks"], webhooks_port)
     k8s = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-k8s.yml").read_text())
     keep = next(r for r in k8s["scrape_configs"][0]["relabel_configs"] if r.get("action") == "keep")
     port_names = {p["name"] for _, d in k8s_documents() if d["kind"] == "Deployment"

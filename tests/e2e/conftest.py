@@ -66,6 +66,9 @@ class Service:
     def start_worker(self) -> subprocess.Popen[bytes]:
         return self._start("worker", "worker")
 
+    def start_webhooks(self) -> subprocess.Popen[bytes]:
+        return self._start("webhooks", "webhooks")
+
     def wait_ready(self, timeout: float = 60) -> None:
         self.wait_for(lambda: self._get_ok("/readyz"), timeout, "/readyz (a live worker)")
 

@@ -71,6 +71,7 @@ def test_make_run_serves_an_image_and_ctrl_c_stops_everything(tmp_path: Path) ->
         family = psutil.Process(make.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in family)
         assert "redis-server" in names and "sdqueue api" in names and "sdqueue worker" in names, names
+        assert "sdqueue webhooks" in names, names
 
         make_an_image(url)
 

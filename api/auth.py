@@ -1,0 +1,73 @@
+"""Who is calling: the API key in `Authorization: Bearer <key>`, checked when auth is on.
+
+Auth is on with SDQ_AUTH=on, or with SDQ_AUTH=auto (the default) as soon as SDQ_API_KEYS lists a key. Keys are
+looked up by their SHA-256 digest: first among SDQ_API_KEYS (read once at start), then in the Redis hash that
+`sdqueue apikey create --store` fills, so keys added there work without a restart and revoked ones stop at once.
+The key's name owns the jobs it submits: another key gets 404 for them.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from redis.asyncio import Redis as AsyncRedis
+
+from api.errors import ApiError
+from core import apikeys
+from core.jobs import Priority
+from core.queues import PRIORITY_ORDER, Keys
+from core.settings import Settings
+
+# Declared for OpenAPI (`securitySchemes`); auto_error=False so that missing credentials get our own 401.
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    description="An API key from the operator (`sdqueue apikey create`). Required when auth is on.",
+)
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str | None  # the API key's name, owner of the jobs it submits; None when auth is off
+    max_priority: Priority
+
+    def can_see(self, owner: str | None) -> bool:
+        """With auth off everyone sees every job; with auth on a key sees the jobs it submitted."""
+        return self.name is None or owner == self.name
+
+    def allows(self, priority: Priority) -> bool:
+        return PRIORITY_ORDER.index(priority) >= PRIORITY_ORDER.index(self.max_priority)
+
+
+ANONYMOUS = Caller(None, Priority.high)
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, aredis: AsyncRedis, keys: Keys) -> None:
+        self.enabled = settings.auth_enabled()
+        self.configured = apikeys.parse_list(settings.api_keys)
+        self.aredis = aredis
+        self.keys = keys
+
+    async def caller(self, credentials: HTTPAuthorizationCredentials | None) -> Caller:
+        if not self.enabled:
+            return ANONYMOUS
+        if credentials is None or not credentials.credentials.strip():
+            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'", "")
+        digest = apikeys.digest(credentials.credentials.strip())
+        key = self.configured.get(digest) or await self._stored(digest)
+        if key is None:
+            raise _unauthorized("unknown or revoked API key", ' error="invalid_token"')
+        return Caller(key.name, key.max_priority)
+
+    async def _stored(self, digest: str) -> apikeys.ApiKey | None:
+        for key in apikeys.parse_hash(await self.aredis.hgetall(self.keys.api_keys())):
+            if hmac.compare_digest(key.digest, digest):
+                return key
+        return None
+
+
+def _unauthorized(message: str, challenge_params: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, field="Authorization",
+                    headers={"WWW-Authenticate": "Bearer" + challenge_params})

@@ -1,0 +1,235 @@
+"""What every job-creating route does with a validated job: check the caller may submit it, honour
+`Idempotency-Key` and `Prefer: wait=N`, apply the per-key limits, enqueue it.
+
+A route builds its `JobSpec` and hands it over:
+
+    @router.post("/txt2img", status_code=202, responses=intake.SUBMIT_RESPONSES)
+    async def submit_txt2img(request: Txt2ImgRequest, intake: IntakeDep, response: Response) -> JobPublic:
+        return await intake.accept(jobstore.new_job_spec(request, "txt2img"), response)
+
+Order of checks: priority allowed for the key (403), idempotent replay (no limits spent), submissions per minute
+and queued jobs per key (429), the global queue limit (503). A request refused after claiming its Idempotency-Key
+gives the key back, so the client can retry with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from anyio import to_thread
+from fastapi import Response
+from pydantic import BaseModel
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from rq.job import Job
+
+from api import errors
+from api.auth import Caller
+from api.errors import ApiError
+from api.instrumentation import ApiMetrics
+from api.limits import KeyLimits
+from api.submitter import QueueFullError, Submitter
+from core import eventlog, jobstore
+from core.jobs import JobPublic, JobSpec
+from core.queues import Keys
+from core.settings import Settings
+from core.storage import Storage
+
+MAX_WAIT_S = 60
+IDEMPOTENCY_TTL_S = 24 * 3600
+_QUEUE_FULL_RETRY_S = 5
+
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": JobPublic, "description": "With `Prefer: wait=N`: the job ended within N seconds (any outcome)."},
+    400: {"model": errors.ErrorResponse, "description": "The body cannot be read (e.g. a malformed multipart form)."},
+    202: {"description": "Queued (or, with `Idempotent-Replayed: true`, the job an earlier request made). Poll "
+                         "`Location`, or follow `GET /v1/jobs/{id}/events`."},
+    **errors.responses(401, 403, 409, 413, 422, 429, 503, described={
+        403: "The API key may not use this `priority`.",
+        409: "The Idempotency-Key was used with a different body, or its first request is still being handled.",
+        503: "The queues hold SDQ_MAX_QUEUED_JOBS jobs, or Redis is unreachable; retry after `Retry-After`.",
+    }),
+}
+
+
+@dataclass
+class Services:
+    """The app-wide parts a submission needs (one per app, built in `create_app`)."""
+
+    settings: Settings
+    redis: Redis
+    aredis: AsyncRedis
+    keys: Keys
+    storage: Storage
+    submitter: Submitter
+    limits: KeyLimits
+    metrics: ApiMetrics
+
+
+class Intake:
+    """One request's submission: the app's services plus who calls and the request's Prefer / Idempotency-Key."""
+
+    def __init__(self, services: Services, caller: Caller, prefer: str | None, idempotency_key: str | None) -> None:
+        self.s = services
+        self.caller = caller
+        self.wait_s = parse_wait(prefer)
+        self.idempotency_key = idempotency_key
+
+    async def accept(
+        self, spec: JobSpec, response: Response, request: BaseModel,
+        on_refused: Callable[[], Awaitable[None]] | None = None,
+    ) -> JobPublic:
+        """Queue `spec` for the caller (or find the job an earlier request with the same Idempotency-Key made).
+
+        `request` is the validated request body: "the same request" for Idempotency-Key means the same task and
+        an equal `request`. `on_refused` undoes what the route did before (e.g. stored input images) when the job
+        is not queued after all; it is not called for a replay, whose spec is simply dropped.
+        """
+        caller = self.caller
+        if not caller.allows(spec.params.priority):
+            raise ApiError(
+                403, "forbidden",
+                f"priority {spec.params.priority.value!r} is not allowed for API key {caller.name!r} (its highest "
+                f"is {caller.max_priority.value!r})",
+                field="priority",
+            )
+        spec = spec.model_copy(update={"owner": caller.name})
+        claim = None
+        if self.idempotency_key is not None:
+            claim = _IdempotencyClaim(self.s, caller, self.idempotency_key, _fingerprint(spec.task, request))
+        try:
+            earlier = await claim.take(spec.id) if claim is not None else None
+            position = await self._enqueue(spec, claim) if earlier is None else None
+        except Exception:  # not CancelledError: a client that went away may still have its job queued
+            if on_refused is not None:
+                await on_refused()
+            raise
+        if earlier is not None:
+            if on_refused is not None:
+                await on_refused()
+            response.headers["Idempotent-Replayed"] = "true"
+            return await self._respond(earlier, response, None)
+        self.s.metrics.jobs_submitted.labels(spec.task, spec.params.priority.value).inc()
+        return await self._respond(spec.id, response, jobstore.queued_view(spec, position))
+
+    async def _enqueue(self, spec: JobSpec, claim: _IdempotencyClaim | None) -> int:
+        owner = self.caller.name
+        try:
+            if owner is not None:
+                await self.s.limits.take_submission(owner)
+                await self.s.limits.reserve_queued(owner, spec.id)
+            return await self.s.submitter.submit(spec)
+        except Exception as exc:
+            if claim is not None:
+                await claim.give_back(spec.id)
+            if owner is not None:
+                await self.s.limits.release_queued(owner, spec.id)
+            if isinstance(exc, QueueFullError):
+                raise ApiError(
+                    503, "queue_full",
+                    f"queue full: {self.s.settings.max_queued_jobs} jobs waiting (SDQ_MAX_QUEUED_JOBS); retry later",
+                    headers={"Retry-After": str(_QUEUE_FULL_RETRY_S)},
+                ) from None
+            raise
+
+    async def _respond(self, job_id: str, response: Response, view: JobPublic | None) -> JobPublic:
+        """The job as it is now; with `Prefer: wait=N` once it has ended or N seconds have passed (then 200 if
+        it ended). `view` saves a read when nothing happened since it was made."""
+        response.headers["Location"] = f"/v1/jobs/{job_id}"
+        if self.wait_s is not None:
+            response.headers["Preference-Applied"] = f"wait={self.wait_s}"
+            if view is None or not view.status.is_terminal():
+                await wait_for_end(self.s.aredis, self.s.keys, job_id, self.wait_s)
+                view = None
+        if view is None:
+            view = await to_thread.run_sync(jobstore.get_job, self.s.redis, self.s.keys, self.s.storage, job_id)
+        if view is None:  # expired between the idempotency record and now
+            raise ApiError(404, "not_found", f"no job {job_id!r}")
+        if self.wait_s is not None and view.status.is_terminal():
+            response.status_code = 200
+        return view
+
+
+class _IdempotencyClaim:
+    """`Idempotency-Key` per API key: a Redis record "fingerprint:job id", set with NX for 24 h."""
+
+    def __init__(self, services: Services, caller: Caller, key: str, fingerprint: str) -> None:
+        self.aredis = services.aredis
+        self.key = key
+        self.fingerprint = fingerprint
+        self.redis_key = services.keys.idempotency(caller.name, hashlib.sha256(key.encode()).hexdigest()[:32])
+
+    async def take(self, job_id: str) -> str | None:
+        """None when this request now owns the key (for `job_id`); else the id of the earlier request's job."""
+        for _ in range(3):  # a record that expires between SET NX and GET is simply taken on the next try
+            if await self.aredis.set(self.redis_key, self._record(job_id), nx=True, ex=IDEMPOTENCY_TTL_S):
+                return None
+            earlier = await self.aredis.get(self.redis_key)
+            if earlier is None:
+                continue
+            fingerprint, _, earlier_id = earlier.decode().partition(":")
+            if fingerprint != self.fingerprint:
+                raise ApiError(
+                    409, "idempotency_conflict",
+                    f"Idempotency-Key {self.key!r} was used with a different request body in the last 24 h; use a "
+                    "new key for a new request",
+                    field="Idempotency-Key",
+                )
+            if not await self.aredis.exists(Job.key_for(earlier_id)):
+                raise ApiError(
+                    409, "idempotency_conflict",
+                    f"a request with Idempotency-Key {self.key!r} is still being handled; retry in a moment",
+                    field="Idempotency-Key", headers={"Retry-After": "1"},
+                )
+            return earlier_id
+        raise ApiError(409, "idempotency_conflict", f"Idempotency-Key {self.key!r} is busy; retry",
+                       field="Idempotency-Key", headers={"Retry-After": "1"})
+
+    async def give_back(self, job_id: str) -> None:
+        """Forget the record if it is still this request's (the job was not queued)."""
+        if await self.aredis.get(self.redis_key) == self._record(job_id).encode():
+            await self.aredis.delete(self.redis_key)
+
+    def _record(self, job_id: str) -> str:
+        return f"{self.fingerprint}:{job_id}"
+
+
+def _fingerprint(task: str, request: BaseModel) -> str:
+    body = json.dumps(request.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(f"{task}\n{body}".encode()).hexdigest()
+
+
+def parse_wait(prefer: str | None) -> int | None:
+    """Seconds from `Prefer: wait=N` (RFC 7240; other preferences ignored), capped at MAX_WAIT_S; None if absent
+    or not a whole number."""
+    if not prefer:
+        return None
+    for preference in prefer.split(","):
+        name, _, value = preference.split(";")[0].strip().partition("=")
+        if name.strip().lower() == "wait":
+            value = value.strip().strip('"')
+            if value.isdigit():
+                return min(int(value), MAX_WAIT_S)
+    return None
+
+
+async def wait_for_end(aredis: AsyncRedis, keys: Keys, job_id: str, seconds: float) -> bool:
+    """Block until the job's event log shows a terminal event (True) or `seconds` pass (False)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    last_id: bytes | str = "0-0"
+    log_key = keys.event_log(job_id)
+    while (remaining := deadline - loop.time()) > 0:
+        block_ms = max(1, int(min(remaining, eventlog.READ_BLOCK_S) * 1000))
+        reply = await aredis.xread({log_key: last_id}, count=100, block=block_ms)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                last_id = entry_id
+                if json.loads(fields[b"message"])["event"] in eventlog.TERMINAL_EVENTS:
+                    return True
+    return False

@@ -1,0 +1,99 @@
+"""What the service can run: the samplers (fixed), and the models the live workers have loaded (from Redis).
+
+A worker describes its model in a field of its own RQ worker hash (``rq:worker:{name}``), written right after RQ
+registers it. That hash expires with the worker's heartbeats and leaves RQ's registry when the worker exits, so the
+list of models follows the live workers with no key or TTL of its own.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, Field, ValidationError
+from redis import Redis
+from rq import Queue, Worker, worker_registration
+
+from core.imagefile import A1111_SAMPLERS
+from core.jobs import Sampler
+from core.queues import Keys
+
+MODEL_FIELD = "sdq_model"
+
+
+class SamplerInfo(BaseModel):
+    name: Sampler = Field(description="The value of the `sampler` field.")
+    display_name: str = Field(description="The name AUTOMATIC1111 shows (and writes into image metadata).")
+    karras: bool = Field(description="Accepts `karras: true` (Karras sigma spacing).")
+    eta: bool = Field(description="Accepts a non-zero `eta` (stochastic DDIM).")
+
+
+class SamplerList(BaseModel):
+    samplers: list[SamplerInfo]
+
+
+SAMPLERS: list[SamplerInfo] = [
+    SamplerInfo(name=s, display_name=A1111_SAMPLERS[s.value], karras=s is not Sampler.ddim, eta=s is Sampler.ddim)
+    for s in Sampler
+]
+
+
+class LoadedModel(BaseModel):
+    """One worker's model, as it reports it at start."""
+
+    name: str = Field(description="Checkpoint file or folder name without extension.")
+    hash: str | None = Field(None, description="AUTOMATIC1111's short hash (first 10 hex digits of the SHA-256).")
+    sha256: str | None = Field(None, description="SHA-256 of the file (or of a diffusers folder's weight manifest).")
+    inpainting_unet: bool = Field(
+        description="A 9-channel inpainting UNet (like sd-v1-5-inpainting); other models inpaint by latent blending."
+    )
+    device: str = Field(examples=["cuda:0"])
+    dtype: str = Field(examples=["float16"])
+
+
+class ModelWorker(BaseModel):
+    name: str = Field(description="The worker's name (host.pid.suffix).")
+    device: str
+    dtype: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    hash: str | None = None
+    sha256: str | None = None
+    inpainting_unet: bool
+    workers: list[ModelWorker] = Field(description="Live workers with this model loaded.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+def publish_model(redis: Redis, worker_key: str, model: LoadedModel) -> None:
+    """Record ``model`` in the RQ worker hash ``worker_key`` (call after RQ registered the worker)."""
+    redis.hset(worker_key, MODEL_FIELD, model.model_dump_json())
+
+
+def loaded_models(redis: Redis, keys: Keys) -> ModelList:
+    """The models of the live workers on sdqueue's queues, one entry per distinct checkpoint."""
+    worker_keys: set[str] = set()
+    for name in keys.queues():
+        worker_keys |= worker_registration.get_keys(Queue(name, connection=redis))
+    ordered = sorted(worker_keys)
+    pipe = redis.pipeline(transaction=False)
+    for key in ordered:
+        pipe.hget(key, MODEL_FIELD)
+    models: dict[tuple[str, str | None], ModelInfo] = {}
+    for key, raw in zip(ordered, pipe.execute(), strict=True):
+        if raw is None:  # expired (a dead worker), or not an sdqueue worker
+            continue
+        try:
+            loaded = LoadedModel.model_validate(json.loads(raw))
+        except (ValueError, ValidationError):
+            continue
+        entry = models.setdefault((loaded.name, loaded.sha256), ModelInfo(
+            name=loaded.name, hash=loaded.hash, sha256=loaded.sha256, inpainting_unet=loaded.inpainting_unet,
+            workers=[],
+        ))
+        worker = key.removeprefix(Worker.redis_worker_namespace_prefix)
+        entry.workers.append(ModelWorker(name=worker, device=loaded.device, dtype=loaded.dtype))
+    return ModelList(models=sorted(models.values(), key=lambda m: (m.name, m.sha256 or "")))

@@ -1,0 +1,154 @@
+"""`GET /v1/jobs/{id}/events` over a real Redis, with the worker's events written as the worker writes them.
+
+(The test client hands over a streamed body when the stream ends, so a thread plays the worker meanwhile. The
+end-to-end tests follow a real worker with a real HTTP client, disconnects included.)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.results import Result
+
+from api.routes import events as events_route
+from core import eventlog
+from core.queues import Keys
+
+TINY = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 4}
+
+
+def parse(text: str) -> list[dict[str, Any]]:
+    """SSE frames -> [{"id", "event", "data"}] (comments and the retry hint skipped)."""
+    frames = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if "event" in fields:
+            frames.append({"id": fields["id"], "event": fields["event"], "data": json.loads(fields["data"])})
+    return frames
+
+
+def stream_id(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+class FakeWorker:
+    """Writes a job's state and events the way the worker does (state first, then the event)."""
+
+    def __init__(self, redis: Redis, keys: Keys, job_id: str) -> None:
+        self.redis, self.keys, self.job_id = redis, keys, job_id
+
+    def event(self, name: str, **data: Any) -> str:
+        eventlog.record(self.redis, self.keys, self.job_id, eventlog.message(name, self.job_id, data))
+        return str(self.redis.xrevrange(self.keys.event_log(self.job_id), count=1)[0][0].decode())
+
+    def start(self) -> str:
+        job = Job.fetch(self.job_id, connection=self.redis)
+        Queue(job.origin, connection=self.redis).remove(self.job_id)
+        job.set_status(JobStatus.STARTED)
+        return self.event("running", started_at="2025-01-01T00:00:00+00:00", batch_images=1)
+
+    def progress(self, step: int) -> str:
+        return self.event("progress", step=step, total=4, percent=25.0 * step, eta_seconds=0.1)
+
+    def succeed(self, *, announce: bool = True) -> None:
+        job = Job.fetch(self.job_id, connection=self.redis)
+        Result.create(job, Result.Type.SUCCESSFUL, ttl=600, return_value={"images": []})
+        job.set_status(JobStatus.FINISHED)
+        if announce:
+            self.event("succeeded", images=[])
+
+
+@pytest.fixture
+def job(client: TestClient, redis: Redis, keys: Keys) -> FakeWorker:
+    return FakeWorker(redis, keys, client.post("/v1/txt2img", json=TINY).json()["id"])
+
+
+@pytest.fixture
+def later() -> Iterator[Callable[[Callable[[], Any]], None]]:
+    """Run a function in a thread after 0.3 s (while the test client waits on the stream)."""
+    threads: list[threading.Thread] = []
+
+    def run(fn: Callable[[], Any]) -> None:
+        thread = threading.Thread(target=lambda: (time.sleep(0.3), fn()))
+        thread.start()
+        threads.append(thread)
+
+    yield run
+    for thread in threads:
+        thread.join()
+
+
+def test_a_client_gets_queued_running_progress_and_the_finished_job(client: TestClient, job: FakeWorker,
+                                                                     later: Any) -> None:
+    later(lambda: (job.start(), job.progress(1), job.progress(2), job.succeed()))
+    r = client.get(f"/v1/jobs/{job.job_id}/events")
+
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache"
+    frames = parse(r.text)
+    assert [f["event"] for f in frames] == ["queued", "running", "progress", "progress", "succeeded"]
+    assert frames[0]["data"]["status"] == "queued" and frames[0]["data"]["queue_position"] == 0
+    assert [f["data"]["step"] for f in frames[2:4]] == [1, 2]
+    ids = [stream_id(f["id"]) for f in frames[1:]]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    final = frames[-1]["data"]
+    assert final["id"] == job.job_id and final["status"] == "succeeded"  # the whole job, as GET shows it
+
+
+def test_reconnecting_with_last_event_id_resumes_after_it(client: TestClient, job: FakeWorker,
+                                                          later: Any) -> None:
+    job.start()
+    seen = job.progress(1)
+    job.progress(2)
+    later(lambda: (job.progress(3), job.succeed()))
+    r = client.get(f"/v1/jobs/{job.job_id}/events", headers={"Last-Event-ID": seen})
+
+    frames = parse(r.text)
+    assert [(f["event"], f["data"].get("step")) for f in frames] == [
+        ("progress", 2), ("progress", 3), ("succeeded", None)
+    ]
+    assert all(stream_id(f["id"]) > stream_id(seen) for f in frames)
+
+
+def test_an_ended_job_gets_only_its_final_event(client: TestClient, job: FakeWorker) -> None:
+    job.start()
+    job.progress(4)
+    job.succeed()
+    for headers in ({}, {"Last-Event-ID": "0-0"}):
+        frames = parse(client.get(f"/v1/jobs/{job.job_id}/events", headers=headers).text)
+        assert [f["event"] for f in frames] == ["succeeded"]
+        assert frames[0]["id"] == job.redis.xrevrange(job.keys.event_log(job.job_id), count=1)[0][0].decode()
+
+
+def test_canceling_a_queued_job_ends_its_stream(client: TestClient, job: FakeWorker, later: Any) -> None:
+    later(lambda: client.post(f"/v1/jobs/{job.job_id}/cancel"))
+    frames = parse(client.get(f"/v1/jobs/{job.job_id}/events").text)
+
+    assert [f["event"] for f in frames] == ["queued", "canceled"]
+    assert frames[-1]["data"]["status"] == "canceled"
+
+
+def test_a_job_that_ends_without_an_event_still_ends_the_stream(client: TestClient, job: FakeWorker, later: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events_route, "POLL_S", 0.2)
+    job.start()
+    later(lambda: job.succeed(announce=False))
+    frames = parse(client.get(f"/v1/jobs/{job.job_id}/events").text)
+
+    assert [f["event"] for f in frames] == ["running", "succeeded"]
+    assert frames[-1]["data"]["status"] == "succeeded"
+
+
+def test_a_malformed_last_event_id_is_422(client: TestClient, job: FakeWorker) -> None:
+    r = client.get(f"/v1/jobs/{job.job_id}/events", headers={"Last-Event-ID": "yesterday"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "last-event-id"

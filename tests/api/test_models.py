@@ -1,0 +1,62 @@
+"""GET /v1/models (what live workers report) and GET /v1/samplers."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq import Worker
+
+from core.catalog import LoadedModel, publish_model
+
+SD15 = LoadedModel(name="v1-5-pruned-emaonly", hash="6ce0161689", sha256="6ce0161689" + "0" * 54,
+                   inpainting_unet=False, device="cuda", dtype="float16")
+INPAINT = LoadedModel(name="sd-v1-5-inpainting", hash="c6bbc15e32", sha256="c6bbc15e32" + "1" * 54,
+                      inpainting_unet=True, device="cpu", dtype="bfloat16")
+
+
+def start_worker(
+    redis: Redis, name: str, model: LoadedModel | None, queues: tuple[str, ...] = ("sdq-normal",)
+) -> Worker:
+    """Register a worker as the sdqueue worker does: RQ's registration, then the model in its hash."""
+    worker = Worker(list(queues), connection=redis, name=name)
+    worker.register_birth()
+    if model is not None:
+        publish_model(redis, worker.key, model)
+    return worker
+
+
+def test_no_worker_no_model(client: TestClient) -> None:
+    assert client.get("/v1/models").json() == {"models": []}
+
+
+def test_models_are_grouped_per_checkpoint_with_their_workers(client: TestClient, redis: Redis) -> None:
+    start_worker(redis, "gpu-b", SD15)
+    start_worker(redis, "gpu-a", SD15, queues=("sdq-high", "sdq-normal", "sdq-low"))
+    start_worker(redis, "cpu-1", INPAINT)
+    start_worker(redis, "plain-rq", None)  # an RQ worker that reports no model
+    start_worker(redis, "elsewhere", SD15, queues=("other-app",))  # not on sdqueue's queues
+    stopped = start_worker(redis, "gone", INPAINT)
+    stopped.register_death()
+
+    assert client.get("/v1/models").json() == {"models": [
+        {"name": "sd-v1-5-inpainting", "hash": "c6bbc15e32", "sha256": INPAINT.sha256, "inpainting_unet": True,
+         "workers": [{"name": "cpu-1", "device": "cpu", "dtype": "bfloat16"}]},
+        {"name": "v1-5-pruned-emaonly", "hash": "6ce0161689", "sha256": SD15.sha256, "inpainting_unet": False,
+         "workers": [{"name": "gpu-a", "device": "cuda", "dtype": "float16"},
+                     {"name": "gpu-b", "device": "cuda", "dtype": "float16"}]},
+    ]}
+
+
+def test_a_worker_whose_registration_expired_drops_out(client: TestClient, redis: Redis) -> None:
+    worker = start_worker(redis, "killed", SD15)
+    redis.delete(worker.key)  # what the TTL does once a SIGKILLed worker's heartbeats stop
+    assert client.get("/v1/models").json() == {"models": []}
+
+
+def test_samplers_with_a1111_names_and_options(client: TestClient) -> None:
+    assert client.get("/v1/samplers").json() == {"samplers": [
+        {"name": "ddim", "display_name": "DDIM", "karras": False, "eta": True},
+        {"name": "euler", "display_name": "Euler", "karras": True, "eta": False},
+        {"name": "euler_a", "display_name": "Euler a", "karras": True, "eta": False},
+        {"name": "dpmpp_2m", "display_name": "DPM++ 2M", "karras": True, "eta": False},
+    ]}
