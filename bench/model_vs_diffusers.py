@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -123,7 +122,10 @@ def main() -> None:
         run = theirs(folder) if args.rss == "diffusers" else ours(folder, "float32" if args.rss == "ours-fp32"
                                                                    else "auto")
         run()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork/exec.
+        status = Path("/proc/self/status").read_text()
+        hwm_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        print(hwm_kib / 1024)
         return
 
     from model.device import cpu_has_fast_bf16

@@ -81,8 +81,10 @@ class Pipeline:
         else:
             schedule = NoiseSchedule.sd15()
         if dev.type == "cpu":
-            # oneDNN convolutions are faster on NHWC tensors.
-            components.unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            # Measured with oneDNN: NHWC speeds up fp32 UNets (~1.4x) and VAEs, but slows bf16 UNets down ~2x.
+            if precision.unet == torch.float32:
+                components.unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            components.vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         log.info("loaded %s on %s (unet %s, vae %s)", checkpoint, dev, precision.unet, precision.vae)
         return cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
 
