@@ -57,7 +57,7 @@ ERRORS: dict[int, tuple[str, str, dict[str, str]]] = {
         "idempotency_conflict": "Idempotency-Key 'order-42' was used with a different request body",
     }),
     413: ("payload_too_large", "The request body exceeds SDQ_MAX_BODY_BYTES.",
-          {"payload_too_large": "request body exceeds 20971520 bytes (SDQ_MAX_BODY_BYTES)"}),
+          {"payload_too_large": "request body exceeds 33554432 bytes (SDQ_MAX_BODY_BYTES)"}),
     422: ("invalid_request", "A field breaks a rule; nothing was queued.",
           {"invalid_request": "width must be a multiple of 8, got 513"}),
     429: ("rate_limited", "Too many requests for this API key; retry after `Retry-After` seconds.", {

@@ -3,9 +3,9 @@
 
 A route builds its `JobSpec` and hands it over:
 
-    @router.post("/txt2img", status_code=202, responses=intake.SUBMIT_RESPONSES)
+    @router.post("/txt2img", status_code=202, responses=SUBMIT_RESPONSES)
     async def submit_txt2img(request: Txt2ImgRequest, intake: IntakeDep, response: Response) -> JobPublic:
-        return await intake.accept(jobstore.new_job_spec(request, "txt2img"), response)
+        return await intake.accept(jobstore.new_job_spec(request, "txt2img"), response, request)
 
 Order of checks: priority allowed for the key (403), idempotent replay (no limits spent), submissions per minute
 and queued jobs per key (429), the global queue limit (503). A request refused after claiming its Idempotency-Key
@@ -218,8 +218,8 @@ def parse_wait(prefer: str | None) -> int | None:
     return None
 
 
-async def wait_for_end(aredis: AsyncRedis, keys: Keys, job_id: str, seconds: float) -> bool:
-    """Block until the job's event log shows a terminal event (True) or `seconds` pass (False)."""
+async def wait_for_end(aredis: AsyncRedis, keys: Keys, job_id: str, seconds: float) -> None:
+    """Return when the job's event log shows a terminal event, or after `seconds`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     last_id: bytes | str = "0-0"
@@ -231,5 +231,4 @@ async def wait_for_end(aredis: AsyncRedis, keys: Keys, job_id: str, seconds: flo
             for entry_id, fields in entries:
                 last_id = entry_id
                 if json.loads(fields[b"message"])["event"] in eventlog.TERMINAL_EVENTS:
-                    return True
-    return False
+                    return

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         100, ge=0, description="Jobs one API key may have waiting; beyond it submits get 429 (0 = no limit)."
     )
     max_body_bytes: int = Field(
-        20 * 1024 * 1024, ge=1024, description="Largest request body (images come base64); beyond it 413."
+        32 * 1024 * 1024, ge=1024, description="Largest request body (images come base64); beyond it 413."
     )
 
     # --- image inputs of img2img / inpaint (docs/image-inputs.md) ---

@@ -109,6 +109,8 @@ async def _frames(s: Services, job_id: str, last_event_id: str | None) -> AsyncI
     log_key = s.keys.event_log(job_id)
     loop = asyncio.get_running_loop()
     yield f"retry: {RETRY_MS}\n\n"
+    # The log's newest entry before the job is read: whatever the worker writes meanwhile comes after it.
+    newest = await s.aredis.xrevrange(log_key, count=1)
     view = await _view(s, job_id)
     if view is None:
         return
@@ -118,7 +120,6 @@ async def _frames(s: Services, job_id: str, last_event_id: str | None) -> AsyncI
     cursor = last_event_id or "0-0"
     if last_event_id is None and view.status is Status.queued:
         # Start after whatever the log holds (an earlier attempt's events, if the job was retried).
-        newest = await s.aredis.xrevrange(log_key, count=1)
         cursor = newest[0][0].decode() if newest else "0-0"
         yield _frame("queued", cursor, view.model_dump(mode="json"))
     last_write = loop.time()
