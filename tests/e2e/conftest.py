@@ -43,6 +43,8 @@ class Service:
             "SDQ_PUBLIC_URL": self.url,
             "SDQ_CHECKPOINT": str(checkpoint),
             "SDQ_DEVICE": "cpu",
+            # fp32 everywhere: the same pixels on every CPU, whether or not it has a native bf16 path.
+            "SDQ_DTYPE": "float32",
             "SDQ_HEARTBEAT_S": "1",  # a killed worker's job is rerun within seconds
             "SDQ_WORKER_METRICS_PORT": "0",
             "SDQ_LOG_LEVEL": "INFO",
