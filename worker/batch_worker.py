@@ -267,7 +267,7 @@ class BatchWorker(SimpleWorker):
             assert spec is not None
             try:
                 result = build_result(
-                    self.resident.storage, spec, outcome.result, self.resident.pipe.name,
+                    self.resident.storage, spec, outcome.result, self.resident.model,
                     time.monotonic() - run.started, outcome.pipeline_seconds,
                 )
             except Exception:

@@ -12,11 +12,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rq import get_current_job
 
+from core.imagefile import ModelInfo
 from core.jobs import JobSpec
+from core.modelhash import model_hash
 from core.queues import Keys
 from core.settings import Settings, get_settings
 from core.storage import Storage, make_storage
@@ -40,6 +43,7 @@ class Resident:
     storage: Storage
     keys: Keys
     load_seconds: float
+    model: ModelInfo  # name and A1111 short hash, written into every image's metadata
 
 
 _resident: Resident | None = None
@@ -60,13 +64,22 @@ def load_resident(settings: Settings) -> Resident:
                 settings.checkpoint, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle
             )
             seconds = time.monotonic() - started
-            _resident = Resident(pipe, make_storage(settings), Keys(settings.queue_prefix), seconds)
+            model = ModelInfo(pipe.name, _short_hash(settings.checkpoint))
+            _resident = Resident(pipe, make_storage(settings), Keys(settings.queue_prefix), seconds, model)
             log.info("model %s resident on %s after %.1f s", pipe.name, pipe.device, seconds)
         return _resident
 
 
+def _short_hash(checkpoint: Path) -> str | None:
+    try:
+        return model_hash(checkpoint)
+    except OSError as exc:
+        log.warning("cannot hash %s for the images' metadata: %s", checkpoint, exc)
+        return None
+
+
 def build_result(
-    storage: Storage, spec: JobSpec, result: GenerationResult, model_name: str, run_seconds: float,
+    storage: Storage, spec: JobSpec, result: GenerationResult, model: ModelInfo, run_seconds: float,
     pipeline_seconds: float,
 ) -> dict[str, Any]:
     """Write the images and return the job's RQ result, as the service contract defines it."""
@@ -75,7 +88,7 @@ def build_result(
         warnings.append("prompt truncated to 77 CLIP tokens")
     if result.negative_prompt_truncated:
         warnings.append("negative prompt truncated to 77 CLIP tokens")
-    records = store_images(storage, spec, result.images, result.seeds, model_name)
+    records = store_images(storage, spec, result.images, result.seeds, model)
     return {
         "images": records,
         "warnings": warnings,
@@ -103,5 +116,5 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"job {job_spec.id} was canceled while running")
     result = paste_back(job_spec, request, result)
     pipeline_seconds = time.monotonic() - generate_started
-    return build_result(resident.storage, job_spec, result, resident.pipe.name, time.monotonic() - started,
+    return build_result(resident.storage, job_spec, result, resident.model, time.monotonic() - started,
                         pipeline_seconds)

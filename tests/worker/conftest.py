@@ -30,6 +30,8 @@ from model.requests import GenerationRequest
 from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+# The pipeline promises batch invariance within 1/255 in float32; bf16 (the CPU default where it is fast) is looser.
+DTYPE = "float32"
 TERMINAL = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED}
 
 
@@ -44,7 +46,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_pipe(tiny_checkpoint: Path) -> Any:
     from model.pipeline import Pipeline
 
-    return Pipeline.load(tiny_checkpoint, device="cpu")
+    return Pipeline.load(tiny_checkpoint, device="cpu", dtype=DTYPE)
 
 
 def make_settings(redis_url: str, data_dir: Path, checkpoint: Path | None = None, **overrides: Any) -> Settings:
@@ -53,6 +55,7 @@ def make_settings(redis_url: str, data_dir: Path, checkpoint: Path | None = None
         "data_dir": data_dir,
         "checkpoint": checkpoint,
         "device": "cpu",
+        "dtype": DTYPE,
         "heartbeat_s": 1,
         "worker_metrics_port": 0,
         "max_batch_images": 8,
@@ -122,6 +125,7 @@ class WorkerProcess:
             "SDQ_DATA_DIR": str(settings.data_dir),
             "SDQ_CHECKPOINT": str(checkpoint),
             "SDQ_DEVICE": "cpu",
+            "SDQ_DTYPE": settings.dtype,
             "SDQ_HEARTBEAT_S": str(settings.heartbeat_s),
             "SDQ_MAX_BATCH_IMAGES": str(settings.max_batch_images),
             "SDQ_BATCH_WINDOW_MS": str(settings.batch_window_ms),

@@ -19,6 +19,7 @@ from rq.command import send_stop_job_command
 from rq.job import Job, JobStatus
 from rq.worker import SimpleWorker
 
+from core.imagefile import ModelInfo, read_parameters
 from core.queues import Keys
 from core.settings import Settings
 from core.storage import LocalStorage
@@ -46,7 +47,7 @@ def settings(redis_url: str, tmp_path: Path, tiny_checkpoint: Path) -> Settings:
 
 def resident(settings: Settings, pipe: Any) -> Resident:
     storage = LocalStorage(settings.data_dir / "images", settings.public_url)
-    return Resident(pipe, storage, Keys(settings.queue_prefix), 0.0)
+    return Resident(pipe, storage, Keys(settings.queue_prefix), 0.0, ModelInfo(pipe.name))
 
 
 def burst(redis: Redis, settings: Settings, pipe: Any) -> WorkerMetrics:
@@ -149,3 +150,22 @@ def test_a_plain_rq_worker_can_run_a_job_with_run_job(redis: Redis, settings: Se
     assert [image["seed"] for image in result["images"]] == [1, 2]
     assert job.meta["progress"]["step"] == 3
     assert max_pixel_diff(stored_images(settings.data_dir, spec.id), solo_images(tiny_pipe, spec)) <= 1
+
+
+def test_results_use_the_output_format_and_carry_a1111_metadata(redis: Redis, settings: Settings,
+                                                                 tiny_pipe: Any) -> None:
+    png = submit(redis, settings, seed=3, negative_prompt="blurry", guidance_scale=5.0)
+    webp = submit(redis, settings, seed=4, output_format="webp", output_quality=80)
+
+    burst(redis, settings, tiny_pipe)
+
+    png_result = Job.fetch(png.id, connection=redis).return_value()
+    webp_result = Job.fetch(webp.id, connection=redis).return_value()
+    assert [i["key"] for i in png_result["images"]] == [f"{png.id}/0.png"]
+    assert webp_result["images"][0]["key"] == f"{webp.id}/0.webp"
+    assert webp_result["images"][0]["content_type"] == "image/webp"
+    data = (settings.data_dir / "images" / png.id / "0.png").read_bytes()
+    meta = read_parameters(data)
+    assert meta["prompt"] == "a photo of a cat" and meta["negative_prompt"] == "blurry"
+    assert meta["settings"]["Seed"] == "3" and meta["settings"]["CFG scale"] == "5"
+    assert meta["settings"]["Model"] == tiny_pipe.name
