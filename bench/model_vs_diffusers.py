@@ -83,10 +83,10 @@ def theirs(folder: Path) -> Callable[[], None]:
     from tests.model.reference import SD15_SCHEDULER
 
     pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval(),
-        vae=AutoencoderKL.from_pretrained(str(folder / "vae")).eval(),
-        text_encoder=CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
+        unet=UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True).eval(),
+        vae=AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True).eval(),
+        text_encoder=CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True),
         scheduler=EulerAncestralDiscreteScheduler(**{
             k: v for k, v in SD15_SCHEDULER.items() if k not in ("set_alpha_to_one", "clip_sample")}),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
