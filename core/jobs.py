@@ -219,7 +219,8 @@ class JobSpec(BaseModel):
     mask_overlay: bool = False
 
     def seeds(self) -> list[int]:
-        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.params.n)]
+        """Image i uses seed + i, unwrapped, exactly as the pipeline seeds its generators."""
+        return [self.seed + i for i in range(self.params.n)]
 
     def start_step(self) -> int:
         """First denoising step that runs: 0 for txt2img, else steps - int(steps * strength) (as diffusers)."""

