@@ -100,7 +100,9 @@ def test_prefer_wait_returns_the_finished_job(running: Service) -> None:
 
 
 def test_prefer_wait_gives_202_when_the_job_is_not_done_in_time(running: Service) -> None:
-    r = running.http.post("/v1/txt2img", json={**JOB, "steps": 40}, headers={"Prefer": "wait=1"})
+    # Big enough that no CPU finishes it within the 1 s wait (150 steps of 2 images at 256x256).
+    slow = {**JOB, "steps": 150, "width": 256, "height": 256, "n": 2}
+    r = running.http.post("/v1/txt2img", json=slow, headers={"Prefer": "wait=1"})
 
     assert r.status_code == 202 and r.json()["status"] in ("queued", "running")
     assert r.headers["preference-applied"] == "wait=1"
