@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +29,29 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt() parameters, from glibc's malloc.h
+
+
+@lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of handing it back to the kernel; True when set.
+
+    By default glibc serves each block over 32 MiB with a fresh mmap() and unmaps it when freed, so on the CPU
+    every large activation is page-faulted in (and zeroed) anew at every denoising step: measured 10x slower
+    SiLU on a 33 MB tensor and a quarter of the VAE decode. A worker keeps its peak memory anyway, so it loses
+    nothing by keeping it mapped. Process-wide; a no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    ok = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    log.info("glibc malloc keeps freed memory for reuse: %s", ok)
+    return ok
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from model.batch import Batch, BatchCancelled
-from model.device import Precision, resolve_device, resolve_precision
+from model.cpu_pack import can_prepack, prepack
+from model.device import Precision, keep_freed_memory, resolve_device, resolve_precision
 from model.images import latents_to_preview, tensor_to_images
 from model.requests import GenerationRequest, GenerationResult, StepCallback
 from model.samplers import SAMPLERS, initial_latents, make_plan, sample
@@ -81,10 +82,7 @@ class Pipeline:
         else:
             schedule = NoiseSchedule.sd15()
         if dev.type == "cpu":
-            # Measured with oneDNN: NHWC speeds up fp32 UNets (~1.4x) and VAEs, but slows bf16 UNets down ~2x.
-            if precision.unet == torch.float32:
-                components.unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            components.vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            _tune_for_cpu(components, precision)
         log.info("loaded %s on %s (unet %s, vae %s)", checkpoint, dev, precision.unet, precision.vae)
         return cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
 
@@ -205,10 +203,25 @@ class Pipeline:
         images: list[Image.Image] = []
         for start in range(0, latents.shape[0], VAE_SLICE):
             chunk = latents[start : start + VAE_SLICE] / scale
-            decoded = vae.decode(chunk.to(self.device, self.precision.vae))  # [b, 3, H, W]
+            decoded = vae.decode(chunk.to(self.device, self.precision.vae))
             images.extend(tensor_to_images(decoded))
         return images
 
     def preview(self, latents: torch.Tensor) -> list[Image.Image]:
         """Cheap RGB previews of the running latents (no VAE), for progress events."""
         return latents_to_preview(latents)
+
+
+def _tune_for_cpu(components: Components, precision: Precision) -> None:
+    """CPU speed-ups, each measured on SD 1.5 (bench/model_vs_diffusers.py, BENCHMARKS.md)."""
+    keep_freed_memory()
+    networks = ((components.unet, precision.unet), (components.vae, precision.vae),
+                (components.text_encoder, precision.text))
+    for network, dtype in networks:
+        if can_prepack(dtype):
+            # oneDNN weights packed once: UNet steps 2x (fp32) and 1.6x (bf16) faster. Activations stay
+            # contiguous: channels_last measured no faster with packed weights.
+            log.info("%s: %d layers with pre-packed weights", type(network).__name__, prepack(network))
+        elif dtype == torch.float32 and network is not components.text_encoder:
+            # plain oneDNN: NHWC speeds up fp32 UNets and VAEs (~1.4x), but slows bf16 UNets down ~2x
+            network.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]

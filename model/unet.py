@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.attention import attention
+from model.layers import Upsample
+
 GROUPS = 32  # every GroupNorm in LDM uses 32 groups
 
 
@@ -96,7 +99,7 @@ class CrossAttention(nn.Module):
         B, N, _ = x.shape
         q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)  # [B, heads, tokens, head_dim]
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
+        out = attention(q, k, v)  # [B, heads, N, head_dim]
         return self.to_out(out.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -143,7 +146,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         heads, head_dim = config.heads(channels)
         self.norm = nn.GroupNorm(GROUPS, channels, eps=1e-6)
-        linear = config.use_linear_in_transformer
+        self.linear = linear = config.use_linear_in_transformer
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, config.context_dim, heads, head_dim)
@@ -154,17 +157,17 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
-        if isinstance(self.proj_in, nn.Conv2d):
+        if not self.linear:
             h = self.proj_in(h)
         h = h.flatten(2).transpose(1, 2)  # [B, H*W, C]: one token per position
-        if isinstance(self.proj_in, nn.Linear):
+        if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
-        if isinstance(self.proj_out, nn.Linear):
+        if self.linear:
             h = self.proj_out(h)
         h = h.transpose(1, 2).reshape(B, C, H, W)
-        if isinstance(self.proj_out, nn.Conv2d):
+        if not self.linear:
             h = self.proj_out(h)
         return x + h
 
@@ -176,16 +179,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        # resize to the skip connection's size, not blindly x2: 33 must go back to 65, not 66
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepBlock(nn.ModuleList):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -34,13 +32,11 @@ from model.single_file import (
     VAE_PREFIX,
     CheckpointError,
 )
+from model.tensor_reader import TensorReader, refuse_pickle
 from model.unet import UNetConfig, UNetModel
 from model.vae import AutoencoderKL, VAEConfig
 
 log = logging.getLogger(__name__)
-
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
 
 @dataclass
 class Components:
@@ -62,63 +58,13 @@ class Components:
         return self.unet_config.in_channels == 9
 
 
-class _Reader:
-    """Names, shapes and values of the tensors in checkpoint files, read one tensor at a time."""
-
-    def __init__(self) -> None:
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.metadata: dict[str, str] = {}
-        self._getters: dict[str, Callable[[], torch.Tensor]] = {}  # safetensors: read on demand
-        self._loaded: dict[str, torch.Tensor] = {}  # pickles: memory-mapped by torch.load
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._loaded[name] if name in self._loaded else self._getters[name]()
-
-    def add(self, path: Path, stack: ExitStack, allow_pickle: bool) -> None:
-        if path.suffix == ".safetensors":
-            try:
-                f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            except SafetensorError as e:
-                raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
-            self.metadata |= f.metadata() or {}
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                self.shapes[name] = tuple(f.get_slice(name).get_shape())
-                self._getters[name] = partial(f.get_tensor, name)
-        elif path.suffix in PICKLE_SUFFIXES:
-            self._loaded |= _load_pickle(path, allow_pickle)
-            self.shapes |= {name: tuple(tensor.shape) for name, tensor in self._loaded.items()}
-        else:
-            raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors")
-
-
-def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
-    if not allow_pickle:
-        raise CheckpointError(
-            f"{path} is a pickle file, and unpickling can run code hidden in it. Convert it to .safetensors, "
-            "or, if you trust its source, pass allow_pickle=True (CLI: --allow-pickle)."
-        )
-
-
-def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    _refuse_pickle(path, allow_pickle)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: holds Python objects besides tensors, refused by weights_only: {e}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning checkpoints wrap the weights
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
 @dataclass
 class _Part:
     """One network: its module (on the meta device) and where each of its tensors comes from."""
 
     label: str
     module: nn.Module
-    reader: _Reader
+    reader: TensorReader
     sources: dict[str, str]  # module key -> checkpoint key
     unexpected: list[str]  # checkpoint keys of this network that no module key takes
     checkpoint_name: Callable[[str], str]  # module key -> the name the checkpoint should have used
@@ -178,7 +124,7 @@ def _build(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> tuple[UNet
 
 
 def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list[_Part], list[str], dict[str, Any]]:
-    reader = _Reader()
+    reader = TensorReader()
     reader.add(path, stack, allow_pickle)
     groups = single_file.group_keys(reader.shapes)
     unet_shapes, vae_shapes, text_shapes = ({k: reader.shapes[v] for k, v in g.items()}
@@ -209,7 +155,7 @@ def _weight_files(folder: Path, stem: str, pickle_stem: str, allow_pickle: bool)
             return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     for name in (f"{pickle_stem}.bin", f"{pickle_stem}.fp16.bin"):
         if (folder / name).is_file():
-            _refuse_pickle(folder / name, allow_pickle)
+            refuse_pickle(folder / name, allow_pickle)
             return [folder / name]
     raise CheckpointError(f"{folder}: no weights found; expected {stem}.safetensors")
 
@@ -227,7 +173,7 @@ def _folder_part(
 ) -> _Part:
     # transformers names its files model.safetensors / pytorch_model.bin, diffusers diffusion_pytorch_model.*
     stem, pickle_stem = ("model", "pytorch_model") if label == "text_encoder" else ("diffusion_pytorch_model",) * 2
-    reader = _Reader()
+    reader = TensorReader()
     for file in _weight_files(folder / label, stem, pickle_stem, allow_pickle):
         reader.add(file, stack, allow_pickle)
     sources, unexpected = {}, []

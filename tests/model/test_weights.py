@@ -273,3 +273,23 @@ def test_unreadable_file_explained(tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"not a readable \.safetensors file"):
         load_components(bad)
+
+
+def test_weights_are_read_into_process_memory_not_mapped(tiny_checkpoint: Path) -> None:
+    """fp32 weights kept in the file's dtype must not stay memory-mapped: mapped file pages would count in the
+    worker's resident set on top of every converted copy."""
+    c = load_components(tiny_checkpoint, dtype=torch.float32)
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    assert str(tiny_checkpoint) not in maps
+    file, _ = read(tiny_checkpoint)
+    key = "input_blocks.0.0.weight"
+    assert torch.equal(c.unet.state_dict()[key], file[f"model.diffusion_model.{key}"])
+    bf16 = load_components(tiny_checkpoint, dtype=torch.bfloat16)
+    assert torch.equal(bf16.unet.state_dict()[key], file[f"model.diffusion_model.{key}"].bfloat16())
+
+
+def test_truncated_file_explained(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(tiny_checkpoint.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors"):
+        load_components(cut)
