@@ -3,7 +3,7 @@
 Both run in one process, alternately, on the same weights; the median of several runs is reported. Peak RSS is
 measured in a fresh subprocess per implementation (load + one generation). Results go to BENCHMARKS.md.
 
-    python bench/model_vs_diffusers.py [--runs 3] [--folder DIR]
+    python bench/model_vs_diffusers.py [--runs 5] [--folder DIR]
 """
 
 from __future__ import annotations
@@ -58,20 +58,20 @@ def write_sd15_folder(folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
 
 
-def ours(folder: Path, dtype: str) -> Callable[[], None]:
+def ours(folder: Path, dtype: str) -> Callable[[str], None]:
     from model.pipeline import Pipeline
     from model.requests import GenerationRequest
 
     pipe = Pipeline.load(folder, device="cpu", dtype=dtype)
-    req = GenerationRequest(prompt=PROMPT, width=SIZE, height=SIZE, steps=STEPS, sampler="euler_a", seed=SEED)
 
-    def run() -> None:
-        pipe.generate([req])
+    def run(prompt: str) -> None:
+        pipe.generate([GenerationRequest(prompt=prompt, width=SIZE, height=SIZE, steps=STEPS, sampler="euler_a",
+                                         seed=SEED)])
 
     return run
 
 
-def theirs(folder: Path) -> Callable[[], None]:
+def theirs(folder: Path) -> Callable[[str], None]:
     from diffusers import (
         AutoencoderKL,
         EulerAncestralDiscreteScheduler,
@@ -93,8 +93,8 @@ def theirs(folder: Path) -> Callable[[], None]:
     )
     pipe.set_progress_bar_config(disable=True)
 
-    def run() -> None:
-        pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+    def run(prompt: str) -> None:
+        pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS,
              generator=torch.Generator("cpu").manual_seed(SEED))
 
     return run
@@ -109,7 +109,7 @@ def peak_rss_mib(folder: Path, which: str) -> float:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--rss", choices=("ours", "ours-fp32", "diffusers"), default=None)
     args = parser.parse_args()
@@ -121,7 +121,7 @@ def main() -> None:
     if args.rss:  # child: load one implementation, generate once, report peak RSS in MiB
         run = theirs(folder) if args.rss == "diffusers" else ours(folder, "float32" if args.rss == "ours-fp32"
                                                                    else "auto")
-        run()
+        run(PROMPT)
         # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork/exec.
         status = Path("/proc/self/status").read_text()
         hwm_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
@@ -134,12 +134,13 @@ def main() -> None:
                "diffusers (fp32)": theirs(folder)}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for run in runners.values():  # warm-up
-        run()
+        run(PROMPT)
     for i in range(args.runs):
+        prompt = f"{PROMPT}, take {i}"  # a new text each run: no implementation reuses a cached prompt embedding
         for name, run in runners.items():
             gc.collect()
             start = time.perf_counter()
-            run()
+            run(prompt)
             times[name].append(time.perf_counter() - start)
             log.info("run %d %s: %.2f s", i, name, times[name][-1])
     del runners
@@ -148,17 +149,22 @@ def main() -> None:
            "diffusers (fp32)": peak_rss_mib(folder, "diffusers")}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["diffusers (fp32)"]
-    rows = [[k, f"{med[k]:.2f}", f"{base / med[k]:.2f}x", f"{rss[k]:.0f}"] for k in med]
+    rows = [[k, f"{med[k]:.2f}", f"{base / med[k]:.2f}x", ", ".join(f"{t:.2f}" for t in times[k]), f"{rss[k]:.0f}"]
+            for k in med]
     import diffusers
     import transformers
 
     body = (
         f"Full SD 1.5 architecture, random weights, txt2img {SIZE}x{SIZE}, {STEPS} steps, euler_a, batch 1, CFG 7.5, "
-        f"CPU; median of {args.runs} alternating runs after a warm-up. torch {torch.__version__}, diffusers "
+        f"CPU; median of {args.runs} alternating runs after a warm-up, each run with a new prompt text. "
+        f"torch {torch.__version__}, diffusers "
         f"{diffusers.__version__}, transformers {transformers.__version__}; threads {torch.get_num_threads()}; "
         f"CPU bf16 fast path: {cpu_has_fast_bf16()}. Peak RSS: a fresh process loading the model and generating "
-        f"once.\n\n"
-        + markdown_table(["implementation", "seconds / image", "speed vs diffusers fp32", "peak RSS MiB"], rows)
+        f"once. Ours (auto) is bf16 on this CPU; both of ours use pre-packed oneDNN weights and sub-pixel upsampling "
+        f"(model/cpu_pack.py). The glibc malloc setting ours makes on load (model/device.py) is process-wide, so "
+        f"the diffusers runs in this process get it too.\n\n"
+        + markdown_table(["implementation", "seconds / image", "speed vs diffusers fp32", "runs (s)", "peak RSS MiB"],
+                         rows)
         + "\n\nTargets: ours (auto) >= 3x diffusers fp32; ours (fp32) >= 1.1x."
     )
     write_section("Model: sdqueue vs diffusers (CPU)", body)

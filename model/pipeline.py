@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_STEPS = 1000
 VAE_SLICE = 4  # images decoded per VAE call: bounds memory at large sizes
+TEXT_CACHE_SIZE = 256  # text embeddings kept (118 KiB each in bf16, 236 KiB in fp32)
 
 
 class Pipeline:
@@ -52,6 +54,7 @@ class Pipeline:
         self.device = device
         self.precision = precision
         self.name = name
+        self._text_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # token ids -> embedding
 
     @classmethod
     def load(
@@ -186,9 +189,24 @@ class Pipeline:
 
     # helpers -------------------------------------------------------------------------------------------------
     def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        encoder = self.components.text_encoder
-        out = encoder(input_ids=ids.to(self.device)).last_hidden_state  # [B, 77, 768]
-        return out.to(self.precision.unet)
+        """CLIP embeddings [B, 77, 768] of token ids [B, 77]; only the sequences not in the cache are encoded.
+
+        Services see the same texts again and again (a default negative prompt, "4 more like this"), and each
+        sequence's embedding depends on its tokens only, so cached rows are exactly what the encoder would give.
+        """
+        keys = [tuple(row) for row in ids.tolist()]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
+        if missing:
+            encoder = self.components.text_encoder
+            fresh = encoder(input_ids=torch.tensor(missing, device=self.device)).last_hidden_state
+            for key, row in zip(missing, fresh.to(self.precision.unet), strict=True):
+                self._text_cache[key] = row
+        out = torch.stack([self._text_cache[k] for k in keys])
+        for key in keys:
+            self._text_cache.move_to_end(key)
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return out
 
     def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 3, H, W] in [-1, 1] -> posterior (mean, std) of the scaled-less latents, float32."""

@@ -77,7 +77,8 @@ def test_job_of_a_killed_worker_is_rerun_by_the_next_worker(service: Service, re
     service.start_api()
     doomed = service.start_worker()
     service.wait_ready()
-    job = service.submit(**{**SMALL, "steps": 40}, seed=3)  # long enough to be killed mid-run
+    # long enough to be killed mid-run on any CPU: 150 steps (the API maximum) at 128x128
+    job = service.submit(**{**SMALL, "steps": 150, "width": 128, "height": 128}, seed=3)
 
     service.wait_for(lambda: service.job(job["id"])["progress"]["step"] >= 2, 60, "the slow job to be running")
     os.kill(doomed.pid, signal.SIGKILL)
@@ -93,4 +94,4 @@ def test_job_of_a_killed_worker_is_rerun_by_the_next_worker(service: Service, re
     rq_job = Job.fetch(job["id"], connection=Redis.from_url(redis_url))
     successes = [r for r in rq_job.results() if r.type == Result.Type.SUCCESSFUL]
     assert len(successes) == 1
-    assert download(service, done["images"][0]["url"]).size == (64, 64)
+    assert download(service, done["images"][0]["url"]).size == (128, 128)

@@ -200,3 +200,27 @@ def test_incompatible_requests_are_refused(pipe: Pipeline) -> None:
     b = GenerationRequest(prompt="b", width=W, height=H, steps=3)
     with pytest.raises(ValueError, match="cannot share a batch"):
         pipe.generate([a, b])
+
+
+def test_text_embeddings_are_cached_by_tokens(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = Pipeline.load(tiny_checkpoint, device="cpu", dtype="float32")
+    encoder = pipe.components.text_encoder
+    calls: list[int] = []
+    original = encoder.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", counting)
+    ids = pipe.tokenizer.tokenize(["a cat", "", "a dog", ""]).input_ids
+    first = pipe._encode_text(ids)
+    assert calls == [3]  # "" once
+    again = pipe._encode_text(ids[[2, 0]])
+    assert calls == [3] and torch.equal(again, first[[2, 0]])
+    with torch.inference_mode():
+        fresh = original(input_ids=ids).last_hidden_state
+    assert torch.allclose(first, fresh, atol=1e-5)
+    monkeypatch.setattr("model.pipeline.TEXT_CACHE_SIZE", 2)
+    pipe._encode_text(pipe.tokenizer.tokenize(["a bird"]).input_ids)
+    assert len(pipe._text_cache) == 2 and calls == [3, 1]  # least recently used texts dropped
