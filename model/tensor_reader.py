@@ -10,6 +10,7 @@ checkpoint whose fp32 weights are 4.3 GB).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -52,13 +53,24 @@ class _SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, staging: _Staging, dtype: torch.dtype | None) -> torch.Tensor:
+        """Tensor ``name``, converted to ``dtype`` (when given and floating point) on the CPU.
+
+        When a conversion is needed the file's bytes go to the reusable ``staging`` buffer first, so loading
+        allocates nothing but the converted tensors.
+        """
         entry = self.entries[name]
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
+        stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if stored is None:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        tensor = torch.empty(entry["shape"], dtype=dtype)
-        start, end = entry["data_offsets"]
+        convert = dtype is not None and stored.is_floating_point and dtype != stored
+        shape = entry["shape"]
+        tensor = staging.view(shape, stored) if convert else torch.empty(shape, dtype=stored)
+        self._read_into(tensor, name)
+        return tensor.to(dtype) if convert else tensor
+
+    def _read_into(self, tensor: torch.Tensor, name: str) -> None:
+        start, end = self.entries[name]["data_offsets"]
         if end > start:
             buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes
             offset, done = self.data_start + start, 0
@@ -67,7 +79,19 @@ class _SafetensorsFile:
                 if got <= 0:
                     raise CheckpointError(f"{self.path}: file ends inside tensor {name}")
                 done += got
-        return tensor
+
+
+class _Staging:
+    """One growable byte buffer that file data is read into before it is converted to another dtype."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+
+    def view(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        size = math.prod(shape) * dtype.itemsize
+        if self.buffer.numel() < size:
+            self.buffer = torch.empty(size, dtype=torch.uint8)
+        return self.buffer[:size].view(dtype).view(shape)
 
 
 class TensorReader:
@@ -78,9 +102,14 @@ class TensorReader:
         self.metadata: dict[str, str] = {}
         self._files: dict[str, _SafetensorsFile] = {}  # tensor name -> the file holding it
         self._loaded: dict[str, torch.Tensor] = {}  # pickles: memory-mapped by torch.load
+        self._staging = _Staging()
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._loaded[name] if name in self._loaded else self._files[name].read(name)
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` on the CPU; floating-point tensors converted to ``dtype`` when it is given."""
+        if name in self._files:
+            return self._files[name].read(name, self._staging, dtype)
+        tensor = self._loaded[name]
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
     def add(self, path: Path, stack: ExitStack, allow_pickle: bool) -> None:
         if path.suffix == ".safetensors":

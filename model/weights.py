@@ -104,8 +104,8 @@ def _materialize(part: _Part, device: torch.device, dtype: torch.dtype) -> None:
     expected = part.module.state_dict()
     state = {}
     for key, src in part.sources.items():
-        tensor = part.reader.get(src).reshape(expected[key].shape)
-        state[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        tensor = part.reader.get(src, dtype).reshape(expected[key].shape)
+        state[key] = tensor.to(device)
     part.module.load_state_dict(state, strict=True, assign=True)
     # non-persistent buffers are not in checkpoints and are still on the meta device: rebuild them
     for name, buffer in list(part.module.named_buffers()):
