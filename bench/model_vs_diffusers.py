@@ -149,6 +149,11 @@ def main() -> None:
            "diffusers (fp32)": peak_rss_mib(folder, "diffusers")}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["diffusers (fp32)"]
+
+    def paired(name: str) -> str:
+        ratios = [d / t for d, t in zip(times["diffusers (fp32)"], times[name], strict=True)]
+        return f"{min(ratios):.2f}x to {max(ratios):.2f}x, median {statistics.median(ratios):.2f}x"
+
     rows = [[k, f"{med[k]:.2f}", f"{base / med[k]:.2f}x", ", ".join(f"{t:.2f}" for t in times[k]), f"{rss[k]:.0f}"]
             for k in med]
     import diffusers
@@ -165,6 +170,8 @@ def main() -> None:
         f"the diffusers runs in this process get it too.\n\n"
         + markdown_table(["implementation", "seconds / image", "speed vs diffusers fp32", "runs (s)", "peak RSS MiB"],
                          rows)
+        + f"\n\nRun by run (each ours run against the diffusers run of the same round): ours (auto) "
+        f"{paired('ours (auto)')}; ours (fp32) {paired('ours (fp32)')}."
         + "\n\nTargets: ours (auto) >= 3x diffusers fp32; ours (fp32) >= 1.1x."
     )
     write_section("Model: sdqueue vs diffusers (CPU)", body)
