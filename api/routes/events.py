@@ -112,11 +112,11 @@ async def _frames(s: Services, job_id: str, last_event_id: str | None) -> AsyncI
     # The log's newest entry before the job is read: whatever the worker writes meanwhile comes after it.
     newest = await s.aredis.xrevrange(log_key, count=1)
     view = await _view(s, job_id)
-    if view is None:
+    if (ending := await _ending(s, view, job_id)) is not None:
+        for frame in ending:
+            yield frame
         return
-    if view.status.is_terminal():
-        yield await _final(s, view, job_id)
-        return
+    assert view is not None
     cursor = last_event_id or "0-0"
     if last_event_id is None and view.status is Status.queued:
         # Start after whatever the log holds (an earlier attempt's events, if the job was retried).
@@ -138,15 +138,22 @@ async def _frames(s: Services, job_id: str, last_event_id: str | None) -> AsyncI
                 last_write = loop.time()
         if reply:
             continue
-        view = await _view(s, job_id)
-        if view is None:
-            return
-        if view.status.is_terminal():
-            yield await _final(s, view, job_id)
+        if (ending := await _ending(s, await _view(s, job_id), job_id)) is not None:
+            for frame in ending:
+                yield frame
             return
         if loop.time() - last_write >= KEEPALIVE_S:
             yield ": keepalive\n\n"
             last_write = loop.time()
+
+
+async def _ending(s: Services, view: JobPublic | None, job_id: str) -> list[str] | None:
+    """None while the job is queued or running; else the frames that end its stream (none if the job is gone)."""
+    if view is None:
+        return []
+    if view.status.is_terminal():
+        return [await _final(s, view, job_id)]
+    return None
 
 
 async def _final(s: Services, view: JobPublic, job_id: str) -> str:
