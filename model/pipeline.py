@@ -192,7 +192,8 @@ class Pipeline:
         """CLIP embeddings [B, 77, 768] of token ids [B, 77]; only the sequences not in the cache are encoded.
 
         Services see the same texts again and again (a default negative prompt, "4 more like this"), and each
-        sequence's embedding depends on its tokens only, so cached rows are exactly what the encoder would give.
+        sequence's embedding depends on its own tokens only, so a cached row is what the encoder would give again
+        (up to float summation order in a differently sized batch).
         """
         keys = [tuple(row) for row in ids.tolist()]
         missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
