@@ -13,9 +13,9 @@ from pydantic import BaseModel, Field, ValidationError
 from redis import Redis
 from rq import Queue, Worker, worker_registration
 
-from core.imagefile import A1111_SAMPLERS
-from core.jobs import Sampler
 from core.queues import Keys
+from core.rules import SAMPLERS as SAMPLER_TABLE
+from core.rules import Sampler
 
 MODEL_FIELD = "sdq_model"
 
@@ -32,8 +32,8 @@ class SamplerList(BaseModel):
 
 
 SAMPLERS: list[SamplerInfo] = [
-    SamplerInfo(name=s, display_name=A1111_SAMPLERS[s.value], karras=s is not Sampler.ddim, eta=s is Sampler.ddim)
-    for s in Sampler
+    SamplerInfo(name=s, display_name=traits.a1111_name, karras=traits.karras, eta=traits.eta)
+    for s, traits in SAMPLER_TABLE.items()
 ]
 
 

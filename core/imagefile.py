@@ -26,13 +26,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from core.jobs import JobSpec, OutputFormat
+from core.rules import SAMPLERS
 
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-
-# A1111's display names for our samplers. Karras sigmas are written as "Schedule type: Karras" next to the sampler,
-# as A1111 1.9+ does (older versions wrote "DPM++ 2M Karras" as one name); sd-parsers reads it as the scheduler.
-A1111_SAMPLERS: dict[str, str] = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"}
 
 PARAMETERS_KEY = "parameters"
 SDQUEUE_KEY = "sdqueue"
@@ -75,14 +72,14 @@ def a1111_parameters(
     ``strength`` is the img2img / inpaint denoising strength (A1111's "Denoising strength"), None for txt2img.
     """
     p = spec.params
-    items: list[tuple[str, str]] = [("Steps", str(p.steps)), ("Sampler", A1111_SAMPLERS[p.sampler.value])]
-    if p.karras:
+    items: list[tuple[str, str]] = [("Steps", str(p.steps)), ("Sampler", SAMPLERS[p.sampler].a1111_name)]
+    if p.karras:  # as A1111 1.9+ writes it (older versions named the sampler "DPM++ 2M Karras")
         items.append(("Schedule type", "Karras"))
     items += [("CFG scale", f"{p.guidance_scale:g}"), ("Seed", str(seed)), ("Size", f"{p.width}x{p.height}")]
     if model.hash:
         items.append(("Model hash", model.hash))
     items.append(("Model", _quote(model.name)))
-    if p.sampler.value == "ddim" and p.eta:
+    if p.eta:  # DDIM only (core.rules)
         items.append(("Eta", f"{p.eta:g}"))
     if strength is not None:
         items.append(("Denoising strength", f"{strength:g}"))

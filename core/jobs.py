@@ -8,13 +8,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core import rules
+from core.rules import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, Sampler
 from core.webhooks import split_webhook_url
 
 MAX_PROMPT_CHARS = 4000
-MAX_SIDE = 2048
-MAX_STEPS = 150
-MAX_IMAGES = 8
-MAX_SEED = 2**32 - 1
 MAX_OUTPAINT = 1024
 MAX_WEBHOOK_CHARS = 2048
 
@@ -30,13 +28,6 @@ class Status(str, Enum):
         return self in (Status.succeeded, Status.failed, Status.canceled)
 
 
-class Sampler(str, Enum):
-    ddim = "ddim"
-    euler = "euler"
-    euler_a = "euler_a"
-    dpmpp_2m = "dpmpp_2m"
-
-
 class Priority(str, Enum):
     high = "high"
     normal = "normal"
@@ -50,12 +41,6 @@ WebhookEvent = Literal["start", "progress", "completed"]
 DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "completed")
 
 
-def _multiple_of_8(name: str, value: int) -> int:
-    if value % 8:
-        raise ValueError(f"{name} must be a multiple of 8, got {value}")
-    return value
-
-
 class GenerationParams(BaseModel):
     """Fields every task shares. Names follow AUTOMATIC1111 / diffusers."""
 
@@ -63,12 +48,12 @@ class GenerationParams(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, examples=["a photo of a cat"])
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    width: int = Field(512, ge=64, le=MAX_SIDE, description="Pixels, a multiple of 8.")
-    height: int = Field(512, ge=64, le=MAX_SIDE, description="Pixels, a multiple of 8.")
+    width: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8.")
+    height: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     steps: int = Field(30, ge=1, le=MAX_STEPS)
     # allow_inf_nan=False: a NaN would otherwise fail the range check with a misleading "should be <= 50".
     guidance_scale: float = Field(
-        7.5, ge=0.0, le=50.0, allow_inf_nan=False, description="Classifier-free guidance; 1 or less = off."
+        7.5, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance; 1 or less = off."
     )
     sampler: Sampler = Sampler.euler_a
     karras: bool = Field(False, description="Karras sigmas (euler, euler_a, dpmpp_2m).")
@@ -100,8 +85,19 @@ class GenerationParams(BaseModel):
 
     @field_validator("width", "height")
     @classmethod
-    def _check_multiple(cls, v: int | None, info: Any) -> int | None:
-        return None if v is None else _multiple_of_8(info.field_name, v)  # None: the input image's size (img2img)
+    def _check_side(cls, v: int | None, info: Any) -> int | None:
+        if v is not None:  # None: the input image's size (img2img)
+            rules.check_side(info.field_name, v)
+        return v
+
+    @field_validator("karras", "eta")
+    @classmethod
+    def _sampler_takes(cls, v: bool | float, info: Any) -> bool | float:
+        sampler = info.data.get("sampler")  # absent when the sampler itself was invalid
+        if sampler is not None:
+            option = {"karras": v} if info.field_name == "karras" else {"eta": v}
+            rules.check_sampler_options(sampler.value, **{"karras": False, "eta": 0.0, **option})
+        return v
 
     @field_validator("webhook")
     @classmethod
@@ -140,10 +136,10 @@ class Img2ImgRequest(GenerationParams):
     image: str = Field(min_length=1, description="The source image: " + _IMAGE_DOC)
     # None = the image's size, so these override the txt2img fields' type and default.
     width: int | None = Field(  # type: ignore[assignment]
-        None, ge=64, le=MAX_SIDE, description=_SIZE_DOC.format(side="width", edge="right")
+        None, ge=MIN_SIDE, le=MAX_SIDE, description=_SIZE_DOC.format(side="width", edge="right")
     )
     height: int | None = Field(  # type: ignore[assignment]
-        None, ge=64, le=MAX_SIDE, description=_SIZE_DOC.format(side="height", edge="bottom")
+        None, ge=MIN_SIDE, le=MAX_SIDE, description=_SIZE_DOC.format(side="height", edge="bottom")
     )
     resize_mode: ResizeMode = Field(
         "resize",
@@ -219,25 +215,19 @@ class JobSpec(BaseModel):
     mask_overlay: bool = False
 
     def seeds(self) -> list[int]:
-        """Image i uses seed + i, unwrapped, exactly as the pipeline seeds its generators."""
-        return [self.seed + i for i in range(self.params.n)]
+        return rules.image_seeds(self.seed, self.params.n)
 
-    def start_step(self) -> int:
-        """First denoising step that runs: 0 for txt2img, else steps - int(steps * strength) (as diffusers)."""
-        if self.task == "txt2img" or self.strength is None:
-            return 0
-        steps = self.params.steps
-        return steps - min(int(steps * self.strength), steps)
+    def denoising_strength(self) -> float:
+        """The share of the schedule that runs: 1 for txt2img."""
+        return 1.0 if self.task == "txt2img" or self.strength is None else self.strength
 
     def batch_key(self) -> str:
-        """Jobs with equal keys can run in one UNet batch (same task, size, sampler and schedule)."""
+        """Jobs with equal keys can run in one UNet batch (``core.rules.batch_key``)."""
         p = self.params
-        key = f"{self.task}:{p.width}x{p.height}:{p.sampler.value}:{int(p.karras)}:{p.steps}"
-        if self.task != "txt2img":
-            key += f":from{self.start_step()}"
-        if p.sampler is Sampler.ddim:
-            key += f":eta{p.eta:g}"  # the pipeline runs a batch with one eta
-        return key
+        return rules.batch_key(
+            task=self.task, width=p.width, height=p.height, sampler=p.sampler.value, karras=p.karras, steps=p.steps,
+            strength=self.denoising_strength(), eta=p.eta,
+        )
 
 
 class ImageRecord(BaseModel):

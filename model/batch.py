@@ -9,47 +9,82 @@ Nothing a row draws depends on its batch mates, so an image is the same alone or
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from model.images import image_to_tensor, mask_to_tensor
+from core import rules
 from model.requests import GenerationRequest, StepCallback, StepEvent
 from model.samplers import SamplingPlan, StepControl
 
-if TYPE_CHECKING:
-    from model.pipeline import Pipeline
+# (latents [B, C, h, w] in the UNet's dtype, timesteps [B], text context [B, 77, D]) -> ε [B, 4, h, w]
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Posterior = tuple[torch.Tensor, torch.Tensor]  # VAE posterior (mean, std) of one image, unscaled, float32
 
 
 class BatchCancelled(Exception):
     """Every request of the batch was cancelled: stop denoising."""
 
 
+@dataclass(frozen=True)
+class Denoiser:
+    """The model a batch runs at every step."""
+
+    unet: UNetFn
+    dtype: torch.dtype  # the UNet's input dtype
+    device: torch.device
+    inpaint9: bool  # a 9-channel inpainting UNet: latents + mask + masked-image latents
+    scaling_factor: float  # VAE latents -> UNet latents
+
+
+@dataclass(frozen=True)
+class InputNeeds:
+    """What the VAE must encode for a batch before it starts (the same for every request of one batch key)."""
+
+    image: bool  # the init image's posterior (img2img; inpaint by blending or at strength < 1)
+    masked: bool  # the masked image's posterior (9-channel inpainting UNet)
+    mask: bool  # the mask at latent size
+
+    @classmethod
+    def of(cls, first: GenerationRequest, inpaint9: bool) -> InputNeeds:
+        blend = first.task == "inpaint" and not inpaint9  # latent-mask blending on a standard UNet
+        full = first.denoising_strength >= 1.0
+        image = first.task == "img2img" or (first.task == "inpaint" and (blend or not full))
+        return cls(image=image, masked=inpaint9, mask=inpaint9 or blend)
+
+
+@dataclass
+class EncodedInputs:
+    """One request's inputs, ready for its rows: posteriors from the VAE and the mask at latent size."""
+
+    image: Posterior | None = None
+    masked: Posterior | None = None
+    mask: torch.Tensor | None = None  # [1, 1, h, w], 1 = repaint
+
+
 class Batch:
     def __init__(
         self,
-        pipe: Pipeline,
+        denoiser: Denoiser,
         requests: Sequence[GenerationRequest],
+        inputs: Sequence[EncodedInputs],
         cond: torch.Tensor,
         uncond: torch.Tensor,
         plan: SamplingPlan,
     ) -> None:
-        self.pipe = pipe
+        self.denoiser = denoiser
         self.plan = plan
         first = requests[0]
-        device = pipe.device
-        h, w = first.height // pipe.vae_scale, first.width // pipe.vae_scale
-        self.inpaint9 = pipe.is_inpaint
-        self.blend = first.task == "inpaint" and not self.inpaint9  # latent-mask blending on a standard UNet
-        strength_max = first.task == "txt2img" or first.strength >= 1.0
-        needs_image = first.task == "img2img" or (first.task == "inpaint" and (self.blend or not strength_max))
-        scale = pipe.components.scaling_factor
+        device = denoiser.device
+        h, w = first.height // rules.SIDE_MULTIPLE, first.width // rules.SIDE_MULTIPLE
+        self.inpaint9 = denoiser.inpaint9
+        self.blend = first.task == "inpaint" and not self.inpaint9
+        scale = denoiser.scaling_factor
 
         self.active_requests: list[int] = list(range(len(requests)))
         self.row_request = torch.tensor([k for k, r in enumerate(requests) for _ in range(r.n)], dtype=torch.long)
         self.generators = [
-            torch.Generator("cpu").manual_seed(r.seed + i) for r in requests for i in range(r.n)
+            torch.Generator("cpu").manual_seed(seed) for r in requests for seed in rules.image_seeds(r.seed, r.n)
         ]
         self.guidance = torch.tensor(
             [r.guidance_scale for r in requests for _ in range(r.n)], dtype=torch.float32, device=device
@@ -59,51 +94,31 @@ class Batch:
 
         noise, image_latents, masks, masked_latents = [], [], [], []
         row = 0
-        for r in requests:
-            pixels = self._pixels(r)  # [1, 3, H, W]
-            mask = self._mask(r)  # [1, 1, H, W], 1 = repaint
-            if needs_image:
-                mean, std = pipe.encode_image(pixels)
-            if self.inpaint9 or self.blend:
-                masks.append(F.interpolate(mask, size=(h, w)).to(device))
-            if self.inpaint9:
-                masked_mean, masked_std = pipe.encode_image(pixels * (mask < 0.5).to(pixels.dtype))
+        for r, encoded in zip(requests, inputs, strict=True):
+            if encoded.mask is not None:
+                masks.append(encoded.mask.to(device))
             for _ in range(r.n):
                 g = self.generators[row]
-                if needs_image:
-                    image_latents.append(scale * (mean + posterior_noise(g, std) * std))
+                if encoded.image is not None:
+                    image_latents.append(scale * posterior_sample(g, *encoded.image))
                 noise.append(torch.randn((1, 4, h, w), generator=g, dtype=torch.float32).to(device))
-                if self.inpaint9:
-                    masked_latents.append(scale * (masked_mean + posterior_noise(g, masked_std) * masked_std))
+                if encoded.masked is not None:
+                    masked_latents.append(scale * posterior_sample(g, *encoded.masked))
                 row += 1
         self.noise0 = torch.cat(noise)  # [rows, 4, h, w]
         self.image_latents = torch.cat(image_latents) if image_latents else None
-        self.start_latents = self.image_latents if not strength_max else None
+        self.start_latents = self.image_latents if first.denoising_strength < 1.0 else None
         self.masks = torch.cat(masks)[self.row_request.to(device)] if masks else None  # [rows, 1, h, w]
         self.masked_latents = torch.cat(masked_latents) if masked_latents else None
-
-    # inputs --------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _pixels(r: GenerationRequest) -> torch.Tensor:
-        if r.init_image is None:  # txt2img or img2img on an inpainting UNet: an empty (grey) canvas
-            return torch.zeros(1, 3, r.height, r.width)
-        return image_to_tensor(r.init_image, r.width, r.height)
-
-    @staticmethod
-    def _mask(r: GenerationRequest) -> torch.Tensor:
-        if r.task != "inpaint" or r.mask is None:  # an inpainting UNet asked for txt2img/img2img repaints all
-            return torch.ones(1, 1, r.height, r.width)
-        return mask_to_tensor(r.mask, r.width, r.height)
 
     # what the sampler calls ----------------------------------------------------------------------------------
     def eps(self, model_input: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """UNet noise prediction with classifier-free guidance for the rows whose scale is above 1."""
-        unet = self.pipe.components.unet
-        dtype = self.pipe.precision.unet
+        unet, dtype = self.denoiser.unet, self.denoiser.dtype
         x = model_input
         if self.inpaint9:
             x = torch.cat([x, self.masks, self.masked_latents], dim=1)  # type: ignore[list-item]
-        guided = torch.nonzero(self.guidance > 1.0).flatten()
+        guided = torch.nonzero(self.guidance > rules.GUIDANCE_OFF).flatten()
         k = guided.numel()
         inputs = torch.cat([x[guided], x]) if k else x
         context = torch.cat([self.uncond[guided], self.cond]) if k else self.cond
@@ -167,6 +182,7 @@ class Batch:
         return keep
 
 
-def posterior_noise(generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """A standard normal draw shaped like ``like`` (a VAE posterior sample's noise), from ``generator``."""
-    return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
+def posterior_sample(generator: torch.Generator, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A draw from the VAE posterior N(mean, std²), its noise from ``generator`` (on the CPU, as diffusers)."""
+    noise = torch.randn(std.shape, generator=generator, dtype=torch.float32).to(std.device)
+    return mean + noise * std

@@ -17,21 +17,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from model.batch import Batch, BatchCancelled
+from core import rules
+from model.batch import Batch, BatchCancelled, Denoiser, EncodedInputs, InputNeeds, Posterior
 from model.cpu_pack import can_prepack, prepack
 from model.device import Precision, keep_freed_memory, resolve_device, resolve_precision
-from model.images import latents_to_preview, tensor_to_images
+from model.images import image_to_tensor, latents_to_preview, mask_to_tensor, tensor_to_images
 from model.requests import GenerationRequest, GenerationResult, StepCallback
-from model.samplers import SAMPLERS, initial_latents, make_plan, sample
+from model.samplers import initial_latents, make_plan, sample
 from model.schedule import NoiseSchedule
 from model.tokenizer import ClipTokenizer
 from model.weights import Components, load_components
 
 log = logging.getLogger(__name__)
 
-MAX_STEPS = 1000
 VAE_SLICE = 4  # images decoded per VAE call: bounds memory at large sizes
 TEXT_CACHE_SIZE = 256  # text embeddings kept (118 KiB each in bf16, 236 KiB in fp32)
 
@@ -93,35 +94,27 @@ class Pipeline:
     def is_inpaint(self) -> bool:
         return self.components.is_inpaint
 
-    @property
-    def vae_scale(self) -> int:
-        return 8
-
     # 1. checks ---------------------------------------------------------------------------------------------
     def check(self, request: GenerationRequest) -> None:
-        """Raise ValueError naming the field and the rule when ``request`` cannot run on this model."""
+        """Raise ValueError naming the field and the rule when ``request`` cannot run (the rules of ``core.rules``,
+        which the API applies too)."""
         r = request
         if r.task not in ("txt2img", "img2img", "inpaint"):
             raise ValueError(f"task must be one of txt2img, img2img, inpaint; got {r.task!r}")
-        for field, value in (("width", r.width), ("height", r.height)):
-            if value < self.vae_scale or value % self.vae_scale:
-                raise ValueError(f"{field} must be a positive multiple of {self.vae_scale}, got {value}")
-        if not 1 <= r.steps <= MAX_STEPS:
-            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {r.steps}")
-        if r.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {r.sampler!r}")
-        if r.karras and r.sampler == "ddim":
-            raise ValueError("karras sigmas apply to euler, euler_a and dpmpp_2m, not ddim")
-        if not math.isfinite(r.guidance_scale) or r.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {r.guidance_scale}")
+        rules.check_side("width", r.width)
+        rules.check_side("height", r.height)
+        if not 1 <= r.steps <= rules.MAX_STEPS:
+            raise ValueError(f"steps must be between 1 and {rules.MAX_STEPS}, got {r.steps}")
+        if not math.isfinite(r.guidance_scale) or not 0 <= r.guidance_scale <= rules.MAX_GUIDANCE:
+            raise ValueError(f"guidance_scale must be a finite number in [0, {rules.MAX_GUIDANCE:g}], "
+                             f"got {r.guidance_scale}")
         if not 0.0 <= r.eta <= 1.0:
             raise ValueError(f"eta must be between 0 and 1, got {r.eta}")
-        if r.eta and r.sampler != "ddim":
-            raise ValueError(f"eta applies to the ddim sampler only, got eta {r.eta} with {r.sampler}")
-        if r.n < 1:
-            raise ValueError(f"n must be at least 1, got {r.n}")
-        if r.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {r.seed}")
+        rules.check_sampler_options(r.sampler, karras=r.karras, eta=r.eta)
+        if not 1 <= r.n <= rules.MAX_IMAGES:
+            raise ValueError(f"n must be between 1 and {rules.MAX_IMAGES}, got {r.n}")
+        if not 0 <= r.seed <= rules.MAX_SEED:
+            raise ValueError(f"seed must be between 0 and {rules.MAX_SEED}, got {r.seed}")
         if r.task != "txt2img":
             if not 0.0 <= r.strength <= 1.0:
                 raise ValueError(f"strength must be between 0 and 1, got {r.strength}")
@@ -149,10 +142,10 @@ class Pipeline:
             self.check(r)
         keys = {r.batch_key() for r in requests}
         if len(keys) > 1:
-            raise ValueError(f"requests cannot share a batch: they differ in (task, size, steps, sampler): {keys}")
+            raise ValueError(f"requests cannot share a batch: their batch keys differ: {sorted(keys)}")
         first = requests[0]
-        strength = 1.0 if first.task == "txt2img" else first.strength
-        plan = make_plan(self.schedule, first.sampler, first.steps, karras=first.karras, strength=strength)
+        plan = make_plan(self.schedule, first.sampler, first.steps, karras=first.karras,
+                         strength=first.denoising_strength)
 
         # 2. text
         tokens = self.tokenizer.tokenize([r.prompt for r in requests] + [r.negative_prompt for r in requests])
@@ -160,7 +153,8 @@ class Pipeline:
         cond, uncond = embeddings[: len(requests)], embeddings[len(requests):]
 
         # 3. latents, per image from its own generator
-        batch = Batch(self, requests, cond, uncond, plan)
+        inputs = self._encode_inputs(requests, InputNeeds.of(first, self.is_inpaint))
+        batch = Batch(self._denoiser(), requests, inputs, cond, uncond, plan)
         x = initial_latents(plan, batch.noise0, batch.start_latents)
         if plan.num_steps == 0:  # strength 0: nothing to denoise, the input comes back (through the VAE)
             final = x
@@ -180,7 +174,7 @@ class Pipeline:
             r = requests[req_index]
             results[req_index] = GenerationResult(
                 images=images[offset : offset + r.n],
-                seeds=[r.seed + i for i in range(r.n)],
+                seeds=rules.image_seeds(r.seed, r.n),
                 prompt_truncated=tokens.truncated[req_index],
                 negative_prompt_truncated=tokens.truncated[len(requests) + req_index],
             )
@@ -209,7 +203,33 @@ class Pipeline:
             self._text_cache.popitem(last=False)
         return out
 
-    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _denoiser(self) -> Denoiser:
+        c = self.components
+        return Denoiser(c.unet, self.precision.unet, self.device, c.is_inpaint, c.scaling_factor)
+
+    def _encode_inputs(self, requests: Sequence[GenerationRequest], needs: InputNeeds) -> list[EncodedInputs]:
+        """What each request's rows start from: its image's posteriors and its mask at latent size."""
+        out = []
+        for r in requests:
+            size = (r.height // rules.SIDE_MULTIPLE, r.width // rules.SIDE_MULTIPLE)
+            # Without an image (txt2img on an inpainting UNet): an empty (grey) canvas. Without a mask: repaint all.
+            pixels = torch.zeros(1, 3, r.height, r.width)
+            if r.init_image is not None:
+                pixels = image_to_tensor(r.init_image, r.width, r.height)  # [1, 3, H, W] in [-1, 1]
+            mask = torch.ones(1, 1, r.height, r.width)
+            if r.task == "inpaint" and r.mask is not None:
+                mask = mask_to_tensor(r.mask, r.width, r.height)  # [1, 1, H, W], 1 = repaint
+            encoded = EncodedInputs()
+            if needs.image:
+                encoded.image = self.encode_image(pixels)
+            if needs.mask:
+                encoded.mask = F.interpolate(mask, size=size)
+            if needs.masked:
+                encoded.masked = self.encode_image(pixels * (mask < 0.5).to(pixels.dtype))
+            out.append(encoded)
+        return out
+
+    def encode_image(self, pixels: torch.Tensor) -> Posterior:
         """[B, 3, H, W] in [-1, 1] -> posterior (mean, std) of the scaled-less latents, float32."""
         vae = self.components.vae
         mean, logvar = vae.encode(pixels.to(self.device, self.precision.vae))

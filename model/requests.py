@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
 
+from core import rules
+
 if TYPE_CHECKING:
     import torch
 
@@ -16,7 +18,7 @@ Task = Literal["txt2img", "img2img", "inpaint"]
 
 @dataclass
 class GenerationRequest:
-    """One user request: ``n`` images of one prompt. Image ``i`` uses seed ``seed + i``."""
+    """One user request: ``n`` images of one prompt (image seeds: ``core.rules.image_seeds``)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -34,16 +36,17 @@ class GenerationRequest:
     init_image: Image.Image | None = None  # img2img / inpaint source, RGB, width x height
     mask: Image.Image | None = None  # inpaint: white = repaint, black = keep; width x height
 
-    def batch_key(self) -> tuple[object, ...]:
-        """Requests with equal keys can share one batch (see ``Pipeline.generate``)."""
-        return (self.task, self.width, self.height, self.steps, self.sampler, self.karras, self.start_step())
+    @property
+    def denoising_strength(self) -> float:
+        """The share of the schedule that runs: ``strength`` for img2img / inpaint, 1 for txt2img."""
+        return 1.0 if self.task == "txt2img" else self.strength
 
-    def start_step(self) -> int:
-        """Index of the first denoising step that runs (0 for txt2img), as diffusers computes it."""
-        if self.task == "txt2img":
-            return 0
-        init_timestep = min(int(self.steps * self.strength), self.steps)
-        return max(self.steps - init_timestep, 0)
+    def batch_key(self) -> str:
+        """Requests with equal keys can share one batch (``core.rules.batch_key``, as the worker groups jobs)."""
+        return rules.batch_key(
+            task=self.task, width=self.width, height=self.height, sampler=self.sampler, karras=self.karras,
+            steps=self.steps, strength=self.denoising_strength, eta=self.eta,
+        )
 
 
 @dataclass

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core import rules
 from model.schedule import NoiseSchedule
 
-SAMPLERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m")
-KARRAS_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
 _VARIANCE_PRESERVING = ("ddim", "dpmpp_2m")
 _INTEGER_TIMESTEPS = ("ddim", "dpmpp_2m")  # diffusers rounds these samplers' timesteps to integers
 _KARRAS_RHO = 7.0
@@ -94,14 +93,11 @@ def make_plan(
     Strength 0 (or steps·strength < 1) gives a plan of zero steps whose start is the clean init latents;
     diffusers' img2img pipeline fails there instead (it noises the latents at an empty list of timesteps).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    rules.check_sampler_options(sampler, karras=karras, eta=0.0)
     if not 1 <= steps <= schedule.num_train_timesteps:
         raise ValueError(f"steps must be in [1, {schedule.num_train_timesteps}], got {steps}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    if karras and sampler not in KARRAS_SAMPLERS:
-        raise ValueError(f"karras sigmas apply to {', '.join(KARRAS_SAMPLERS)}, not {sampler!r}")
 
     train_sigmas = schedule.train_sigmas().numpy()  # float32, as diffusers interpolates them
     timesteps = _spaced_timesteps(schedule, steps, sampler)
@@ -130,7 +126,7 @@ def make_plan(
     else:
         init_noise_sigma = max_sigma
 
-    t_start = steps - min(int(steps * strength), steps)
+    t_start = rules.start_step(steps, strength)
     return SamplingPlan(
         sampler=sampler,
         timesteps=torch.from_numpy(timesteps[t_start:].astype(np.float32)),
@@ -160,9 +156,8 @@ def sample(
     """Run the plan from latents ``x``; returns the final latents (float32). Zero steps return ``x``."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    if eta != 0 and plan.sampler != "ddim":
-        raise ValueError(f"eta applies to the ddim sampler only, got eta={eta} with sampler {plan.sampler!r}")
-    step_fn = _STEP_FUNCTIONS[plan.sampler]
+    rules.check_sampler_options(plan.sampler, karras=False, eta=eta)
+    step_fn = STEP_FUNCTIONS[plan.sampler]
     x = x.to(torch.float32)
     memory: torch.Tensor | None = None
     for i in range(plan.num_steps):
@@ -257,7 +252,7 @@ def dpmpp_2m_step(
     return x, denoised
 
 
-_STEP_FUNCTIONS: dict[str, StepFn] = {
+STEP_FUNCTIONS: dict[str, StepFn] = {
     "ddim": ddim_step,
     "euler": euler_step,
     "euler_a": euler_ancestral_step,

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from core.rules import SAMPLER_NAMES
+
 log = logging.getLogger(__name__)
 
-SAMPLER_CHOICES = ("ddim", "euler", "euler_a", "dpmpp_2m")
+
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -23,7 +25,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="out.png", help="output PNG; with --n > 1 files are numbered")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="euler_a")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="euler_a")
     p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_a, dpmpp_2m)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")

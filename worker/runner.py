@@ -132,7 +132,7 @@ class BatchRunner:
 
     def run(self, items: Sequence[BatchItem], finish: Finish) -> None:
         """Give every item exactly one outcome through ``finish`` (called as soon as that item is done)."""
-        groups: dict[tuple[object, ...], list[BatchItem]] = {}
+        groups: dict[str, list[BatchItem]] = {}
         for item in items:
             groups.setdefault(item.request.batch_key(), []).append(item)
         for group in groups.values():

@@ -41,4 +41,4 @@ def test_generate_img2img_and_clear_errors(tiny_checkpoint: Path, tmp_path: Path
     missing = generate("x", "--checkpoint", str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "x.png"))
     assert missing.returncode == 2 and "nope.safetensors" in missing.stderr
     bad = generate("x", "--checkpoint", str(tiny_checkpoint), "--steps", "0", "-o", str(tmp_path / "x.png"))
-    assert bad.returncode == 2 and "steps must be between 1 and 1000, got 0" in bad.stderr
+    assert bad.returncode == 2 and "steps must be between 1 and 150, got 0" in bad.stderr

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image, ImageChops
 
 from core.jobs import GenerationParams, JobSpec, Sampler
 from core.storage import LocalStorage
 from model.requests import GenerationResult
+from model.samplers import make_plan
+from model.schedule import NoiseSchedule
 from tests.images import encode, noise_image, white_box
+from tests.model.reference import reference_scheduler
 from worker.inputs import paste_back
 from worker.runner import to_request
 
@@ -76,11 +82,23 @@ def test_paste_back_keeps_the_original_outside_the_mask_and_blends_its_soft_edge
 
 @pytest.mark.parametrize("steps", [1, 4, 10, 30])
 @pytest.mark.parametrize("strength", [0.0, 0.1, 0.25, 0.5, 0.75, 0.99, 1.0])
-def test_job_start_step_is_the_pipelines(storage: LocalStorage, steps: int, strength: float) -> None:
+def test_a_jobs_batch_key_holds_the_first_step_the_sampler_runs(
+    storage: LocalStorage, steps: int, strength: float
+) -> None:
     storage.put("job/input.png", encode(Image.new("RGB", (64, 64))), "image/png")
-    job = spec("img2img", steps=steps, strength=strength, mask_key=None)
-    assert job.start_step() == to_request(job, storage).start_step()
-    assert job.batch_key().endswith(f":from{job.start_step()}")
+    job = spec("img2img", steps=steps, strength=strength, mask_key=None, sampler=Sampler.ddim)
+    request = to_request(job, storage)
+    schedule = NoiseSchedule.sd15()
+    plan = make_plan(schedule, request.sampler, steps, strength=request.denoising_strength)
+    full = make_plan(schedule, request.sampler, steps)
+    # diffusers' img2img pipeline is the oracle for how many of the steps run at this strength
+    scheduler = reference_scheduler("ddim")
+    scheduler.set_timesteps(steps)
+    _, runs = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=scheduler), steps, strength, "cpu")
+    first = steps - runs
+    assert plan.num_steps == runs
+    assert torch.equal(plan.timesteps, full.timesteps[first:])
+    assert job.batch_key().endswith(f":from{first}:eta0")
 
 
 def test_batch_keys_separate_start_steps_and_ddim_etas() -> None:
@@ -90,3 +108,15 @@ def test_batch_keys_separate_start_steps_and_ddim_etas() -> None:
     ddim = [spec(sampler=Sampler.ddim, eta=eta).batch_key() for eta in (0.0, 0.0, 1.0)]
     assert ddim[0] == ddim[1] != ddim[2]
     assert spec("txt2img", strength=None).batch_key() == "txt2img:64x64:euler_a:0:10"
+
+
+@pytest.mark.parametrize(
+    "job",
+    [spec("txt2img", strength=None), spec("img2img", strength=0.5, mask_key=None), spec(strength=0.3),
+     spec("txt2img", strength=None, sampler=Sampler.ddim, eta=0.5)],
+    ids=["txt2img", "img2img", "inpaint", "ddim-eta"],
+)
+def test_the_pipeline_groups_a_job_by_the_key_the_batcher_used(storage: LocalStorage, job: JobSpec) -> None:
+    storage.put("job/input.png", encode(Image.new("RGB", (64, 64))), "image/png")
+    storage.put("job/mask.png", encode(Image.new("L", (64, 64))), "image/png")
+    assert to_request(job, storage).batch_key() == job.batch_key()

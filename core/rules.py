@@ -1,0 +1,98 @@
+"""The rules of a generation, each defined once: limits, the sampler table, image seeds, the img2img start step, and
+which jobs may share a batch.
+
+Plain Python (no pydantic, torch, Redis or settings), so every layer uses these same definitions: the API's request
+models (``core.jobs``), the worker, and the pipeline (``model/``), which checks a request again before it runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+MIN_SIDE = 64
+MAX_SIDE = 2048
+SIDE_MULTIPLE = 8  # the VAE maps 8x8 pixels to one latent
+MAX_STEPS = 150
+MAX_IMAGES = 8  # images of one request
+MAX_SEED = 2**32 - 1  # seeds of a request; image i uses seed + i, which may pass it
+MAX_GUIDANCE = 50.0
+GUIDANCE_OFF = 1.0  # a guidance scale at or below this runs without classifier-free guidance (one UNet pass)
+
+
+class Sampler(str, Enum):
+    ddim = "ddim"
+    euler = "euler"
+    euler_a = "euler_a"
+    dpmpp_2m = "dpmpp_2m"
+
+
+@dataclass(frozen=True)
+class SamplerTraits:
+    a1111_name: str  # the name AUTOMATIC1111 shows and writes into image metadata
+    karras: bool  # accepts Karras sigma spacing
+    eta: bool  # accepts a non-zero eta (stochastic DDIM)
+
+
+SAMPLERS: dict[Sampler, SamplerTraits] = {
+    Sampler.ddim: SamplerTraits("DDIM", karras=False, eta=True),
+    Sampler.euler: SamplerTraits("Euler", karras=True, eta=False),
+    Sampler.euler_a: SamplerTraits("Euler a", karras=True, eta=False),
+    Sampler.dpmpp_2m: SamplerTraits("DPM++ 2M", karras=True, eta=False),
+}
+SAMPLER_NAMES: tuple[str, ...] = tuple(s.value for s in SAMPLERS)
+
+
+def sampler(name: str) -> Sampler:
+    """The sampler called ``name``; ValueError listing the valid names otherwise."""
+    try:
+        return Sampler(name)
+    except ValueError:
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLER_NAMES)}") from None
+
+
+def check_sampler_options(name: str, *, karras: bool, eta: float) -> None:
+    """ValueError when ``karras`` or a non-zero ``eta`` is asked of a sampler that does not take it."""
+    s = sampler(name)
+    traits = SAMPLERS[s]
+    if karras and not traits.karras:
+        takes = ", ".join(k.value for k, t in SAMPLERS.items() if t.karras)
+        raise ValueError(f"karras sigmas apply to {takes}, not {s.value}")
+    if eta and not traits.eta:
+        takes = ", ".join(k.value for k, t in SAMPLERS.items() if t.eta)
+        raise ValueError(f"eta applies to {takes} only, got eta {eta:g} with {s.value}")
+
+
+def check_side(name: str, value: int) -> None:
+    """ValueError unless ``value`` is a multiple of SIDE_MULTIPLE in [MIN_SIDE, MAX_SIDE]."""
+    if not MIN_SIDE <= value <= MAX_SIDE:
+        raise ValueError(f"{name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {value}")
+    if value % SIDE_MULTIPLE:
+        raise ValueError(f"{name} must be a multiple of {SIDE_MULTIPLE}, got {value}")
+
+
+def image_seeds(seed: int, n: int) -> list[int]:
+    """The seed of each image of a request: image i uses seed + i, unwrapped (a CPU generator takes any of them)."""
+    return [seed + i for i in range(n)]
+
+
+def start_step(steps: int, strength: float) -> int:
+    """The first denoising step an img2img / inpaint run takes: the last int(steps * strength) steps run, as in
+    diffusers. Strength 1 starts at 0 (all steps, as txt2img); strength 0 starts at ``steps`` (none run)."""
+    return steps - min(int(steps * strength), steps)
+
+
+def batch_key(
+    *, task: str, width: int, height: int, sampler: str, karras: bool, steps: int, strength: float, eta: float
+) -> str:
+    """Requests with equal keys can run as one UNet batch: the same task, size, sampler and schedule.
+
+    Guidance, prompts, seeds and image counts may differ inside a batch; the first step (img2img) and DDIM's eta may
+    not, since the pipeline runs one schedule and one eta per batch. ``strength`` is ignored for txt2img.
+    """
+    key = f"{task}:{width}x{height}:{sampler}:{int(karras)}:{steps}"
+    if task != "txt2img":
+        key += f":from{start_step(steps, strength)}"
+    if sampler == Sampler.ddim.value:
+        key += f":eta{eta:g}"
+    return key
