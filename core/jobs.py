@@ -95,8 +95,8 @@ class GenerationParams(BaseModel):
     def _sampler_takes(cls, v: bool | float, info: Any) -> bool | float:
         sampler = info.data.get("sampler")  # absent when the sampler itself was invalid
         if sampler is not None:
-            option = {"karras": v} if info.field_name == "karras" else {"eta": v}
-            rules.check_sampler_options(sampler.value, **{"karras": False, "eta": 0.0, **option})
+            karras, eta = (bool(v), 0.0) if info.field_name == "karras" else (False, float(v))
+            rules.check_sampler_options(sampler.value, karras=karras, eta=eta)
         return v
 
     @field_validator("webhook")
