@@ -26,7 +26,18 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The browser tests need Debian's chromium and chromium-driver: installed here when run as root with apt-get;
+# otherwise the test fails and says what to install.
 test: lint
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "installing chromium and chromium-driver for the browser tests"; \
+	        DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	    else \
+	        echo "note: the browser tests need chromium and chromedriver: apt-get install chromium chromium-driver"; \
+	    fi; \
+	fi
 	$(BIN)/pytest -m "not slow"
 
 test-full: lint

@@ -9,7 +9,7 @@ no response ever has another shape. `responses()` documents the same in each rou
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -22,8 +22,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 _SOURCES = ("body", "query", "path", "header", "cookie")
 
 
+# The closed set of `type` values (an enum in the OpenAPI spec); `ERRORS` says which status answers each.
+ErrorType = Literal[
+    "bad_request", "unauthorized", "forbidden", "not_found", "method_not_allowed", "conflict", "idempotency_conflict",
+    "payload_too_large", "invalid_request", "rate_limited", "too_many_queued", "internal_error", "queue_full",
+    "unavailable",
+]
+ERROR_TYPES: tuple[ErrorType, ...] = get_args(ErrorType)
+
+
 class ErrorInfo(BaseModel):
-    type: str = Field(description="Stable category: one of the types listed in the README (e.g. `rate_limited`).")
+    type: ErrorType = Field(description="Stable category for code to branch on (e.g. `rate_limited`); the README's "
+                                        "error table says when each one is answered.")
     message: str = Field(description="What is wrong and the rule, for people.")
     field: str | None = Field(default=None, description="The request field at fault (dotted path or header), if any.")
 
@@ -35,7 +45,7 @@ class ErrorResponse(BaseModel):
 class ApiError(Exception):
     """Raise from a route or dependency to answer with `status_code` and the error shape."""
 
-    def __init__(self, status_code: int, type: str, message: str, field: str | None = None,
+    def __init__(self, status_code: int, type: ErrorType, message: str, field: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -44,7 +54,7 @@ class ApiError(Exception):
 
 
 # status -> (default type, OpenAPI description, {type: example message}). The README's error table mirrors this.
-ERRORS: dict[int, tuple[str, str, dict[str, str]]] = {
+ERRORS: dict[int, tuple[ErrorType, str, dict[ErrorType, str]]] = {
     400: ("bad_request", "The request cannot be read.", {"bad_request": "image key '../x' is not a storage key"}),
     401: ("unauthorized", "No API key, or an unknown one: send `Authorization: Bearer <key>`.",
           {"unauthorized": "missing API key: send 'Authorization: Bearer <key>'"}),
@@ -121,6 +131,12 @@ def unify_error_docs(spec: dict[str, Any]) -> dict[str, Any]:
 _FASTAPI_ERROR_REFS = ("#/components/schemas/HTTPValidationError",)
 
 
+def _default_type(status_code: int) -> ErrorType:
+    if status_code in ERRORS:
+        return ERRORS[status_code][0]
+    return "internal_error" if status_code >= 500 else "bad_request"
+
+
 def _example_field(error_type: str) -> str | None:
     return {"invalid_request": "width", "forbidden": "priority", "idempotency_conflict": "Idempotency-Key"}.get(
         error_type
@@ -156,8 +172,7 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
         # FastAPI answers 400 when a JSON body is not UTF-8 but 422 when it is not JSON: both are 422 here.
         info = ErrorInfo(type="invalid_request", message=f"body: not UTF-8 text ({exc.__cause__.reason})", field="body")
         return _answer(request, 422, info)
-    default_type = ERRORS.get(exc.status_code, ("error",))[0]
-    info = ErrorInfo(type=default_type, message=str(exc.detail))
+    info = ErrorInfo(type=_default_type(exc.status_code), message=str(exc.detail))
     return _answer(request, exc.status_code, info, exc.headers)
 
 

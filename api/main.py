@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import deps, errors
+from api import deps, docs, errors
 from api.auth import Authenticator
 from api.instrumentation import ApiMetrics, HttpMetricsMiddleware
 from api.intake import Services
@@ -23,12 +25,17 @@ from core import eventlog
 from core.queues import Keys, connect
 from core.settings import Settings, load_settings
 from core.storage import make_storage
-from sdqueue import __version__
 
 log = logging.getLogger(__name__)
 
 # What any route behind an API key may answer (routes add their own, and may describe these more closely).
 _PROTECTED_ERRORS = errors.responses(401, 503, described={503: "Redis is unreachable; retry after `Retry-After`."})
+
+
+def operation_id(route: APIRoute) -> str:
+    """OpenAPI operationIds are the route functions' names (`submit_txt2img`, `get_job`), so that SDKs generated
+    from the spec get those as method names; tests/api/test_openapi.py keeps them unique."""
+    return route.name
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -49,11 +56,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="sdqueue",
-        version=__version__,
+        version=version("sdqueue"),
         summary="Stable Diffusion 1.x jobs over HTTP: submit, follow, download.",
         description="Errors always have the shape `{\"error\": {\"type\", \"message\", \"field\"}}`. With auth on, "
         "every route but /healthz, /readyz, /metrics and the docs needs `Authorization: Bearer <API key>`.",
         lifespan=lifespan,
+        docs_url=None,  # served by `docs.add_docs` from local files instead of a CDN
+        redoc_url=None,
+        generate_unique_id_function=operation_id,
     )
     fastapi_openapi = app.openapi
     app.openapi = lambda: errors.unify_error_docs(fastapi_openapi())  # type: ignore[method-assign]
@@ -84,4 +94,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router, dependencies=[deps.AUTHENTICATED], responses=_PROTECTED_ERRORS)
     for module in (health, metrics):
         app.include_router(module.router)
+    docs.add_docs(app)  # also open: the pages, their files and /openapi.json
     return app

@@ -18,7 +18,10 @@ from rq import Queue, Retry, worker_registration
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
+from rq.registry import CanceledJobRegistry
 from rq.results import Result
+from rq.utils import now as rq_now
+from rq.utils import utcformat
 
 from core import eventlog
 from core.jobs import (
@@ -238,9 +241,16 @@ def job_view(redis: Redis, keys: Keys, storage: Storage, job: Job) -> JobPublic:
     elif status in (Status.succeeded, Status.failed):
         _add_outcome(view, job, storage)
     elif status is Status.canceled:
-        view.finished_at = _utc(job.ended_at)
+        view.finished_at = _utc(job.ended_at) or _canceled_at(redis, job, view.started_at or view.created_at)
     view.timings = _timings(view, view.timings.run_seconds)
     return view
+
+
+def _canceled_at(redis: Redis, job: Job, not_before: datetime) -> datetime | None:
+    """When RQ canceled a job that has no `ended_at` (one a worker dropped while running): the whole second RQ's
+    CanceledJobRegistry scored it with, but not before the job started, which it may have within that second."""
+    score = redis.zscore(CanceledJobRegistry(job.origin, connection=redis).key, job.id)
+    return max(datetime.fromtimestamp(score, timezone.utc), not_before) if score is not None else None
 
 
 def _add_outcome(view: JobPublic, job: Job, storage: Storage) -> None:
@@ -311,9 +321,11 @@ def cancel_job(redis: Redis, keys: Keys, job_id: str) -> CancelOutcome | None:
     if status in (JobStatus.DEFERRED, JobStatus.SCHEDULED) or (
         status is not JobStatus.STARTED and redis.lrem(Queue(job.origin, connection=redis).key, 0, job.id)
     ):
-        job.cancel()
-        # No worker saw it, so the API tells the job's event readers (SSE, Prefer: wait) itself.
-        with redis.pipeline(transaction=False) as pipe:
+        with redis.pipeline() as pipe:
+            job.cancel(pipeline=pipe)
+            # RQ's cancel records no end time; `finished_at` is read from `ended_at`, as for other ended jobs.
+            pipe.hset(job.key, "ended_at", utcformat(rq_now()))
+            # No worker saw it, so the API tells the job's event readers (SSE, Prefer: wait) itself.
             eventlog.record(pipe, keys, job.id, eventlog.message("canceled", job.id, {"reason": "canceled"}))
             pipe.execute()
         return CancelOutcome.canceled

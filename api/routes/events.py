@@ -74,7 +74,7 @@ class EventStreamResponse(StreamingResponse):
         **errors.responses(404, 422, described={422: "Last-Event-ID is not an id this stream sent."}),
     },
 )
-async def job_events(
+async def stream_job_events(
     job_id: str,
     caller: CallerDep,
     services: ServicesDep,

@@ -11,6 +11,6 @@ router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-def metrics(m: MetricsDep) -> Response:
+def get_metrics(m: MetricsDep) -> Response:
     """HTTP requests and latency by route, jobs submitted, queue depth per queue, live workers."""
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

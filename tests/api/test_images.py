@@ -3,11 +3,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from core.storage import LocalStorage
+from tests.api.conftest import LiveServer
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 
@@ -39,6 +41,34 @@ def test_stored_image_is_served_with_its_type(client: TestClient, storage: Local
 
 def test_missing_image_is_404(client: TestClient) -> None:
     assert client.get("/v1/images/job1/9.png").status_code == 404
+
+
+@pytest.mark.parametrize(("name", "content_type"), [("0.png", "image/png"), ("1.jpg", "image/jpeg"),
+                                                    ("2.webp", "image/webp")])
+def test_head_of_an_image_gives_its_type_and_size_without_the_bytes(
+    live_server: LiveServer, name: str, content_type: str
+) -> None:
+    storage = live_server.app.state.storage
+    storage.put(f"job1/{name}", PNG, content_type)  # the bytes do not matter: the type comes from the name
+    url = f"{live_server.url}/v1/images/job1/{name}"
+    with httpx.Client() as http:
+        head, get = http.head(url), http.get(url)
+    assert head.status_code == get.status_code == 200
+    assert head.headers["content-type"] == get.headers["content-type"] == content_type
+    assert head.headers["content-length"] == get.headers["content-length"] == str(len(PNG))
+    assert head.content == b""
+    assert get.content == PNG
+
+
+@pytest.mark.parametrize(("key", "status"), [("job1/9.png", 404), ("..%2fsecret.txt", 400)])
+def test_head_refuses_what_get_refuses(live_server: LiveServer, secret: Path, key: str, status: int) -> None:
+    url = f"{live_server.url}/v1/images/{key}"
+    with httpx.Client() as http:
+        head, get = http.head(url), http.get(url)
+    assert head.status_code == get.status_code == status
+    assert head.headers["content-type"] == get.headers["content-type"] == "application/json"
+    assert head.content == b""
+    assert get.json()["error"]["type"] == ("not_found" if status == 404 else "bad_request")
 
 
 @pytest.mark.parametrize(
