@@ -1,27 +1,16 @@
-"""The sdqueue worker: an in-process RQ worker (``rq.SimpleWorker``, no fork per job) that runs batches of jobs.
+"""The sdqueue worker: RQ's ``work()`` loop (``worker.rq_adapter``) with a turn that runs one batch of jobs.
 
-RQ's own ``work()`` loop drives it; this class changes what one turn of that loop does. States (``Phase``):
+States (``Phase``):  starting -> idle -> collecting -> running -> idle -> ...  (SIGTERM: finish the batch, stopping)
 
-    starting -> idle -> collecting -> running -> idle -> ...        (SIGTERM: finish the batch, then stopping)
-
-- idle: ``dequeue_job_and_maintain_ttl`` waits on the priority queues with RQ's normal dequeue (highest priority
-  first), heartbeating the worker and running registry maintenance every ``SDQ_HEARTBEAT_S``.
-- collecting: the dequeued job is the head of the batch; the batcher adds compatible waiting jobs (``batcher.py``).
-- running: every job is marked started and heartbeated (``bookkeeping.py``), run through the pipeline
-  (``runner.py``) and finalized on its own as soon as its outcome is known.
-
-Crash safety comes from RQ, with its timings tightened from minutes to seconds:
-- each running job holds a lease in RQ's StartedJobRegistry of 3 heartbeats, renewed every heartbeat by a thread;
-- every worker runs RQ's registry cleanup every heartbeat (under RQ's maintenance lock, held for at most one lease
-  instead of RQ's 15 minutes), which re-enqueues the jobs of a dead worker (RQ ``Retry``) once their lease expired.
-So a SIGKILLed worker's jobs are queued again within about 4 heartbeats (20 s at the default 5 s).
-SIGTERM (RQ's warm shutdown) finishes the running batch, claims no new job, and returns from ``work()``.
+``run_turn`` is the whole turn, top to bottom: claim the head job RQ dequeued, collect compatible waiting jobs
+(``batcher``), mark them started (``rq_adapter.Bookkeeper``), read their inputs, run them through the pipeline
+(``runner``: one call, split on out-of-memory, one by one on other errors), then finalize each job as soon as its
+outcome is known: write its images (``tasks.build_result``), record the outcome in RQ, announce it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from enum import Enum
@@ -29,25 +18,19 @@ from typing import Any
 
 import redis.exceptions
 from redis import Redis
-from rq import worker_registration
-from rq.command import handle_command, parse_payload
-from rq.exceptions import DequeueTimeout
 from rq.job import Job
 from rq.queue import Queue
-from rq.registry import clean_registries
-from rq.utils import now
-from rq.worker import SimpleWorker, WorkerStatus
 
 from core.catalog import publish_model
 from core.jobs import JobSpec
 from core.queue_stats import record_pipeline_call
-from core.queues import JOB_FUNC
 from core.settings import Settings
 from core.webhook_queue import WebhookNotifier
 from worker.batcher import Batcher, Claim, job_spec
-from worker.bookkeeping import Bookkeeper, ExcInfo, Heartbeat, RunningJob
+from worker.heartbeat import Heartbeat
 from worker.metrics import WorkerMetrics
 from worker.model_info import describe_model
+from worker.rq_adapter import Bookkeeper, RQWorker, RunningJob
 from worker.runner import BatchItem, BatchRunner, CallStats, Done, Error, Outcome, current_exc_info, to_request
 from worker.tasks import Resident, build_result
 
@@ -62,7 +45,7 @@ class Phase(str, Enum):
     stopping = "stopping"
 
 
-class BatchWorker(SimpleWorker):
+class BatchWorker(RQWorker):
     def __init__(
         self,
         queues: Sequence[str],
@@ -73,189 +56,74 @@ class BatchWorker(SimpleWorker):
         metrics: WorkerMetrics,
         name: str | None = None,
     ) -> None:
-        # Set before RQ's __init__, which sizes the connection's socket timeout from dequeue_timeout.
-        self.heartbeat_s = settings.heartbeat_s
-        self.lease_s = 3 * settings.heartbeat_s
-        super().__init__(
-            list(queues),
-            name=name,
-            connection=connection,
-            worker_ttl=self.lease_s,
-            maintenance_interval=settings.heartbeat_s,
-            job_monitoring_interval=settings.heartbeat_s,
-            log_job_description=False,  # the description holds the prompt: keep it out of the logs
-        )
+        super().__init__(queues, connection=connection, heartbeat_s=settings.heartbeat_s, name=name)
         self.phase = Phase.starting
         self.resident = resident
         self.model = describe_model(resident.pipe, settings.checkpoint)
         self.metrics = metrics
-        self.keys = resident.keys
         self.webhooks = WebhookNotifier(connection, settings, resident.storage)  # queues deliveries, never sends
-        self.books = Bookkeeper(self, self.keys, self.lease_s, webhooks=self.webhooks)
+        self.books = Bookkeeper(self, resident.keys, self.lease_s, webhooks=self.webhooks)
         self.batcher = Batcher(
             connection, self.queues, max_images=settings.max_batch_images, window_s=settings.batch_window_ms / 1000
         )
         self.runner = BatchRunner(
             resident.pipe,
             connection,
-            self.keys,
+            resident.keys,
             death_penalty_class=self.death_penalty_class,
-            stop_requests=lambda: set(self._stop_ids),
+            stop_requests=lambda: set(self.stop_ids),
             observe=self._observe,
             webhooks=self.webhooks,
         )
-        self._batch_ids: set[str] = set()
-        self._stop_ids: set[str] = set()  # RQ stop-job commands received for jobs of the running batch
 
-    @property
-    def stop_requested(self) -> bool:
-        """Whether a warm shutdown (SIGTERM/SIGINT) was asked for."""
-        return self._stop_requested
-
-    # RQ hooks: registration --------------------------------------------------------------------------------
-    def register_birth(self) -> None:
-        super().register_birth()
+    def on_birth(self) -> None:
         # GET /v1/models reads the model from the worker's own hash, so the entry lives and dies with the worker.
         publish_model(self.connection, self.key, self.model)
 
-    # RQ hooks: timings -------------------------------------------------------------------------------------
-    @property
-    def dequeue_timeout(self) -> int:
-        # The idle wait is cut into heartbeat-long slices, so maintenance (abandoned-job recovery) runs that often.
-        return self.heartbeat_s
-
-    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        # RQ keeps a worker's key for worker_ttl + 60 s; one lease is enough for /readyz to forget a dead worker.
-        super().heartbeat(timeout or self.lease_s, pipeline=pipeline)
-
-    def clean_registries(self) -> None:
-        """RQ's registry maintenance, under a lock that expires after one lease (RQ's lasts 15 minutes, so a worker
-        killed while cleaning would stop abandoned-job recovery for that long)."""
-        for queue in self.queues:
-            if self.connection.set(queue.registry_cleaning_key, self.name, nx=True, ex=self.lease_s):
-                clean_registries(queue, self._exc_handlers)
-                worker_registration.clean_worker_registry(queue)
-                queue.intermediate_queue.cleanup(self, queue)
-                queue.release_maintenance_lock()
-        self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ's __init__ types it as None
-
-    # RQ hooks: shutdown and commands -----------------------------------------------------------------------
-    def _shutdown(self) -> None:
-        # Called from the SIGTERM/SIGINT handler. RQ raises StopRequested here when idle, which can land between
-        # a dequeue and the job's start and lose the job; a flag is safe anywhere, and the idle wait is short.
-        self._stop_requested = True
-        log.info("warm shutdown requested: finishing the current batch, then exiting")
-
-    def handle_payload(self, message: dict[Any, Any]) -> None:
-        """RQ's worker commands; ``stop-job`` also reaches jobs of the batch other than the first."""
-        payload = parse_payload(message)
-        job_id = payload.get("job_id")
-        if payload.get("command") == "stop-job" and job_id in self._batch_ids:
-            self._stop_ids.add(job_id)
-            log.info("stop requested for job %s: it leaves its batch at the next step", job_id)
-            return
-        handle_command(self, payload)
-
-    # idle ----------------------------------------------------------------------------------------------------
-    def dequeue_job_and_maintain_ttl(
-        self, timeout: int | None, max_idle_time: int | None = None
-    ) -> tuple[Job, Queue] | None:
-        """RQ's dequeue loop, returning None (leave ``work()``) once a warm shutdown was requested."""
+    def on_idle(self) -> None:
         self._enter(Phase.idle)
-        self.set_state(WorkerStatus.IDLE)
-        self.procline("Listening on " + ",".join(self.queue_names()))
-        idle_until = math.inf if max_idle_time is None else time.monotonic() + max_idle_time
-        backoff = 1.0
-        while not self._stop_requested:
-            try:
-                self.heartbeat()
-                if self.should_run_maintenance_tasks:
-                    self.run_maintenance_tasks()
-                wait = timeout
-                if wait is not None and idle_until < math.inf:
-                    wait = max(1, min(wait, math.ceil(idle_until - time.monotonic())))
-                result = self.queue_class.dequeue_any(
-                    self._ordered_queues,
-                    wait,
-                    connection=self.connection,
-                    job_class=self.job_class,
-                    serializer=self.serializer,
-                    death_penalty_class=self.death_penalty_class,
-                )
-            except DequeueTimeout:
-                if time.monotonic() >= idle_until:
-                    return None
-                continue
-            except redis.exceptions.ConnectionError as exc:
-                log.error("Redis unreachable (%s): retrying in %.0f s", exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, self.max_connection_wait_time)
-                continue
-            if result is None:  # burst mode: the queues are empty
-                return None
-            job, queue = result
-            if self._stop_requested:
-                # The shutdown signal arrived while this job was being popped: give it back, first in line.
-                with self.connection.pipeline() as pipe:
-                    queue.push_job_id(job.id, pipeline=pipe, at_front=True)
-                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # where RQ's single-queue dequeue puts it
-                    pipe.execute()
-                return None
-            return job, queue
-        return None
 
-    # one batch -----------------------------------------------------------------------------------------------
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        if job.func_name != JOB_FUNC:
-            super().execute_job(job, queue)  # a plain RQ job on our queues runs the plain RQ way
-            return
+    # one turn ------------------------------------------------------------------------------------------------
+    def run_turn(self, job: Job, queue: Queue) -> None:
+        """Run the batch headed by ``job``: every job of it ends with exactly one outcome."""
         self._enter(Phase.collecting)
-        self.set_state(WorkerStatus.BUSY)
         try:
+            # 1. claim the head (it may have been canceled, or started by another worker, since RQ popped it)
             if not self.batcher.take_head(job, queue):
                 log.info("job %s is no longer queued (canceled or started elsewhere): skipped", job.id)
                 return
-            claims = self.batcher.collect(Claim(job, queue), should_stop=lambda: self._stop_requested)
-            self._run_batch(claims)
+            # 2. collect compatible waiting jobs, within the batch window
+            claims = self.batcher.collect(Claim(job, queue), should_stop=lambda: self.stop_requested)
+            specs = [_spec_or_error(claim) for claim in claims]
+            # 3. mark them started: RQ records, meta.started_at, `running` events, start webhooks
+            batch_images = sum(s.params.n for s in specs if isinstance(s, JobSpec))
+            runs = self.books.start(claims, batch_images)
+            self.batch_ids = {run.id for run in runs}
+            self._enter(Phase.running)
+            log.info("batch of %d jobs, %d images", len(runs), batch_images)
+            with Heartbeat(self.books, self.heartbeat_s) as heartbeat:
+                heartbeat.track(runs)
+                # 4. read each job's inputs; a job the model cannot run fails alone, before the batch
+                items = []
+                for run, spec in zip(runs, specs, strict=True):
+                    if isinstance(spec, Error):  # no readable spec: it fails alone, with the parse error
+                        self._finalize(heartbeat, run, None, spec)
+                        continue
+                    try:
+                        request = to_request(spec, self.resident.storage)  # reads img2img / inpaint inputs
+                        self.resident.pipe.check(request)
+                    except Exception:
+                        self._finalize(heartbeat, run, None, Error(current_exc_info()))
+                        continue
+                    items.append(BatchItem(run, spec, request))
+                # 5. run them; each job's outcome comes back as soon as it is known
+                for item, outcome in self.runner.run(items):
+                    # 6. write its images, record the outcome in RQ, announce it
+                    self._finalize(heartbeat, item.run, item.spec, outcome)
         finally:
-            self._batch_ids, self._stop_ids = set(), set()
-            self._enter(Phase.stopping if self._stop_requested else Phase.idle)
-            self.set_state(WorkerStatus.IDLE)
+            self._enter(Phase.stopping if self.stop_requested else Phase.idle)
 
-    def _run_batch(self, claims: list[Claim]) -> None:
-        specs: list[JobSpec | ExcInfo] = []
-        for claim in claims:
-            try:
-                specs.append(job_spec(claim.job))
-            except Exception:
-                specs.append(current_exc_info())
-        batch_images = sum(s.params.n for s in specs if isinstance(s, JobSpec))
-        runs = self.books.start(claims, batch_images)
-        self._batch_ids = {run.id for run in runs}
-        self._enter(Phase.running)
-        log.info("batch of %d jobs, %d images", len(runs), batch_images)
-        with Heartbeat(self.books, self.heartbeat_s) as heartbeat:
-            heartbeat.track(runs)
-            items = []
-            for run, spec in zip(runs, specs, strict=True):
-                if not isinstance(spec, JobSpec):  # no readable spec: it fails alone with the parse error
-                    self._finish(heartbeat, run, None, Error(spec))
-                    continue
-                try:
-                    request = to_request(spec, self.resident.storage)  # reads img2img / inpaint inputs
-                    self.resident.pipe.check(request)  # a job the model cannot run fails alone, before the batch
-                except Exception:
-                    self._finish(heartbeat, run, None, Error(current_exc_info()))
-                    continue
-                items.append(BatchItem(run, spec, request))
-
-            def finish(item: BatchItem, outcome: Outcome) -> None:
-                self._finish(heartbeat, item.run, item.spec, outcome)
-
-            self.runner.run(items, finish)
-        self.books.end_batch()
-
-    def _finish(self, heartbeat: Heartbeat, run: RunningJob, spec: JobSpec | None, outcome: Outcome) -> None:
+    def _finalize(self, heartbeat: Heartbeat, run: RunningJob, spec: JobSpec | None, outcome: Outcome) -> None:
         """Finalize one job, unless it stopped being ours (recovered elsewhere after a missed lease, or canceled)."""
         if not self.books.renew_lease(run):
             heartbeat.untrack(run)
@@ -295,7 +163,7 @@ class BatchWorker(SimpleWorker):
     def _observe(self, call: CallStats) -> None:
         self.metrics.pipeline_call(call.images, call.steps, call.steps_per_second, call.seconds)
         try:
-            record_pipeline_call(self.connection, self.keys, call.seconds, call.images, call.jobs)
+            record_pipeline_call(self.connection, self.resident.keys, call.seconds, call.images, call.jobs)
         except redis.exceptions.RedisError:
             log.warning("could not record queue statistics", exc_info=True)
 
@@ -304,3 +172,11 @@ class BatchWorker(SimpleWorker):
             log.debug("worker %s: %s -> %s", self.name, self.phase.value, phase.value)
             self.phase = phase
         self.metrics.busy.set(1 if phase in (Phase.collecting, Phase.running) else 0)
+
+
+def _spec_or_error(claim: Claim) -> JobSpec | Error:
+    """The job's spec; a job without a readable one fails alone, with the parse error."""
+    try:
+        return job_spec(claim.job)
+    except Exception:
+        return Error(current_exc_info())

@@ -28,9 +28,9 @@ from core.queues import Keys
 from core.storage import Storage
 from core.webhook_queue import WebhookNotifier
 from model.requests import GenerationRequest, GenerationResult
-from worker.bookkeeping import ExcInfo, RunningJob
 from worker.inputs import load_inputs, paste_back
 from worker.progress import DropReason, ReportedJob, StepReporter
+from worker.rq_adapter import ExcInfo, RunningJob
 
 if TYPE_CHECKING:
     from model.pipeline import Pipeline
@@ -70,8 +70,17 @@ class Dropped:
     reason: DropReason
 
 
+@dataclass(frozen=True)
+class Retry:
+    """After a failed call: outcomes that are final, and the parts to run again."""
+
+    final: list[tuple[BatchItem, Outcome]]
+    parts: list[list[BatchItem]]
+    free_memory: bool = False  # out of memory: collect garbage before the parts run
+
+
 Outcome = Done | Error | Dropped
-Finish = Callable[[BatchItem, Outcome], None]
+Finished = Iterator[tuple[BatchItem, Outcome]]  # each item once, with its outcome, as soon as it is known
 # Called after every pipeline call that produced images, with what it ran and how fast.
 CallObserver = Callable[["CallStats"], None]
 
@@ -130,15 +139,15 @@ class BatchRunner:
         self.observe = observe
         self.webhooks = webhooks
 
-    def run(self, items: Sequence[BatchItem], finish: Finish) -> None:
-        """Give every item exactly one outcome through ``finish`` (called as soon as that item is done)."""
+    def run(self, items: Sequence[BatchItem]) -> Finished:
+        """Yield every item exactly once with its outcome, as soon as that item is done."""
         groups: dict[str, list[BatchItem]] = {}
         for item in items:
             groups.setdefault(item.request.batch_key(), []).append(item)
         for group in groups.values():
-            self._run(group, finish)
+            yield from self._run(group)
 
-    def _run(self, items: list[BatchItem], finish: Finish) -> None:
+    def _run(self, items: list[BatchItem]) -> Finished:
         reporter = StepReporter(
             self.connection,
             self.keys,
@@ -148,35 +157,24 @@ class BatchRunner:
             webhooks=self.webhooks,
         )
         started = time.monotonic()
+        retry: Retry | None = None
         try:
             with self._deadline(items):
                 results = self.pipe.generate([item.request for item in items], callback=reporter)
         except JobTimeoutException:
             exc_info = current_exc_info()
             for item in items:
-                finish(item, Error(exc_info))
+                yield item, Error(exc_info)  # they ran out of time together
             return
         except Exception as exc:
-            exc_info = current_exc_info()
-            # Jobs dropped before the error stay dropped; the others are retried.
-            pending = [item for i, item in enumerate(items) if i not in reporter.dropped]
-            for i, reason in reporter.dropped.items():
-                finish(items[i], Dropped(reason))
-            if len(pending) == 1:
-                finish(pending[0], Error(exc_info))
-            elif pending and is_out_of_memory(exc):
-                del exc, exc_info  # the traceback pins the failed call's tensors
+            retry = self._after_failure(items, reporter, exc)
+        if retry is not None:
+            # Past the except block, so the exception's traceback no longer pins the failed call's tensors.
+            if retry.free_memory:
                 release_memory()
-                first, second = halves(pending)
-                log.warning("out of memory on %d images: retrying as %d + %d",
-                            images(pending), images(first), images(second))
-                self._run(first, finish)
-                self._run(second, finish)
-            elif pending:
-                log.warning("batch of %d jobs failed (%s: %s): running them one by one",
-                            len(pending), type(exc).__name__, exc)
-                for item in pending:
-                    self._run([item], finish)
+            yield from retry.final
+            for part in retry.parts:
+                yield from self._run(part)
             return
         seconds = time.monotonic() - started
         done = [(item, result) for item, result in zip(items, results, strict=True) if result is not None]
@@ -184,9 +182,26 @@ class BatchRunner:
             self.observe(CallStats(seconds, images(items), len(items), reporter.steps, reporter.steps_per_second()))
         for i, (item, result) in enumerate(zip(items, results, strict=True)):
             if result is None:
-                finish(item, Dropped(reporter.dropped.get(i, "canceled")))
+                yield item, Dropped(reporter.dropped.get(i, "canceled"))
             else:
-                finish(item, Done(paste_back(item.spec, item.request, result), seconds))
+                yield item, Done(paste_back(item.spec, item.request, result), seconds)
+
+    def _after_failure(self, items: list[BatchItem], reporter: StepReporter, exc: Exception) -> Retry:
+        """What a call that raised leaves: jobs dropped before the error stay dropped, a lone job fails, the others
+        run again (split in halves on out-of-memory, else one by one, so only the faulty job fails)."""
+        final: list[tuple[BatchItem, Outcome]] = [(items[i], Dropped(why)) for i, why in reporter.dropped.items()]
+        pending = [item for i, item in enumerate(items) if i not in reporter.dropped]
+        if len(pending) == 1:
+            return Retry([*final, (pending[0], Error(current_exc_info()))], [])
+        if pending and is_out_of_memory(exc):
+            first, second = halves(pending)
+            log.warning("out of memory on %d images: retrying as %d + %d",
+                        images(pending), images(first), images(second))
+            return Retry(final, [first, second], free_memory=True)
+        if pending:
+            log.warning("batch of %d jobs failed (%s: %s): running them one by one",
+                        len(pending), type(exc).__name__, exc)
+        return Retry(final, [[item] for item in pending])
 
     @contextlib.contextmanager
     def _deadline(self, items: list[BatchItem]) -> Iterator[None]:

@@ -96,6 +96,43 @@ def test_out_of_memory_splits_the_batch_until_it_fits(redis: Redis, settings: Se
     assert metrics.batch_size._sum.get() == 8
 
 
+class FailsWith:
+    """The real pipeline, except that any call holding the prompt ``poison`` raises, as a job-specific fault would."""
+
+    def __init__(self, pipe: Any, poison: str) -> None:
+        self.pipe = pipe
+        self.poison = poison
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def generate(self, requests: Sequence[GenerationRequest], callback: Callable[..., Any] | None = None
+                 ) -> list[GenerationResult | None]:
+        self.calls.append(len(requests))
+        if any(r.prompt == self.poison for r in requests):
+            raise RuntimeError("the UNet produced NaNs")
+        return self.pipe.generate(requests, callback)
+
+
+def test_a_job_that_breaks_its_batch_fails_alone(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
+    good = [submit(redis, settings, seed=30 + i) for i in range(2)]
+    poisoned = submit(redis, settings, prompt="poison", seed=40)
+    later = submit(redis, settings, seed=50)
+    pipe = FailsWith(tiny_pipe, "poison")
+
+    burst(redis, settings, pipe)
+
+    for spec in [*good, later]:
+        job = Job.fetch(spec.id, connection=redis)
+        assert job.get_status() == JobStatus.FINISHED, job.meta.get("error")
+        assert max_pixel_diff(stored_images(settings.data_dir, spec.id), solo_images(tiny_pipe, spec)) <= 1
+    job = Job.fetch(poisoned.id, connection=redis)
+    assert job.get_status() == JobStatus.FAILED
+    assert job.meta["error"] == {"type": "RuntimeError", "message": "the UNet produced NaNs"}
+    assert pipe.calls == [4, 1, 1, 1, 1]  # the batch, then each of its jobs alone
+
+
 def test_rq_stop_job_command_stops_one_job_of_the_batch(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
     keep = submit(redis, settings, steps=30, seed=5)
     stop = submit(redis, settings, steps=30, seed=6)

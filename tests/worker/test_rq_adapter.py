@@ -23,7 +23,8 @@ from core.queues import Keys
 from core.settings import Settings
 from tests.worker.conftest import make_settings, submit
 from worker.batcher import Batcher, Claim
-from worker.bookkeeping import Bookkeeper, Heartbeat, RunningJob
+from worker.heartbeat import Heartbeat
+from worker.rq_adapter import Bookkeeper, RunningJob
 
 LEASE_S = 3
 
@@ -156,6 +157,7 @@ def test_each_job_is_finalized_on_its_own(redis: Redis, keys: Keys, settings: Se
     job = Job.fetch(canceled.id, connection=redis)
     assert job.get_status() == JobStatus.CANCELED
     assert job.results() == []
+    assert job.started_at is not None and job.ended_at is not None and job.ended_at >= job.started_at
     assert canceled.id in CanceledJobRegistry(name, connection=redis)
 
     job = Job.fetch(stopped.id, connection=redis)

@@ -1,13 +1,13 @@
-"""Per-job RQ bookkeeping for a batch: start, heartbeat, and finalize each job on its own, on RQ's own APIs.
+"""Everything that touches RQ's internals lives here: the worker's RQ hooks and the per-job records of a batch.
 
 RQ runs one job per worker (rq#928): ``prepare_execution`` / ``prepare_job_execution`` mark it started,
 ``maintain_heartbeats`` keeps it alive and ``handle_job_success`` / ``handle_job_failure`` finish it. A batch holds
-several jobs at once, so this module does the same steps per job, with one RQ ``Execution`` per job:
+several jobs at once, so ``Bookkeeper`` does the same steps per job, with one RQ ``Execution`` per job:
 
 - start: ``Execution.create`` (StartedJobRegistry entry scored now + lease), ``Job.prepare_for_execution`` (status
   started, started_at, worker name), removal from RQ's intermediate list, ``meta.started_at``, a ``running`` event;
-- heartbeat: every ``SDQ_HEARTBEAT_S`` a thread pushes every running job's registry score to now + lease (the lease is
-  3 heartbeats), so a batch of any length keeps its jobs, and a dead worker's jobs expire within one lease;
+- heartbeat: every ``SDQ_HEARTBEAT_S`` (``worker.heartbeat``) every running job's registry score goes to now + lease
+  (the lease is 3 heartbeats), so a batch of any length keeps its jobs, and a dead worker's expire within one lease;
 - finalize: success through RQ's ``handle_job_success`` (result, FinishedJobRegistry), failure with the job's own
   exception (FailedJobRegistry, exc info), cancel (``Job.cancel``: CanceledJobRegistry) or stop (status stopped, as
   RQ's stop-job command leaves it).
@@ -18,12 +18,20 @@ re-enqueues those), since re-running a job that raised on its own input gives th
 Exactly once: before a job is finalized its lease is renewed with ``ZADD XX CH``, which succeeds only if the
 registry entry is still there. If it is gone, the registry cleanup already gave the job to another worker (this
 worker was presumed dead) or it was canceled, and this worker drops its result.
+
+``RQWorker`` is ``rq.SimpleWorker`` (no fork per job) with RQ's timings tightened from minutes to seconds and a
+shutdown that never drops a job; its subclass decides what one turn does (``run_turn``).
+- each running job holds a lease in RQ's StartedJobRegistry of 3 heartbeats, renewed every heartbeat by a thread;
+- every worker runs RQ's registry cleanup every heartbeat (under RQ's maintenance lock, held for at most one lease
+  instead of RQ's 15 minutes), which re-enqueues the jobs of a dead worker (RQ ``Retry``) once their lease expired.
+So a SIGKILLed worker's jobs are queued again within about 4 heartbeats (20 s at the default 5 s).
+SIGTERM (RQ's warm shutdown) finishes the running batch, claims no new job, and returns from ``work()``.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import math
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -31,14 +39,20 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import redis.exceptions
+from redis import Redis
+from rq import worker_registration
+from rq.command import handle_command, parse_payload
+from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
-from rq.utils import now
-from rq.worker import BaseWorker
+from rq.registry import clean_registries
+from rq.utils import now, utcformat
+from rq.worker import BaseWorker, SimpleWorker, WorkerStatus
 
 from core.jobs import JobError
-from core.queues import Keys
+from core.queues import JOB_FUNC, Keys
 from core.webhook_queue import WebhookNotifier
 from worker.batcher import Claim
 from worker.events import Canceled, Failed, JobEvent, Running, Succeeded, publish
@@ -96,9 +110,6 @@ class Bookkeeper:
                 runs.append(RunningJob(job, claim.queue, execution))
             pipe.execute()
         return runs
-
-    def end_batch(self) -> None:
-        self.worker.set_current_job_id(None)
 
     # heartbeat ---------------------------------------------------------------------------------------------
     def heartbeat(self, runs: Iterable[RunningJob]) -> None:
@@ -158,6 +169,7 @@ class Bookkeeper:
         with self.connection.pipeline() as pipe:
             if job.get_status() != JobStatus.CANCELED:  # the API may have canceled it through RQ already
                 job.cancel(pipeline=pipe)
+            pipe.hset(job.key, "ended_at", utcformat(now()))  # RQ's cancel records no end; finished_at reads it
             run.execution.delete(job=job, pipeline=pipe)
             pipe.execute()
         self._announce(job, Canceled(job.id, reason="canceled"))
@@ -203,39 +215,140 @@ class Bookkeeper:
         pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
 
 
-class Heartbeat:
-    """A thread that heartbeats the jobs of the running batch every ``interval_s`` (torch releases the GIL)."""
+class RQWorker(SimpleWorker):
+    """An in-process RQ worker whose turn (``run_turn``) runs a batch of sdqueue jobs."""
 
-    def __init__(self, books: Bookkeeper, interval_s: float) -> None:
-        self.books = books
-        self.interval_s = interval_s
-        self._runs: dict[str, RunningJob] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sdq-heartbeat", daemon=True)
+    def __init__(self, queues: Sequence[str], *, connection: Redis, heartbeat_s: int, name: str | None = None) -> None:
+        # Set before RQ's __init__, which sizes the connection's socket timeout from dequeue_timeout.
+        self.heartbeat_s = heartbeat_s
+        self.lease_s = 3 * heartbeat_s
+        super().__init__(
+            list(queues),
+            name=name,
+            connection=connection,
+            worker_ttl=self.lease_s,
+            maintenance_interval=heartbeat_s,
+            job_monitoring_interval=heartbeat_s,
+            log_job_description=False,  # the description holds the prompt: keep it out of the logs
+        )
+        self.batch_ids: set[str] = set()  # jobs of the running batch
+        self.stop_ids: set[str] = set()  # RQ stop-job commands received for jobs of the running batch
 
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a warm shutdown (SIGTERM/SIGINT) was asked for."""
+        return self._stop_requested
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def run_turn(self, job: Job, queue: Queue) -> None:
+        """One batch, headed by ``job`` (RQ dequeued it from ``queue``)."""
+        raise NotImplementedError
 
-    def track(self, runs: Iterable[RunningJob]) -> None:
-        with self._lock:
-            self._runs.update((run.id, run) for run in runs)
+    def on_birth(self) -> None:
+        """Called right after RQ registered the worker."""
 
-    def untrack(self, run: RunningJob) -> None:
-        """Stop heartbeating ``run`` (before it is finalized; waits for a heartbeat in flight)."""
-        with self._lock:
-            self._runs.pop(run.id, None)
+    def on_idle(self) -> None:
+        """Called when the worker starts waiting for a job."""
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            with self._lock:
-                try:
-                    self.books.heartbeat(list(self._runs.values()))
-                except Exception:
-                    # A missed beat is survivable (the lease is three beats); the next one retries.
-                    log.exception("heartbeat failed")
+    # turn ----------------------------------------------------------------------------------------------------
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if job.func_name != JOB_FUNC:
+            super().execute_job(job, queue)  # a plain RQ job on our queues runs the plain RQ way
+            return
+        self.set_state(WorkerStatus.BUSY)
+        try:
+            self.run_turn(job, queue)
+        finally:
+            self.batch_ids, self.stop_ids = set(), set()
+            self.set_current_job_id(None)
+            self.set_state(WorkerStatus.IDLE)
+
+    # RQ hooks: registration --------------------------------------------------------------------------------
+    def register_birth(self) -> None:
+        super().register_birth()
+        self.on_birth()
+
+    # RQ hooks: timings -------------------------------------------------------------------------------------
+    @property
+    def dequeue_timeout(self) -> int:
+        # The idle wait is cut into heartbeat-long slices, so maintenance (abandoned-job recovery) runs that often.
+        return self.heartbeat_s
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        # RQ keeps a worker's key for worker_ttl + 60 s; one lease is enough for /readyz to forget a dead worker.
+        super().heartbeat(timeout or self.lease_s, pipeline=pipeline)
+
+    def clean_registries(self) -> None:
+        """RQ's registry maintenance, under a lock that expires after one lease (RQ's lasts 15 minutes, so a worker
+        killed while cleaning would stop abandoned-job recovery for that long)."""
+        for queue in self.queues:
+            if self.connection.set(queue.registry_cleaning_key, self.name, nx=True, ex=self.lease_s):
+                clean_registries(queue, self._exc_handlers)
+                worker_registration.clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ's __init__ types it as None
+
+    # RQ hooks: shutdown and commands -----------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        # Called from the SIGTERM/SIGINT handler. RQ raises StopRequested here when idle, which can land between
+        # a dequeue and the job's start and lose the job; a flag is safe anywhere, and the idle wait is short.
+        self._stop_requested = True
+        log.info("warm shutdown requested: finishing the current batch, then exiting")
+
+    def handle_payload(self, message: dict[Any, Any]) -> None:
+        """RQ's worker commands; ``stop-job`` also reaches jobs of the batch other than the first."""
+        payload = parse_payload(message)
+        job_id = payload.get("job_id")
+        if payload.get("command") == "stop-job" and job_id in self.batch_ids:
+            self.stop_ids.add(job_id)
+            log.info("stop requested for job %s: it leaves its batch at the next step", job_id)
+            return
+        handle_command(self, payload)
+
+    # idle ----------------------------------------------------------------------------------------------------
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's dequeue loop, returning None (leave ``work()``) once a warm shutdown was requested."""
+        self.on_idle()
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("Listening on " + ",".join(self.queue_names()))
+        idle_until = math.inf if max_idle_time is None else time.monotonic() + max_idle_time
+        backoff = 1.0
+        while not self._stop_requested:
+            try:
+                self.heartbeat()
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                wait = timeout
+                if wait is not None and idle_until < math.inf:
+                    wait = max(1, min(wait, math.ceil(idle_until - time.monotonic())))
+                result = self.queue_class.dequeue_any(
+                    self._ordered_queues,
+                    wait,
+                    connection=self.connection,
+                    job_class=self.job_class,
+                    serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
+                )
+            except DequeueTimeout:
+                if time.monotonic() >= idle_until:
+                    return None
+                continue
+            except redis.exceptions.ConnectionError as exc:
+                log.error("Redis unreachable (%s): retrying in %.0f s", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.max_connection_wait_time)
+                continue
+            if result is None:  # burst mode: the queues are empty
+                return None
+            job, queue = result
+            if self._stop_requested:
+                # The shutdown signal arrived while this job was being popped: give it back, first in line.
+                with self.connection.pipeline() as pipe:
+                    queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # where RQ's single-queue dequeue puts it
+                    pipe.execute()
+                return None
+            return job, queue
+        return None
