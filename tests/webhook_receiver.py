@@ -1,5 +1,6 @@
 """A webhook receiver for tests: an HTTP server on a free loopback port that records every request and answers with
-the status codes it was given, in order (the last one repeats)."""
+the status codes it was given, in order (the last one repeats). `verified_json` checks a request's signature the way
+a receiver would, with the Standard Webhooks reference library, independently of `core.webhooks`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from standardwebhooks.webhooks import Webhook
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,12 @@ class Received:
     path: str
     headers: dict[str, str]  # lower-case names
     body: bytes
+
+
+def verified_json(secret: str, request: Received) -> Any:
+    """The request's JSON body, once `standardwebhooks` has verified its headers and signature against ``secret``
+    (a ``whsec_...`` secret) and its timestamp against this clock; raises its WebhookVerificationError otherwise."""
+    return Webhook(secret).verify(request.body, request.headers)
 
 
 class WebhookReceiver:

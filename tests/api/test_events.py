@@ -1,4 +1,5 @@
-"""`GET /v1/jobs/{id}/events` over a real Redis, with the worker's events written as the worker writes them.
+"""`GET /v1/jobs/{id}/events` over a real Redis, with the worker's records and events written as a worker does
+(RQ's own records through its worker APIs: tests/rq_worker_side.py).
 
 (The test client hands over a streamed body when the stream ends, so a thread plays the worker meanwhile. The
 end-to-end tests follow a real worker with a real HTTP client, disconnects included.)
@@ -15,13 +16,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
-from rq import Queue
-from rq.job import Job, JobStatus
-from rq.results import Result
 
 from api.routes import events as events_route
-from core import eventlog
 from core.queues import Keys
+from tests.rq_worker_side import TakenJob, take
 
 TINY = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 4}
 
@@ -41,45 +39,43 @@ def stream_id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-class FakeWorker:
-    """Writes a job's state and events the way the worker does (state first, then the event)."""
+class WorkerSide:
+    """One job's worker side: RQ's own records and the worker's events (tests/rq_worker_side.py)."""
 
     def __init__(self, redis: Redis, keys: Keys, job_id: str) -> None:
         self.redis, self.keys, self.job_id = redis, keys, job_id
-
-    def event(self, name: str, **data: Any) -> str:
-        eventlog.record(self.redis, self.keys, self.job_id, eventlog.message(name, self.job_id, data))
-        return str(self.redis.xrevrange(self.keys.event_log(self.job_id), count=1)[0][0].decode())
+        self.taken: TakenJob | None = None
 
     def start(self) -> str:
-        job = Job.fetch(self.job_id, connection=self.redis)
-        Queue(job.origin, connection=self.redis).remove(self.job_id)
-        job.set_status(JobStatus.STARTED)
-        return self.event("running", started_at="2025-01-01T00:00:00+00:00", batch_images=1)
+        self.taken = take(self.redis, self.keys, self.job_id)
+        return self.taken.running_event_id
 
     def progress(self, step: int) -> str:
-        return self.event("progress", step=step, total=4, percent=25.0 * step, eta_seconds=0.1)
+        assert self.taken is not None, "start the job first"
+        return self.taken.progress(step, 4)
 
     def succeed(self, *, announce: bool = True) -> None:
-        job = Job.fetch(self.job_id, connection=self.redis)
-        Result.create(job, Result.Type.SUCCESSFUL, ttl=600, return_value={"images": []})
-        job.set_status(JobStatus.FINISHED)
-        if announce:
-            self.event("succeeded", images=[])
+        assert self.taken is not None, "start the job first"
+        self.taken.succeed({"images": [], "warnings": [], "timings": {"run_seconds": 0.1}}, announce=announce)
 
 
 @pytest.fixture
-def job(client: TestClient, redis: Redis, keys: Keys) -> FakeWorker:
-    return FakeWorker(redis, keys, client.post("/v1/txt2img", json=TINY).json()["id"])
+def job(client: TestClient, redis: Redis, keys: Keys) -> WorkerSide:
+    return WorkerSide(redis, keys, client.post("/v1/txt2img", json=TINY).json()["id"])
 
 
 @pytest.fixture
-def later() -> Iterator[Callable[[Callable[[], Any]], None]]:
-    """Run a function in a thread after 0.3 s (while the test client waits on the stream)."""
+def later() -> Iterator[Callable[..., None]]:
+    """Run functions in order in a thread after 0.3 s (while the test client waits on the stream)."""
     threads: list[threading.Thread] = []
 
-    def run(fn: Callable[[], Any]) -> None:
-        thread = threading.Thread(target=lambda: (time.sleep(0.3), fn()))
+    def run(*fns: Callable[[], object]) -> None:
+        def in_order() -> None:
+            time.sleep(0.3)
+            for fn in fns:
+                fn()
+
+        thread = threading.Thread(target=in_order)
         thread.start()
         threads.append(thread)
 
@@ -88,9 +84,9 @@ def later() -> Iterator[Callable[[Callable[[], Any]], None]]:
         thread.join()
 
 
-def test_a_client_gets_queued_running_progress_and_the_finished_job(client: TestClient, job: FakeWorker,
+def test_a_client_gets_queued_running_progress_and_the_finished_job(client: TestClient, job: WorkerSide,
                                                                      later: Any) -> None:
-    later(lambda: (job.start(), job.progress(1), job.progress(2), job.succeed()))
+    later(job.start, lambda: job.progress(1), lambda: job.progress(2), job.succeed)
     r = client.get(f"/v1/jobs/{job.job_id}/events")
 
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -105,12 +101,12 @@ def test_a_client_gets_queued_running_progress_and_the_finished_job(client: Test
     assert final["id"] == job.job_id and final["status"] == "succeeded"  # the whole job, as GET shows it
 
 
-def test_reconnecting_with_last_event_id_resumes_after_it(client: TestClient, job: FakeWorker,
+def test_reconnecting_with_last_event_id_resumes_after_it(client: TestClient, job: WorkerSide,
                                                           later: Any) -> None:
     job.start()
     seen = job.progress(1)
     job.progress(2)
-    later(lambda: (job.progress(3), job.succeed()))
+    later(lambda: job.progress(3), job.succeed)
     r = client.get(f"/v1/jobs/{job.job_id}/events", headers={"Last-Event-ID": seen})
 
     frames = parse(r.text)
@@ -120,7 +116,7 @@ def test_reconnecting_with_last_event_id_resumes_after_it(client: TestClient, jo
     assert all(stream_id(f["id"]) > stream_id(seen) for f in frames)
 
 
-def test_an_ended_job_gets_only_its_final_event(client: TestClient, job: FakeWorker) -> None:
+def test_an_ended_job_gets_only_its_final_event(client: TestClient, job: WorkerSide) -> None:
     job.start()
     job.progress(4)
     job.succeed()
@@ -130,7 +126,7 @@ def test_an_ended_job_gets_only_its_final_event(client: TestClient, job: FakeWor
         assert frames[0]["id"] == job.redis.xrevrange(job.keys.event_log(job.job_id), count=1)[0][0].decode()
 
 
-def test_canceling_a_queued_job_ends_its_stream(client: TestClient, job: FakeWorker, later: Any) -> None:
+def test_canceling_a_queued_job_ends_its_stream(client: TestClient, job: WorkerSide, later: Any) -> None:
     later(lambda: client.post(f"/v1/jobs/{job.job_id}/cancel"))
     frames = parse(client.get(f"/v1/jobs/{job.job_id}/events").text)
 
@@ -138,7 +134,7 @@ def test_canceling_a_queued_job_ends_its_stream(client: TestClient, job: FakeWor
     assert frames[-1]["data"]["status"] == "canceled"
 
 
-def test_a_job_that_ends_without_an_event_still_ends_the_stream(client: TestClient, job: FakeWorker, later: Any,
+def test_a_job_that_ends_without_an_event_still_ends_the_stream(client: TestClient, job: WorkerSide, later: Any,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(events_route, "POLL_S", 0.2)
     job.start()
@@ -149,6 +145,6 @@ def test_a_job_that_ends_without_an_event_still_ends_the_stream(client: TestClie
     assert frames[-1]["data"]["status"] == "succeeded"
 
 
-def test_a_malformed_last_event_id_is_422(client: TestClient, job: FakeWorker) -> None:
+def test_a_malformed_last_event_id_is_422(client: TestClient, job: WorkerSide) -> None:
     r = client.get(f"/v1/jobs/{job.job_id}/events", headers={"Last-Event-ID": "yesterday"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "last-event-id"

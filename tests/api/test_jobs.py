@@ -1,20 +1,21 @@
-"""Reading and canceling jobs, with the worker's side of the contract written the way a worker writes it."""
+"""Reading and canceling jobs, with the worker's side of the contract written by RQ itself (tests/rq_worker_side.py)."""
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timedelta, timezone
-from typing import Any
+from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
-from rq.job import Job, JobStatus
-from rq.results import Result
+from rq.job import Job
 
+from api.main import create_app
 from core.queue_stats import record_pipeline_call
 from core.queues import Keys
+from core.settings import load_settings
+from tests.rq_worker_side import take
 
 TINY = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 4, "seed": 7}
 
@@ -24,16 +25,6 @@ def job_id(client: TestClient) -> str:
     return str(client.post("/v1/txt2img", json={**TINY, "n": 2}).json()["id"])
 
 
-def start(redis: Redis, job_id: str, **meta: Any) -> Job:
-    """What a worker does when it takes a job into a batch."""
-    job = Job.fetch(job_id, connection=redis)
-    Queue(job.origin, connection=redis).remove(job_id)
-    job.set_status(JobStatus.STARTED)
-    job.meta.update(meta)
-    job.save_meta()
-    return job
-
-
 def test_unknown_job_is_404(client: TestClient, redis: Redis) -> None:
     assert client.get("/v1/jobs/0123456789abcdef").status_code == 404
     assert client.get("/v1/jobs/not:an:rq:id").status_code == 404
@@ -41,26 +32,28 @@ def test_unknown_job_is_404(client: TestClient, redis: Redis) -> None:
     assert client.get("/v1/jobs/foreign").status_code == 404
 
 
-def test_running_job_shows_progress_and_start_time(client: TestClient, redis: Redis, job_id: str) -> None:
-    started = datetime.now(timezone.utc)
-    start(redis, job_id, started_at=started.isoformat(), progress={"step": 2, "total": 4, "percent": 50.0,
-                                                                  "eta_seconds": 0.5})
-    job = client.get(f"/v1/jobs/{job_id}").json()
+def test_running_job_shows_progress_and_start_time(client: TestClient, redis: Redis, keys: Keys,
+                                                   job_id: str) -> None:
+    before = datetime.now(timezone.utc)
+    job = take(redis, keys, job_id)
+    job.progress(2, 4, eta_seconds=0.5)
 
-    assert job["status"] == "running"
-    assert job["progress"] == {"step": 2, "total": 4, "percent": 50.0, "eta_seconds": 0.5}
-    assert job["queue_position"] is None
-    assert datetime.fromisoformat(job["started_at"]) == started
-    assert job["timings"]["queue_seconds"] >= 0 and job["timings"]["run_seconds"] is None
+    body = client.get(f"/v1/jobs/{job_id}").json()
+
+    assert body["status"] == "running"
+    assert body["progress"] == {"step": 2, "total": 4, "percent": 50.0, "eta_seconds": 0.5}
+    assert body["queue_position"] is None
+    assert datetime.fromisoformat(body["started_at"]) == datetime.fromisoformat(job.job.meta["started_at"])
+    assert before <= datetime.fromisoformat(body["started_at"]) <= datetime.now(timezone.utc)
+    assert body["timings"]["queue_seconds"] >= 0 and body["timings"]["run_seconds"] is None
 
 
-def test_succeeded_job_lists_image_urls_seeds_and_timings(client: TestClient, redis: Redis, job_id: str) -> None:
-    job = start(redis, job_id, started_at=datetime.now(timezone.utc).isoformat())
+def test_succeeded_job_lists_image_urls_seeds_and_timings(client: TestClient, redis: Redis, keys: Keys,
+                                                          job_id: str) -> None:
     images = [{"key": f"{job_id}/{i}.png", "seed": 7 + i, "width": 64, "height": 64, "content_type": "image/png"}
               for i in range(2)]
-    value = {"images": images, "warnings": ["prompt truncated to 77 CLIP tokens"], "timings": {"run_seconds": 1.25}}
-    Result.create(job, Result.Type.SUCCESSFUL, ttl=600, return_value=value)
-    job.set_status(JobStatus.FINISHED)
+    take(redis, keys, job_id).succeed({"images": images, "warnings": ["prompt truncated to 77 CLIP tokens"],
+                                       "timings": {"run_seconds": 1.25, "pipeline_seconds": 1.0}})
 
     body = client.get(f"/v1/jobs/{job_id}").json()
 
@@ -75,26 +68,29 @@ def test_succeeded_job_lists_image_urls_seeds_and_timings(client: TestClient, re
     assert body["finished_at"] is not None and body["error"] is None
 
 
-def test_failed_job_reports_the_workers_reason(client: TestClient, redis: Redis, job_id: str) -> None:
-    job = start(redis, job_id, error={"type": "ValueError", "message": "prompt is empty after tokenization"})
-    Result.create(job, Result.Type.FAILED, ttl=600, exc_string="Traceback ...\nValueError: prompt is empty")
-    job.set_status(JobStatus.FAILED)
+def test_failed_job_reports_the_workers_reason(client: TestClient, redis: Redis, keys: Keys, job_id: str) -> None:
+    take(redis, keys, job_id).fail(ValueError("prompt is empty after tokenization"))
 
     body = client.get(f"/v1/jobs/{job_id}").json()
 
     assert body["status"] == "failed"
     assert body["error"] == {"type": "ValueError", "message": "prompt is empty after tokenization"}
-    assert body["images"] == []
+    assert body["images"] == [] and body["finished_at"] is not None
 
 
-def test_failed_job_without_a_reason_shows_rqs_last_line(client: TestClient, redis: Redis, job_id: str) -> None:
-    job = start(redis, job_id)
-    Result.create(job, Result.Type.FAILED, ttl=600, exc_string="Moved to FailedJobRegistry, due to AbandonedJobError")
-    job.set_status(JobStatus.FAILED)
+def test_a_job_whose_last_worker_died_shows_rqs_reason(redis_url: str, tmp_path: Path, redis: Redis,
+                                                        keys: Keys) -> None:
+    """No retries left: RQ's registry cleanup fails the job as abandoned, and its last line is the reason."""
+    settings = load_settings(redis_url=redis_url, data_dir=tmp_path / "data", job_retries=0)
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/v1/txt2img", json=TINY).json()["id"]
+        take(redis, keys, job_id).die()
 
-    body = client.get(f"/v1/jobs/{job_id}").json()
+        body = client.get(f"/v1/jobs/{job_id}").json()
 
-    assert body["error"] == {"type": "WorkerError", "message": "Moved to FailedJobRegistry, due to AbandonedJobError"}
+    assert body["status"] == "failed"
+    assert body["error"]["type"] == "WorkerError"
+    assert body["error"]["message"].startswith("Moved to FailedJobRegistry, due to AbandonedJobError")
 
 
 def test_cancel_queued_job_removes_it_from_the_queue(client: TestClient, redis: Redis, keys: Keys,
@@ -109,41 +105,46 @@ def test_cancel_queued_job_removes_it_from_the_queue(client: TestClient, redis: 
 
 
 def test_cancel_running_job_asks_the_worker(client: TestClient, redis: Redis, keys: Keys, job_id: str) -> None:
-    start(redis, job_id)
-    events = redis.pubsub(ignore_subscribe_messages=True)
-    events.subscribe(keys.events(job_id))
-    events.get_message(timeout=1)
+    take(redis, keys, job_id)
 
     r = client.post(f"/v1/jobs/{job_id}/cancel")
 
-    assert r.status_code == 202 and r.json()["status"] == "running"
+    # The client learns the job still runs: it stops after the current step, and its events end with `canceled`.
+    assert r.status_code == 202
+    assert r.json()["status"] == "running" and r.json()["error"] is None
+    assert r.json() == client.get(f"/v1/jobs/{job_id}").json()  # the job as GET shows it
+    # The worker checks this set after every step.
     assert redis.smembers(keys.cancel_requests()) == {job_id.encode()}
-    message = events.get_message(timeout=2)
-    assert message is not None
-    assert json.loads(message["data"]) == {"event": "cancel_requested", "job_id": job_id, "data": {}}
-    events.close()
 
 
-def test_cancel_finished_job_is_409_and_unknown_is_404(client: TestClient, redis: Redis, job_id: str) -> None:
-    job = start(redis, job_id)
-    Result.create(job, Result.Type.SUCCESSFUL, ttl=600, return_value={"images": []})
-    job.set_status(JobStatus.FINISHED)
+def test_cancel_finished_job_is_409_and_unknown_is_404(client: TestClient, redis: Redis, keys: Keys,
+                                                       job_id: str) -> None:
+    take(redis, keys, job_id).succeed({"images": [], "warnings": [], "timings": {"run_seconds": 0.5}})
 
     r = client.post(f"/v1/jobs/{job_id}/cancel")
 
-    assert r.status_code == 409 and r.json()["error"]["type"] == "conflict"
-    assert "already succeeded" in r.json()["error"]["message"]
-    assert client.post("/v1/jobs/nope/cancel").status_code == 404
+    assert r.status_code == 409
+    assert r.json() == {"error": {"type": "conflict", "message": f"job {job_id} already succeeded; nothing to cancel",
+                                  "field": None}}
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    missing = client.post("/v1/jobs/nope/cancel")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
 
 
-def test_retried_job_waiting_again_is_queued(client: TestClient, redis: Redis, job_id: str) -> None:
-    """A job whose worker died is put back on its queue by RQ: it reads as queued again, at the front."""
-    job = start(redis, job_id, started_at=(datetime.now(timezone.utc) - timedelta(seconds=5)).isoformat())
-    job.set_status(JobStatus.QUEUED)
-    Queue(job.origin, connection=redis).push_job_id(job_id, at_front=True)
+def test_a_dead_workers_job_is_queued_again_behind_the_waiting_ones(client: TestClient, redis: Redis, keys: Keys,
+                                                                    job_id: str) -> None:
+    """RQ's registry cleanup re-enqueues a dead worker's job through its Retry: it reads as queued again, with a
+    start time from its first run, at the back of its queue (RQ's Retry enqueues at the back)."""
+    behind = client.post("/v1/txt2img", json=TINY).json()["id"]
+    job = take(redis, keys, job_id)
+    first_start = job.job.meta["started_at"]
+    job.die()
 
     body = client.get(f"/v1/jobs/{job_id}").json()
-    assert body["status"] == "queued" and body["queue_position"] == 0
+    assert body["status"] == "queued" and body["queue_position"] == 1
+    assert client.get(f"/v1/jobs/{behind}").json()["queue_position"] == 0
+    assert datetime.fromisoformat(body["started_at"]) == datetime.fromisoformat(first_start)
+    assert Job.fetch(job_id, connection=redis).retries_left == 2  # one of its 3 retries used
 
 
 def test_queued_job_gets_an_eta_once_workers_have_recorded_timings(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 from redis import Redis
 from rq import Queue
 from rq.job import Job
@@ -31,9 +33,35 @@ def test_enqueue_records_the_spec_retry_timeout_and_ttls(redis_url: str, tmp_pat
     assert 0 <= spec.seed < 2**32 and spec.seeds() == [spec.seed]
 
 
-def test_seed_given_is_kept_and_seeds_wrap_at_2_32() -> None:
+def test_image_seeds_are_seed_plus_i_unwrapped_as_the_pipeline_seeds_its_generators(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seeds a job reports are the ones its images' generators were seeded with, also past 2^32 - 1."""
+    import model.pipeline
+    from model.batch import Batch
+    from model.requests import GenerationRequest
+    from model.weights import save_random_checkpoint, tiny_configs
+
     spec = jobstore.new_job_spec(Txt2ImgRequest(prompt="a", seed=2**32 - 1, n=3))
-    assert spec.seeds() == [2**32 - 1, 2**32, 2**32 + 1]  # as the pipeline seeds image i: seed + i
+    assert spec.seed == 2**32 - 1
+    assert spec.seeds() == [2**32 - 1, 2**32, 2**32 + 1]
+
+    generator_seeds: list[list[int]] = []
+
+    class RecordingBatch(Batch):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            generator_seeds.append([g.initial_seed() for g in self.generators])
+
+    monkeypatch.setattr(model.pipeline, "Batch", RecordingBatch)
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_random_checkpoint(checkpoint, *tiny_configs())
+    pipe = model.pipeline.Pipeline.load(checkpoint, device="cpu", dtype="float32")
+    request = GenerationRequest(prompt="a", width=64, height=64, steps=1, seed=spec.seed, n=spec.params.n)
+    [result] = pipe.generate([request])
+
+    assert generator_seeds == [spec.seeds()]
+    assert result is not None and result.seeds == spec.seeds()
 
 
 def test_queue_depths_and_jobs_ahead(redis_url: str, tmp_path: Path) -> None:

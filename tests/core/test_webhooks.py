@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import ipaddress
+import json
 import socket
+import time
+from datetime import datetime, timezone
 
 import pytest
+from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError as ReferenceVerificationError
 
 from core.settings import SettingsError, load_settings
 from core.webhooks import (
@@ -31,17 +34,15 @@ TIMESTAMP = 1614265330
 BODY = b'{"test": 2432232314}'
 
 
-def expected_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The scheme written out from its definition, independently of core.webhooks."""
-    key = base64.b64decode(secret.split("_", 1)[1])
-    signed = msg_id.encode() + b"." + str(timestamp).encode() + b"." + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+def reference_signature(secret: str | bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The signature by the specification's reference library (`standardwebhooks`), independent of ours."""
+    return Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, tz=timezone.utc), body.decode())
 
 
-def test_signature_matches_the_standard_webhooks_definition_and_its_published_vector() -> None:
+def test_signature_matches_the_reference_library_and_the_published_vector() -> None:
     key = signing_key(SECRET)
-    assert sign(key, MSG_ID, TIMESTAMP, BODY) == expected_signature(SECRET, MSG_ID, TIMESTAMP, BODY)
-    # The value the specification's reference libraries produce for this input.
+    assert sign(key, MSG_ID, TIMESTAMP, BODY) == reference_signature(SECRET, MSG_ID, TIMESTAMP, BODY)
+    # The value the specification publishes for this input.
     assert sign(key, MSG_ID, TIMESTAMP, BODY) == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
@@ -50,8 +51,32 @@ def test_headers_carry_id_timestamp_and_signature() -> None:
     assert headers == {
         "webhook-id": MSG_ID,
         "webhook-timestamp": str(TIMESTAMP),
-        "webhook-signature": expected_signature(SECRET, MSG_ID, TIMESTAMP, BODY),
+        "webhook-signature": reference_signature(SECRET, MSG_ID, TIMESTAMP, BODY),
     }
+
+
+@pytest.mark.parametrize(
+    ("secret", "reference_secret"),
+    [
+        (SECRET, SECRET),  # whsec_ + base64: both decode the same key from the same string
+        ("whsec_" + base64.b64encode(bytes(range(32))).decode(), bytes(range(32))),
+        ("a raw secret of more than sixteen bytes", b"a raw secret of more than sixteen bytes"),  # UTF-8 bytes
+    ],
+    ids=["spec-example", "whsec-32-bytes", "raw-string"],
+)
+def test_the_reference_library_verifies_what_we_send_and_we_verify_what_it_signs(
+    secret: str, reference_secret: str | bytes
+) -> None:
+    body = b'{"id": "job", "status": "succeeded", "prompt": "caf\xc3\xa9"}'
+    headers = signed_headers(signing_key(secret), MSG_ID, body)  # now: the library checks against its clock
+    assert Webhook(reference_secret).verify(body, headers) == json.loads(body)
+    with pytest.raises(ReferenceVerificationError):
+        Webhook(reference_secret).verify(body.replace(b"succeeded", b"failed"), headers)
+
+    timestamp = int(time.time())
+    theirs = {"webhook-id": MSG_ID, "webhook-timestamp": str(timestamp),
+              "webhook-signature": reference_signature(reference_secret, MSG_ID, timestamp, body)}
+    verify(secret, theirs, body)
 
 
 def test_verify_accepts_a_genuine_message_in_any_header_case() -> None:
