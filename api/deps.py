@@ -12,12 +12,10 @@ from typing import Annotated, cast
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials
 from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
 
 from api.auth import Authenticator, Caller, bearer_scheme
 from api.instrumentation import ApiMetrics
 from api.intake import MAX_WAIT_S, Intake, Services
-from api.submitter import Submitter
 from core.queues import Keys
 from core.settings import Settings
 from core.storage import Storage
@@ -31,20 +29,12 @@ async def _redis(request: Request) -> Redis:
     return cast(Redis, request.app.state.redis)
 
 
-async def _aredis(request: Request) -> AsyncRedis:
-    return cast(AsyncRedis, request.app.state.aredis)
-
-
 async def _keys(request: Request) -> Keys:
     return cast(Keys, request.app.state.keys)
 
 
 async def _storage(request: Request) -> Storage:
     return cast(Storage, request.app.state.storage)
-
-
-async def _submitter(request: Request) -> Submitter:
-    return cast(Submitter, request.app.state.submitter)
 
 
 async def _metrics(request: Request) -> ApiMetrics:
@@ -65,10 +55,8 @@ async def _caller(
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 RedisDep = Annotated[Redis, Depends(_redis)]
-AsyncRedisDep = Annotated[AsyncRedis, Depends(_aredis)]
 KeysDep = Annotated[Keys, Depends(_keys)]
 StorageDep = Annotated[Storage, Depends(_storage)]
-SubmitterDep = Annotated[Submitter, Depends(_submitter)]
 MetricsDep = Annotated[ApiMetrics, Depends(_metrics)]
 CallerDep = Annotated[Caller, Depends(_caller)]
 ServicesDep = Annotated[Services, Depends(_services)]

@@ -1,8 +1,9 @@
-"""A job's events, published on its pub/sub channel and appended to a short Redis Stream in the same pipeline.
+"""A job's events, appended to a short Redis Stream per job (its event log).
 
-Pub/sub drops every message nobody listens to at that instant, so a client that connects late or reconnects would
-miss the end of its job. The stream keeps the last ones with Redis ids, which are the SSE event ids: a client that
-reconnects with `Last-Event-ID` reads on from exactly there (`XREAD`), and `Prefer: wait` blocks on it too.
+A stream, not pub/sub: pub/sub drops every message nobody listens to at that instant, so a client that connects late
+or reconnects would miss the end of its job. The stream keeps the last ones with Redis ids, which are the SSE event
+ids: a client that reconnects with `Last-Event-ID` reads on from exactly there (`XREAD`), and `Prefer: wait` blocks
+on it too.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ def message(event: str, job_id: str, data: dict[str, Any] | None = None) -> str:
 
 
 def record(conn: Redis | Pipeline, keys: Keys, job_id: str, text: str) -> None:
-    """Publish ``text`` (a `message`) and append it to the job's event log; pass a pipeline to make it one trip."""
+    """Append ``text`` (a `message`) to the job's event log; pass a pipeline to make it one trip."""
     log_key = keys.event_log(job_id)
-    conn.publish(keys.events(job_id), text)
     conn.xadd(log_key, {"message": text}, maxlen=EVENT_LOG_MAXLEN, approximate=True)
     conn.expire(log_key, EVENT_LOG_TTL_S)

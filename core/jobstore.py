@@ -5,7 +5,6 @@ Everything here works on the RQ job hash, its meta (written by the worker) and i
 
 from __future__ import annotations
 
-import json
 import random
 import uuid
 from collections.abc import Sequence
@@ -329,10 +328,7 @@ def cancel_job(redis: Redis, keys: Keys, job_id: str) -> CancelOutcome | None:
             eventlog.record(pipe, keys, job.id, eventlog.message("canceled", job.id, {"reason": "canceled"}))
             pipe.execute()
         return CancelOutcome.canceled
-    pipe = redis.pipeline(transaction=False)
-    pipe.sadd(keys.cancel_requests(), job.id)
-    pipe.publish(keys.events(job.id), json.dumps({"event": "cancel_requested", "job_id": job.id, "data": {}}))
-    pipe.execute()
+    redis.sadd(keys.cancel_requests(), job.id)  # the worker reads the set after every denoising step
     return CancelOutcome.requested
 
 

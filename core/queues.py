@@ -34,10 +34,6 @@ class Keys:
         """The RQ queue of webhook deliveries; only `sdqueue webhooks` processes listen on it, never a GPU worker."""
         return f"{self.prefix}-webhooks"
 
-    def events(self, job_id: str) -> str:
-        """Pub/sub channel of one job's events (running, progress, preview, terminal)."""
-        return f"{self.prefix}:events:{job_id}"
-
     def event_log(self, job_id: str) -> str:
         """Stream of the same events, so a client that (re)connects late still reads them (SSE Last-Event-ID)."""
         return f"{self.prefix}:event-log:{job_id}"

@@ -1,7 +1,7 @@
-"""What the worker tells clients about a job: typed events, published as JSON on the job's pub/sub channel.
+"""What the worker tells clients about a job: typed events, appended as JSON to the job's event log stream.
 
-Wire format (the API relays it as Server-Sent Events): ``{"event": <name>, "job_id": ..., "data": {...}}``. Each
-event also goes to the job's event log stream, so SSE clients that reconnect miss nothing.
+Wire format (the API relays it as Server-Sent Events): ``{"event": <name>, "job_id": ..., "data": {...}}``. The
+stream keeps the latest events (``core.eventlog``), so SSE clients that reconnect miss nothing.
 """
 
 from __future__ import annotations
@@ -86,5 +86,5 @@ class Canceled(JobEvent):
 
 
 def publish(conn: Redis | Pipeline, keys: Keys, event: JobEvent) -> None:
-    """Publish ``event`` and append it to the job's event log (`core.eventlog`), in the caller's pipeline."""
+    """Append ``event`` to the job's event log (`core.eventlog`), in the caller's pipeline."""
     eventlog.record(conn, keys, event.job_id, event.to_json())

@@ -3,9 +3,9 @@
 After every denoising step it
 - reads the cancel-request set once (one SMEMBERS for the whole batch) and returns the request indices of the jobs
   to drop: canceled through the API, or stopped through RQ's stop-job command;
-- writes each remaining job's progress (step, total, percent, ETA) to its meta and its events channel, at most every
+- writes each remaining job's progress (step, total, percent, ETA) to its meta and its event log, at most every
   ``throttle_s`` per job and always at the last step;
-- for jobs that asked (``preview_every`` = k), publishes a small JPEG of the running latents every k steps.
+- for jobs that asked (``preview_every`` = k), logs a small JPEG of the running latents every k steps.
 """
 
 from __future__ import annotations

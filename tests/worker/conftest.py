@@ -6,6 +6,7 @@ Worker processes run ``python -m sdqueue worker`` (the real entry point) against
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +94,16 @@ def status(redis: Redis, job_id: str) -> JobStatus:
 
 def wait_terminal(redis: Redis, job_ids: list[str], timeout: float) -> float:
     return wait_for(lambda: all(status(redis, j) in TERMINAL for j in job_ids), timeout, f"{len(job_ids)} jobs to end")
+
+
+def logged_events(redis: Redis, job_id: str, keys: Keys | None = None) -> list[dict[str, Any]]:
+    """The job's events as its event log stream holds them, each with ``at``: the Redis time it was written (s)."""
+    events = []
+    for entry_id, fields in redis.xrange((keys or Keys()).event_log(job_id)):
+        event = json.loads(fields[b"message"])
+        event["at"] = int(entry_id.split(b"-")[0]) / 1000
+        events.append(event)
+    return events
 
 
 def stored_images(data_dir: Path, job_id: str) -> list[np.ndarray]:

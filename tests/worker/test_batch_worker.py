@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +23,15 @@ from core.queues import Keys
 from core.settings import Settings
 from core.storage import LocalStorage
 from model.requests import GenerationRequest, GenerationResult
-from tests.worker.conftest import make_settings, max_pixel_diff, solo_images, stored_images, submit, wait_for
+from tests.worker.conftest import (
+    logged_events,
+    make_settings,
+    max_pixel_diff,
+    solo_images,
+    stored_images,
+    submit,
+    wait_for,
+)
 from worker import tasks
 from worker.batch_worker import BatchWorker
 from worker.metrics import WorkerMetrics
@@ -153,16 +160,11 @@ def test_rq_stop_job_command_stops_one_job_of_the_batch(redis: Redis, settings: 
     assert max_pixel_diff(stored_images(settings.data_dir, keep.id), solo_images(tiny_pipe, keep)) <= 1
 
 
-def test_progress_and_previews_reach_the_events_channel(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
+def test_progress_and_previews_reach_the_event_log(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
     spec = submit(redis, settings, steps=4, preview_every=2)
-    pubsub = redis.pubsub()
-    pubsub.subscribe(Keys().events(spec.id))
     burst(redis, settings, tiny_pipe)
 
-    events = []
-    while (message := pubsub.get_message(timeout=1)) is not None:
-        if message["type"] == "message":
-            events.append(json.loads(message["data"]))
+    events = logged_events(redis, spec.id)
     names = [e["event"] for e in events]
     assert names[0] == "running" and names[-1] == "succeeded"
     assert [e["data"]["step"] for e in events if e["event"] == "preview"] == [2, 4]

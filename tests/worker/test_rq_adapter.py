@@ -6,7 +6,6 @@ driven through start / heartbeat / finalize by hand, with a stock ``rq.SimpleWor
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from rq.worker import SimpleWorker
 
 from core.queues import Keys
 from core.settings import Settings
-from tests.worker.conftest import make_settings, submit
+from tests.worker.conftest import logged_events, make_settings, submit
 from worker.batcher import Batcher, Claim
 from worker.heartbeat import Heartbeat
 from worker.rq_adapter import Bookkeeper, RunningJob
@@ -67,8 +66,6 @@ def registry_score(redis: Redis, run: RunningJob) -> float:
 def test_start_registers_every_job_of_the_batch(redis: Redis, keys: Keys, settings: Settings,
                                                 books: Bookkeeper, rq_worker: SimpleWorker) -> None:
     specs = [submit(redis, settings) for _ in range(3)]
-    pubsub = redis.pubsub()
-    pubsub.subscribe(*[keys.events(s.id) for s in specs])
     claims = claim_all(redis, keys)
     assert [c.job.id for c in claims] == [s.id for s in specs]
 
@@ -85,12 +82,7 @@ def test_start_registers_every_job_of_the_batch(redis: Redis, keys: Keys, settin
         assert time.time() + LEASE_S - 2 < registry_score(redis, run) <= time.time() + LEASE_S + 1
     assert redis.llen(Queue(keys.queue("normal"), connection=redis).key) == 0
     assert redis.llen(Queue(keys.queue("normal"), connection=redis).intermediate_queue_key) == 0
-    events = []
-    deadline = time.monotonic() + 5
-    while len(events) < 3 and time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=0.5)
-        if message and message["type"] == "message":
-            events.append(json.loads(message["data"]))
+    events = [event for s in specs for event in logged_events(redis, s.id, keys)]
     assert sorted(e["job_id"] for e in events) == sorted(s.id for s in specs)
     assert {e["event"] for e in events} == {"running"}
     assert all(e["data"]["batch_images"] == 3 for e in events)

@@ -5,9 +5,7 @@ tests share one Redis database and each uses its own jobs.
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +28,7 @@ from core.settings import Settings
 from tests.redis_server import RedisServer
 from tests.worker.conftest import (
     WorkerProcess,
+    logged_events,
     make_settings,
     max_pixel_diff,
     solo_images,
@@ -168,11 +167,6 @@ def test_cancel_a_queued_job_and_a_running_one_inside_a_batch(pool: Pool, tiny_p
     a, b, c = (submit(pool.redis, pool.settings, steps=40, seed=30 + i) for i in range(3))
     queued = submit(pool.redis, pool.settings, steps=41)  # incompatible: waits behind the batch
     keys = Keys()
-    events: list[dict[str, Any]] = []
-    pubsub = pool.redis.pubsub()
-    pubsub.subscribe(keys.events(a.id), keys.events(b.id))
-    listener = threading.Thread(target=collect_events, args=(pubsub, events, 60), daemon=True)
-    listener.start()
 
     assert len(wait_running(pool, [a, b, c])) == 1  # one batch
     assert cancel_job(pool.redis, keys, queued.id) == CancelOutcome.canceled
@@ -190,29 +184,15 @@ def test_cancel_a_queued_job_and_a_running_one_inside_a_batch(pool: Pool, tiny_p
     assert never_ran.started_at is None and never_ran.results() == []
     assert not pool.redis.sismember(keys.cancel_requests(), b.id)
 
-    listener.join()
+    events = logged_events(pool.redis, a.id) + logged_events(pool.redis, b.id)
     names = {job_id: [e["event"] for e in events if e["job_id"] == job_id] for job_id in (a.id, b.id)}
     assert names[a.id][0] == "running" and names[a.id][-1] == "succeeded" and "progress" in names[a.id]
     last_progress = [e["data"] for e in events if e["job_id"] == a.id and e["event"] == "progress"][-1]
     assert last_progress["step"] == last_progress["total"] == 40 and last_progress["percent"] == 100.0
     assert names[b.id][-1] == "canceled"
-    progress_times = [e["received"] for e in events if e["job_id"] == a.id and e["event"] == "progress"]
+    progress_times = [e["at"] for e in events if e["job_id"] == a.id and e["event"] == "progress"]
     # Throttled to one per 0.25 s (plus the last step), however fast the steps are.
     assert len(progress_times) <= (progress_times[-1] - progress_times[0]) / 0.25 + 2
-
-
-def collect_events(pubsub: Any, out: list[dict[str, Any]], timeout: float) -> None:
-    """Collect pub/sub events until both subscribed jobs have ended (or ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    ended = 0
-    while ended < 2 and time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=0.5)
-        if message and message["type"] == "message":
-            event = json.loads(message["data"])
-            event["received"] = time.monotonic()
-            out.append(event)
-            ended += event["event"] in ("succeeded", "failed", "canceled")
-    pubsub.close()
 
 
 def test_sigkill_mid_batch_every_job_succeeds_exactly_once_on_the_other_worker(pool: Pool) -> None:
