@@ -35,6 +35,7 @@ class Denoiser:
     device: torch.device
     inpaint9: bool  # a 9-channel inpainting UNet: latents + mask + masked-image latents
     scaling_factor: float  # VAE latents -> UNet latents
+    latent_scale: int  # image pixels per latent pixel along each side
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Batch:
         self.plan = plan
         first = requests[0]
         device = denoiser.device
-        h, w = first.height // rules.SIDE_MULTIPLE, first.width // rules.SIDE_MULTIPLE
+        h, w = first.height // denoiser.latent_scale, first.width // denoiser.latent_scale
         self.inpaint9 = denoiser.inpaint9
         self.blend = first.task == "inpaint" and not self.inpaint9
         scale = denoiser.scaling_factor

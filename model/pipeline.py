@@ -94,6 +94,11 @@ class Pipeline:
     def is_inpaint(self) -> bool:
         return self.components.is_inpaint
 
+    @property
+    def latent_scale(self) -> int:
+        """Image pixels per latent pixel along each side: the VAE's, 8 for every SD VAE."""
+        return self.components.vae.config.downsample_factor
+
     # 1. checks ---------------------------------------------------------------------------------------------
     def check(self, request: GenerationRequest) -> None:
         """Raise ValueError naming the field and the rule when ``request`` cannot run (the rules of ``core.rules``,
@@ -101,8 +106,10 @@ class Pipeline:
         r = request
         if r.task not in ("txt2img", "img2img", "inpaint"):
             raise ValueError(f"task must be one of txt2img, img2img, inpaint; got {r.task!r}")
-        rules.check_side("width", r.width)
-        rules.check_side("height", r.height)
+        for name, side in (("width", r.width), ("height", r.height)):
+            rules.check_side(name, side)
+            if side % self.latent_scale:  # a VAE of another depth than the SD ones the rules assume
+                raise ValueError(f"{name} must be a multiple of {self.latent_scale} for this VAE, got {side}")
         if not 1 <= r.steps <= rules.MAX_STEPS:
             raise ValueError(f"steps must be between 1 and {rules.MAX_STEPS}, got {r.steps}")
         if not math.isfinite(r.guidance_scale) or not 0 <= r.guidance_scale <= rules.MAX_GUIDANCE:
@@ -205,13 +212,13 @@ class Pipeline:
 
     def _denoiser(self) -> Denoiser:
         c = self.components
-        return Denoiser(c.unet, self.precision.unet, self.device, c.is_inpaint, c.scaling_factor)
+        return Denoiser(c.unet, self.precision.unet, self.device, c.is_inpaint, c.scaling_factor, self.latent_scale)
 
     def _encode_inputs(self, requests: Sequence[GenerationRequest], needs: InputNeeds) -> list[EncodedInputs]:
         """What each request's rows start from: its image's posteriors and its mask at latent size."""
         out = []
         for r in requests:
-            size = (r.height // rules.SIDE_MULTIPLE, r.width // rules.SIDE_MULTIPLE)
+            size = (r.height // self.latent_scale, r.width // self.latent_scale)
             # Without an image (txt2img on an inpainting UNet): an empty (grey) canvas. Without a mask: repaint all.
             pixels = torch.zeros(1, 3, r.height, r.width)
             if r.init_image is not None:
