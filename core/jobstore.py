@@ -130,7 +130,7 @@ def _index_by_owner(pipe: Any, keys: Keys, settings: Settings, specs: Sequence[J
     """Add each job to its owner's index (`GET /v1/jobs`), scored by creation time in microseconds.
 
     Entries older than any job can still be are trimmed here, so an index never grows without bound; entries of
-    jobs that expired sooner are dropped when a listing meets them (`core.joblist`).
+    jobs that expired sooner are dropped when a listing meets them (`api.joblist`).
     """
     by_owner: dict[str | None, dict[str, float]] = {}
     for spec in specs:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from core.retention import cleanup
 from core.settings import Settings
 from core.storage import make_storage
+from sdqueue.retention import cleanup
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """The input images of img2img / inpaint jobs: read from storage for the pipeline, and pasted back afterwards.
 
-The API stored them already prepared (``core.imageinput``): an RGB image and an L mask (255 = repaint, soft at a
+The API stored them already prepared (``api.imageinput``): an RGB image and an L mask (255 = repaint, soft at a
 blurred edge) at the job's width x height, so the worker only reads them.
 """
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.catalog import LoadedModel
-from core.modelhash import SHORT, sha256_of
+from worker.modelhash import SHORT, sha256_of
 
 if TYPE_CHECKING:
     from model.pipeline import Pipeline

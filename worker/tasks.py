@@ -19,12 +19,12 @@ from rq import get_current_job
 
 from core.imagefile import ModelInfo
 from core.jobs import JobSpec
-from core.modelhash import model_hash
 from core.queues import Keys
 from core.settings import Settings, get_settings
 from core.storage import Storage, make_storage
 from worker.images import store_images
 from worker.inputs import paste_back
+from worker.modelhash import model_hash
 from worker.progress import ReportedJob, StepReporter
 from worker.runner import to_request
 

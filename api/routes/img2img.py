@@ -1,6 +1,6 @@
 """Submitting img2img and inpaint (outpaint included) jobs, with images as base64 JSON or multipart uploads.
 
-The API decodes and prepares the inputs (``core.imageinput``) and writes them to storage as ``{job_id}/input.png``
+The API decodes and prepares the inputs (``api.imageinput``) and writes them to storage as ``{job_id}/input.png``
 and ``{job_id}/mask.png`` before the job is queued with their keys: image bytes never go through Redis, and the
 worker gets its inputs already at the output size. A job that is not queued after all (limits, full queue,
 idempotent replay) has its inputs deleted again.
@@ -18,11 +18,11 @@ from PIL import Image
 
 from api.deps import IntakeDep, SettingsDep, StorageDep
 from api.errors import ApiError
+from api.imageinput import ImageInputError, ImageLimits, PreparedInputs, prepare_img2img, prepare_inpaint
 from api.intake import SUBMIT_RESPONSES, Intake
 from api.multipart import MultipartAsJsonRoute, multipart_openapi
 from api.webhook_check import check_webhook
 from core import jobstore
-from core.imageinput import ImageInputError, ImageLimits, PreparedInputs, prepare_img2img, prepare_inpaint
 from core.jobs import GenerationParams, Img2ImgRequest, InpaintRequest, JobPublic, JobSpec, TaskKind
 from core.settings import Settings
 from core.storage import Storage

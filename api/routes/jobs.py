@@ -9,13 +9,13 @@ from pydantic import BaseModel, Field
 from redis import Redis
 from rq.job import Job
 
-from api import errors
+from api import errors, joblist
 from api.auth import Caller
 from api.deps import CallerDep, IntakeDep, KeysDep, RedisDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.intake import SUBMIT_RESPONSES
 from api.webhook_check import check_webhook
-from core import joblist, jobstore
+from core import jobstore
 from core.jobs import JobPublic, Status, Txt2ImgRequest
 from core.jobstore import CancelOutcome
 from core.queues import Keys

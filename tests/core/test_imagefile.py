@@ -25,8 +25,8 @@ from core.imagefile import (
     read_parameters,
 )
 from core.jobs import GenerationParams, JobSpec
-from core.modelhash import model_hash, sha256_of
 from sdqueue import info as info_cmd
+from worker.modelhash import model_hash, sha256_of
 
 MODEL = ModelInfo("v1-5-pruned-emaonly", "6ce0161689")
 

@@ -13,10 +13,10 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 
-from core.retention import cleanup
 from core.settings import load_settings
 from core.storage import make_storage
 from core.storage.s3 import S3Storage
+from sdqueue.retention import cleanup
 from tests.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
 
 

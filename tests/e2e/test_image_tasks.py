@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.modelhash import sha256_of
 from model.images import image_to_tensor, tensor_to_images
 from model.pipeline import Pipeline
 from model.requests import GenerationRequest
 from tests.e2e.conftest import Service
 from tests.images import noise_image, png_b64, white_box
+from worker.modelhash import sha256_of
 
 BASE = {"prompt": "a photo of a cat", "steps": 4, "sampler": "euler", "seed": 42}
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from PIL import Image, ImageChops
 
-from core.imageinput import (
+from api.imageinput import (
     ImageInputError,
     ImageLimits,
     decode_base64,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from core.retention import cleanup
 from core.settings import load_settings
 from core.storage import make_storage
 from core.storage.local import LocalStorage
 from sdqueue import maintenance
+from sdqueue.retention import cleanup
 
 
 def test_retention_on_local_storage_removes_old_files_and_empty_job_folders(tmp_path: Path) -> None:
