@@ -67,66 +67,58 @@ def burst(redis: Redis, settings: Settings, pipe: Any) -> WorkerMetrics:
     return metrics
 
 
-class OutOfMemoryAbove:
-    """The real pipeline, except that a call with more than ``limit`` images raises CUDA's out-of-memory error."""
+class Faulty:
+    """The real pipeline, except that a call raises what ``fault`` returns for its requests (None: it runs)."""
 
-    def __init__(self, pipe: Any, limit: int) -> None:
+    def __init__(self, pipe: Any, fault: Callable[[Sequence[GenerationRequest]], Exception | None]) -> None:
         self.pipe = pipe
-        self.limit = limit
-        self.calls: list[int] = []
+        self.fault = fault
+        self.calls: list[Sequence[GenerationRequest]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
 
     def generate(self, requests: Sequence[GenerationRequest], callback: Callable[..., Any] | None = None
                  ) -> list[GenerationResult | None]:
-        images = sum(r.n for r in requests)
-        self.calls.append(images)
-        if images > self.limit:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB for {images} images")
+        self.calls.append(requests)
+        if (error := self.fault(requests)) is not None:
+            raise error
         return self.pipe.generate(requests, callback)
+
+
+def out_of_memory_above(limit: int) -> Callable[[Sequence[GenerationRequest]], Exception | None]:
+    """CUDA's out-of-memory error for a call of more than ``limit`` images."""
+    def fault(requests: Sequence[GenerationRequest]) -> Exception | None:
+        images = sum(r.n for r in requests)
+        return torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB for {images} images") \
+            if images > limit else None
+    return fault
 
 
 def test_out_of_memory_splits_the_batch_until_it_fits(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
     specs = [submit(redis, settings, seed=10 + i) for i in range(6)] + [submit(redis, settings, n=2, seed=99)]
-    pipe = OutOfMemoryAbove(tiny_pipe, limit=3)
+    pipe = Faulty(tiny_pipe, out_of_memory_above(3))
 
     metrics = burst(redis, settings, pipe)
+    calls = [sum(r.n for r in requests) for requests in pipe.calls]
 
     for spec in specs:
         job = Job.fetch(spec.id, connection=redis)
         assert job.get_status() == JobStatus.FINISHED, job.meta.get("error")
         assert max_pixel_diff(stored_images(settings.data_dir, spec.id), solo_images(tiny_pipe, spec)) <= 1
-    assert pipe.calls[0] == 8  # the whole batch first
-    ran = [n for n in pipe.calls if n <= 3]
+    assert calls[0] == 8  # the whole batch first
+    ran = [n for n in calls if n <= 3]
     assert sum(ran) == 8  # then halves of halves until each part fit, every image exactly once
     assert metrics.batch_size._sum.get() == 8
-
-
-class FailsWith:
-    """The real pipeline, except that any call holding the prompt ``poison`` raises, as a job-specific fault would."""
-
-    def __init__(self, pipe: Any, poison: str) -> None:
-        self.pipe = pipe
-        self.poison = poison
-        self.calls: list[int] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.pipe, name)
-
-    def generate(self, requests: Sequence[GenerationRequest], callback: Callable[..., Any] | None = None
-                 ) -> list[GenerationResult | None]:
-        self.calls.append(len(requests))
-        if any(r.prompt == self.poison for r in requests):
-            raise RuntimeError("the UNet produced NaNs")
-        return self.pipe.generate(requests, callback)
 
 
 def test_a_job_that_breaks_its_batch_fails_alone(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
     good = [submit(redis, settings, seed=30 + i) for i in range(2)]
     poisoned = submit(redis, settings, prompt="poison", seed=40)
     later = submit(redis, settings, seed=50)
-    pipe = FailsWith(tiny_pipe, "poison")
+    # a job-specific fault: any call holding the prompt "poison" raises
+    pipe = Faulty(tiny_pipe, lambda requests: RuntimeError("the UNet produced NaNs")
+                  if any(r.prompt == "poison" for r in requests) else None)
 
     burst(redis, settings, pipe)
 
@@ -137,7 +129,7 @@ def test_a_job_that_breaks_its_batch_fails_alone(redis: Redis, settings: Setting
     job = Job.fetch(poisoned.id, connection=redis)
     assert job.get_status() == JobStatus.FAILED
     assert job.meta["error"] == {"type": "RuntimeError", "message": "the UNet produced NaNs"}
-    assert pipe.calls == [4, 1, 1, 1, 1]  # the batch, then each of its jobs alone
+    assert [len(requests) for requests in pipe.calls] == [4, 1, 1, 1, 1]  # the batch, then each of its jobs alone
 
 
 def test_rq_stop_job_command_stops_one_job_of_the_batch(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
