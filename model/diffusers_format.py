@@ -1,4 +1,4 @@
-"""Reading diffusers-format model folders: their config.json files and their tensor names.
+"""Reading diffusers-format model folders: their config.json files, weight file names and tensor names.
 
 diffusers names the same SD 1.x networks differently (``down_blocks.0.resnets.0.norm1`` for the original
 ``input_blocks.1.0.in_layers.0``). The rename tables here are generated from our config, one entry per module path,
@@ -9,10 +9,13 @@ transformer block, whose names agree) is kept.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from model.single_file import CheckpointError
+from model.tensor_reader import refuse_pickle
 from model.unet import GROUPS, UNetConfig
 from model.vae import VAEConfig
 
@@ -39,6 +42,43 @@ _UNET_RESNET = {
 }
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _VAE_ATTN_LEGACY = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # diffusers < 0.14 folders
+
+
+def weight_files(folder: Path, stem: str, pickle_stem: str, allow_pickle: bool) -> list[Path]:
+    """The weight files of one component, as diffusers' and transformers' ``save_pretrained`` name them.
+
+    ``{stem}.safetensors``; sharded: ``{stem}.safetensors.index.json`` naming ``{stem}-00001-of-00002.safetensors``
+    ...; the fp16 variant puts ``fp16`` before the last suffix: ``{stem}.fp16.safetensors``, sharded
+    ``{stem}.safetensors.index.fp16.json``. ``{pickle_stem}.bin`` likewise with ``safe_serialization=False``.
+    Preferred in that order: safetensors, full precision, whole files.
+    """
+    for name, suffix in ((stem, "safetensors"), (pickle_stem, "bin")):
+        for variant in ("", ".fp16"):
+            files = [folder / f"{name}{variant}.{suffix}"]
+            index = folder / f"{name}.{suffix}.index{variant}.json"
+            if not files[0].is_file():
+                if not index.is_file():
+                    continue
+                files = _shards(index)
+            if suffix == "bin":
+                refuse_pickle(files[0], allow_pickle)
+            return files
+    found = ", ".join(sorted(p.name for p in folder.iterdir())) if folder.is_dir() else "nothing (no such folder)"
+    raise CheckpointError(
+        f"{folder}: no weights found; expected {stem}.safetensors (or its .fp16 variant, or a sharded "
+        f"{stem}.safetensors.index.json); the folder holds {found}"
+    )
+
+
+def _shards(index: Path) -> list[Path]:
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: a sharded weights index needs a non-empty weight_map")
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [shard.name for shard in shards if not shard.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names shards that are not in the folder: {', '.join(missing)}")
+    return shards
 
 
 def _check_fixed(cfg: Mapping[str, Any], fixed: Mapping[str, Any], what: str) -> None:

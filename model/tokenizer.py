@@ -1,7 +1,11 @@
 """CLIP's byte-level BPE tokenizer for the SD 1.x text encoder, loaded offline from local vocabulary files.
 
-The BPE itself runs in Hugging Face ``tokenizers`` (through ``transformers.CLIPTokenizer``), built from an
-in-memory vocabulary, so the ids equal what diffusers' pipelines feed the text encoder.
+The BPE itself runs in Hugging Face ``tokenizers`` through ``transformers.CLIPTokenizer``, so the ids equal what
+diffusers' pipelines feed the text encoder. The packaged vocabulary is built in memory; a checkpoint's
+``tokenizer/`` folder is read by ``CLIPTokenizer.from_pretrained`` from its local path, the call diffusers' pipeline
+makes, so every layout transformers has written loads as diffusers loads it: ``tokenizer.json`` alone (transformers
+5), ``vocab.json`` + ``merges.txt`` (transformers 4's slow tokenizer, most published SD folders), or both (its fast
+tokenizer), with the folder's pad token, ``model_max_length``, added tokens and special-token flags.
 """
 
 from __future__ import annotations
@@ -9,14 +13,15 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
-import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import CLIPTokenizer
+
+log = logging.getLogger(__name__)
 
 MAX_LENGTH = 77  # positions of the CLIP text encoder, BOS and EOS included
 VOCAB_SIZE = 49408
@@ -27,74 +32,80 @@ _BUNDLED_MERGES = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP uses the first 49152 - 256 - 2 merges of that file: 256 byte tokens, 256 end-of-word byte tokens, the
 # merges and 2 special tokens make 49408.
 _NUM_MERGES = 49152 - 256 - 2
+# transformers' model_max_length for a tokenizer saved without one (its VERY_LARGE_INTEGER)
+_UNSET_MAX_LENGTH = int(1e30)
 
 
 @dataclass
 class TokenizedBatch:
-    input_ids: torch.Tensor  # [B, 77] int64: BOS, up to 75 content tokens, EOS, then pad
+    input_ids: torch.Tensor  # [B, max_length] int64 (77 for SD): BOS, up to max_length - 2 tokens, EOS, then pad
     num_tokens: list[int]  # content tokens per prompt before truncation (BOS/EOS not counted)
-    truncated: list[bool]  # the prompt had more than 75 content tokens and was cut
+    truncated: list[bool]  # the prompt had more than max_length - 2 content tokens and was cut
 
 
 class ClipTokenizer:
     """Prompts to the fixed-length id rows the CLIP text encoder takes."""
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS_TOKEN) -> None:
-        for token in (BOS_TOKEN, EOS_TOKEN, pad_token):
+    def __init__(self, tokenizer: CLIPTokenizer, max_length: int = MAX_LENGTH) -> None:
+        """``tokenizer``: a transformers CLIPTokenizer; ``max_length``: the row length, BOS and EOS included."""
+        vocab = tokenizer.get_vocab()
+        for token in (BOS_TOKEN, EOS_TOKEN, tokenizer.pad_token):
             if token not in vocab:
                 raise ValueError(f"tokenizer vocabulary has no {token!r} token")
+        if max_length < 2:
+            raise ValueError(f"model_max_length must leave room for BOS and EOS, got {max_length}")
+        self._tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.max_length = max_length
+        self.bos_id, self.eos_id, self.pad_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN], vocab[tokenizer.pad_token]
+
+    @classmethod
+    def from_vocabulary(
+        cls, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS_TOKEN
+    ) -> ClipTokenizer:
         # Pass vocab/merges as objects: from vocab_file=/merges_file= transformers 5 silently builds a 2-token
         # vocabulary. Merges must be (a, b) pairs for the tokenizers backend, whatever the annotation says.
-        self._tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token)  # type: ignore[arg-type]
-        if len(self._tokenizer) != len(vocab):
-            raise ValueError(f"tokenizer built with {len(self._tokenizer)} tokens, expected {len(vocab)}")
-        self._vocab, self._merges, self._pad_token = vocab, merges, pad_token
-        self.vocab_size = len(vocab)
-        self.bos_id = vocab[BOS_TOKEN]
-        self.eos_id = vocab[EOS_TOKEN]
-        self.pad_id = vocab[pad_token]
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token,  # type: ignore[arg-type]
+                                  model_max_length=MAX_LENGTH)
+        if len(tokenizer) != len(vocab):
+            raise ValueError(f"tokenizer built with {len(tokenizer)} tokens, expected {len(vocab)}")
+        return cls(tokenizer)
 
     @classmethod
     @functools.cache
     def bundled(cls) -> ClipTokenizer:
         """The CLIP vocabulary shipped in the ``open_clip_torch`` wheel (loaded once, then shared)."""
-        return cls(*_vocab_from_merges(_read_bundled_merges()))
+        return cls.from_vocabulary(*_vocab_from_merges(_read_bundled_merges()))
 
     @classmethod
     def from_folder(cls, path: Path) -> ClipTokenizer:
-        """A diffusers ``tokenizer/`` folder: vocab.json, merges.txt and, optionally, tokenizer_config.json."""
-        vocab_file, merges_file = path / "vocab.json", path / "merges.txt"
-        for file in (vocab_file, merges_file):
-            if not file.is_file():
-                raise FileNotFoundError(f"tokenizer folder {path} has no {file.name}")
-        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-        merges = [_merge_pair(line, merges_file) for line in _merge_lines(merges_file.read_text(encoding="utf-8"))]
-        return cls(vocab, merges, pad_token=_configured_pad_token(path))
+        """A diffusers ``tokenizer/`` folder: tokenizer.json, or vocab.json + merges.txt, or both (tokenizer.json
+        wins, as in transformers), and tokenizer_config.json (pad token, model_max_length, added tokens)."""
+        if not (path / "tokenizer.json").is_file():
+            for name in ("vocab.json", "merges.txt"):  # transformers would make up merges for a lone vocab.json
+                if not (path / name).is_file():
+                    raise FileNotFoundError(f"tokenizer folder {path} has no {name} and no tokenizer.json; it "
+                                            "needs tokenizer.json, or vocab.json and merges.txt")
+        tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        max_length = tokenizer.model_max_length
+        if max_length >= _UNSET_MAX_LENGTH:  # diffusers' own padding fails on such a folder; use CLIP's positions
+            log.warning("tokenizer folder %s sets no model_max_length; using %d", path, MAX_LENGTH)
+            max_length = tokenizer.model_max_length = MAX_LENGTH
+        return cls(tokenizer, max_length)
 
     def save_folder(self, path: Path) -> None:
-        """Write this vocabulary as a diffusers ``tokenizer/`` folder (for test and demo checkpoints)."""
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "vocab.json").write_text(json.dumps(self._vocab, ensure_ascii=False), encoding="utf-8")
-        merges = "".join(f"{a} {b}\n" for a, b in self._merges)
-        (path / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
-        config = {
-            "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": MAX_LENGTH,
-            "bos_token": BOS_TOKEN,
-            "eos_token": EOS_TOKEN,
-            "unk_token": EOS_TOKEN,
-            "pad_token": self._pad_token,
-            "do_lower_case": True,
-        }
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        """Write this tokenizer as a diffusers ``tokenizer/`` folder (for test and demo checkpoints), as
+        transformers writes it."""
+        self._tokenizer.save_pretrained(path)
 
     def tokenize(self, texts: Sequence[str]) -> TokenizedBatch:
-        """BOS + the first 75 BPE tokens + EOS, padded to 77 (what diffusers' CLIPTokenizer call gives)."""
+        """BOS + the first max_length - 2 BPE tokens + EOS, padded to max_length (77 for SD): what diffusers'
+        ``tokenizer(..., padding="max_length", max_length=model_max_length, truncation=True)`` gives."""
         if isinstance(texts, str):
             raise TypeError("tokenize takes a sequence of prompts, got a single str")
         content = self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        keep = MAX_LENGTH - 2
-        ids = torch.full((len(texts), MAX_LENGTH), self.pad_id, dtype=torch.long)
+        keep = self.max_length - 2
+        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         for row, tokens in enumerate(content):
             kept = [self.bos_id, *tokens[:keep], self.eos_id]
             ids[row, : len(kept)] = torch.tensor(kept, dtype=torch.long)
@@ -138,25 +149,8 @@ def _byte_symbols() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
 
 
-def _merge_lines(text: str) -> list[str]:
-    return [line for line in text.split("\n") if line and not line.startswith("#version")]
-
-
 def _merge_pair(line: str, source: Path) -> tuple[str, str]:
     parts = line.split()
     if len(parts) != 2:
         raise ValueError(f"{source}: a merge line must hold two symbols, got {line!r}")
     return parts[0], parts[1]
-
-
-def _configured_pad_token(path: Path) -> str:
-    """The folder's pad token (SD 2.x pads with "!"), from tokenizer_config.json or special_tokens_map.json."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        file = path / name
-        if file.is_file():
-            token: Any = json.loads(file.read_text(encoding="utf-8")).get("pad_token")
-            if isinstance(token, dict):  # serialized AddedToken
-                token = token.get("content")
-            if isinstance(token, str):
-                return token
-    return EOS_TOKEN

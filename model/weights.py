@@ -32,7 +32,7 @@ from model.single_file import (
     VAE_PREFIX,
     CheckpointError,
 )
-from model.tensor_reader import TensorReader, refuse_pickle
+from model.tensor_reader import TensorReader
 from model.unet import UNetConfig, UNetModel
 from model.vae import AutoencoderKL, VAEConfig
 
@@ -145,21 +145,6 @@ def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list
     return parts, groups.stray, {"scaling_factor": SD1_SCALING_FACTOR, "tokenizer_dir": None, "scheduler_config": None}
 
 
-def _weight_files(folder: Path, stem: str, pickle_stem: str, allow_pickle: bool) -> list[Path]:
-    """The weight files of one diffusers component, preferring safetensors, full precision, unsharded."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
-        if (folder / name).is_file():
-            return [folder / name]
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    for name in (f"{pickle_stem}.bin", f"{pickle_stem}.fp16.bin"):
-        if (folder / name).is_file():
-            refuse_pickle(folder / name, allow_pickle)
-            return [folder / name]
-    raise CheckpointError(f"{folder}: no weights found; expected {stem}.safetensors")
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path.parent.parent}: not a diffusers model folder, {path} is missing")
@@ -174,7 +159,7 @@ def _folder_part(
     # transformers names its files model.safetensors / pytorch_model.bin, diffusers diffusion_pytorch_model.*
     stem, pickle_stem = ("model", "pytorch_model") if label == "text_encoder" else ("diffusion_pytorch_model",) * 2
     reader = TensorReader()
-    for file in _weight_files(folder / label, stem, pickle_stem, allow_pickle):
+    for file in diffusers_format.weight_files(folder / label, stem, pickle_stem, allow_pickle):
         reader.add(file, stack, allow_pickle)
     sources, unexpected = {}, []
     for name in reader.shapes:

@@ -99,12 +99,17 @@ def test_saved_folder_loads_here_and_in_transformers(tmp_path: Path) -> None:
 
 
 def test_folder_pad_token_is_honoured(tokenizer_folder: Path, tmp_path: Path) -> None:
-    # SD 2.x tokenizers pad with "!" (id 0) instead of <|endoftext|>.
+    # SD 2.x tokenizers pad with "!" (id 0) instead of <|endoftext|>; transformers 4 saved it as an AddedToken.
     for name in ("vocab.json", "merges.txt"):
         (tmp_path / name).write_bytes((tokenizer_folder / name).read_bytes())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": {"content": "!"}}), encoding="utf-8")
+    pad = {"__type": "AddedToken", "content": "!", "lstrip": False, "normalized": False, "rstrip": False,
+           "single_word": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad, "model_max_length": 77}),
+                                                    encoding="utf-8")
     ids = ClipTokenizer.from_folder(tmp_path).tokenize(["a photo of a cat"]).input_ids[0].tolist()
     assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and ids[7:] == [0] * 70
+    reference = CLIPTokenizer.from_pretrained(tmp_path)
+    assert reference("a photo of a cat", padding="max_length", max_length=MAX_LENGTH).input_ids == ids
 
 
 def test_folder_without_merges_is_an_error(tmp_path: Path) -> None:
