@@ -81,6 +81,10 @@ class Pipeline:
             tokenizer = ClipTokenizer.from_folder(components.tokenizer_dir)
         else:
             tokenizer = ClipTokenizer.bundled()
+        positions = components.text_encoder.config.max_position_embeddings
+        if tokenizer.max_length > positions:
+            raise ValueError(f"the tokenizer's model_max_length ({tokenizer.max_length}) exceeds the text encoder's "
+                             f"{positions} positions: fix tokenizer/tokenizer_config.json")
         if components.scheduler_config is not None:
             schedule = NoiseSchedule.from_diffusers_config(components.scheduler_config)
         else:

@@ -146,3 +146,14 @@ def test_generate_cli_on_a_saved_folder(saved: Path, tmp_path: Path) -> None:
                             seed=8, n=2)
     assert np.abs(ours - diffusers_pixels(saved, req)).max() <= 2
     assert re.search(r"seed=9", run.stdout)
+
+
+def test_a_tokenizer_longer_than_the_text_encoder_is_refused_at_load(saved: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(saved, tmp_path / "long-tokenizer")
+    config_path = folder / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    positions = json.loads((folder / "text_encoder" / "config.json").read_text())["max_position_embeddings"]
+    config["model_max_length"] = positions + 1
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"model_max_length \({positions + 1}\) exceeds the text encoder's {positions}"):
+        Pipeline.load(folder, device="cpu", dtype="float32")
