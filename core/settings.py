@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -44,7 +48,14 @@ class Settings(BaseSettings):
     batch_window_ms: int = Field(
         0, ge=0, le=10_000, description="Extra time a worker waits for more compatible jobs to fill a batch."
     )
-    worker_metrics_port: int = Field(9101, ge=0, le=65535, description="Worker /metrics port (0 = off).")
+    metrics_host: str = Field(
+        "127.0.0.1", min_length=1, description="Interface the worker's and the webhook sender's /metrics listen on "
+        "(0.0.0.0: every interface, for a Prometheus on another host or in another container).",
+    )
+    worker_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Worker /metrics port (0 = off). When it is taken: the next free port if "
+        "this is the default, an error if you set it.",
+    )
     job_timeout_s: int = Field(1800, ge=10, description="A job running longer than this fails.")
     job_retries: int = Field(3, ge=0, le=20, description="Re-runs of a job whose worker died.")
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long finished jobs stay queryable.")
@@ -115,7 +126,10 @@ class Settings(BaseSettings):
     webhook_retry_base_s: float = Field(
         1.0, ge=0, le=300, description="Delay before a failed delivery's first retry; doubles for each of 6 retries."
     )
-    webhook_metrics_port: int = Field(9102, ge=0, le=65535, description="Webhook sender /metrics port (0 = off).")
+    webhook_metrics_port: int = Field(
+        9102, ge=0, le=65535, description="Webhook sender /metrics port (0 = off). When it is taken: the next free "
+        "port if this is the default, an error if you set it.",
+    )
 
     @field_validator("webhook_secret")
     @classmethod
@@ -152,6 +166,33 @@ def load_settings(**overrides: object) -> Settings:
             got = "a hidden value" if "SECRET" in name else repr(err.get("input"))  # keep secrets out of logs
             lines.append(f"{name}: {err['msg']} (got {got})")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+# Variables docker-compose.yml reads for itself. They share .env with the settings, so they are no misspellings.
+COMPOSE_VARIABLES = frozenset({
+    "SDQ_API_IMAGE", "SDQ_API_PORT", "SDQ_CHECKPOINT_FILE", "SDQ_GPUS_PER_WORKER", "SDQ_MODELS_DIR", "SDQ_WORKER_IMAGE",
+})
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None, env_file: Path | None = None) -> list[str]:
+    """One warning per ``SDQ_`` variable, in the environment or the .env file, that is no setting: pydantic would
+    ignore a misspelt one in silence. Names the setting it is closest to, when one is close."""
+    known = {f"SDQ_{name.upper()}" for name in Settings.model_fields}
+    path = Path(str(Settings.model_config.get("env_file"))) if env_file is None else env_file
+    sources: list[tuple[str, Mapping[str, object]]] = [("environment", os.environ if environ is None else environ)]
+    if path.is_file():
+        sources.append((str(path), dotenv_values(path)))
+    warnings = []
+    for where, variables in sources:
+        for name in variables:
+            upper = name.upper()  # settings are read case-insensitively
+            if not upper.startswith("SDQ_") or upper in known or upper in COMPOSE_VARIABLES:
+                continue
+            # Compared without the prefix, which every name shares and which would make any two names look alike.
+            close = difflib.get_close_matches(upper[4:], sorted(k[4:] for k in known), n=1, cutoff=0.7)
+            hint = f"; did you mean SDQ_{close[0]}?" if close else ""
+            warnings.append(f"{name} (in the {where}) is not an sdqueue setting and is ignored{hint}")
+    return warnings
 
 
 @lru_cache(maxsize=1)

@@ -30,8 +30,8 @@ from rq import get_current_job
 from rq.job import Job
 
 from core.settings import Settings, get_settings
+from core.version import __version__
 from core.webhooks import Address, AllowList, WebhookURLError, check_webhook_url, signed_headers, signing_key
-from sdqueue import __version__
 
 log = logging.getLogger(__name__)
 

@@ -1,3 +1,5 @@
 """sdqueue: a self-hosted Stable Diffusion 1.x service (REST API, Redis queue, GPU workers)."""
 
-__version__ = "0.1.0"
+from core.version import __version__
+
+__all__ = ["__version__"]

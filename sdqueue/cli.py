@@ -1,4 +1,5 @@
-"""The `sdqueue` command: `api`, `worker`, `dev` and `generate` sub-commands sharing one validated `Settings`.
+"""The `sdqueue` command: `api`, `worker`, `webhooks`, `dev`, `generate`, `info`, `cleanup` and `apikey` sub-commands
+sharing one validated `Settings`, and `--version`.
 
 Each sub-command imports what it needs when it runs, so `sdqueue api` never loads torch.
 """
@@ -10,7 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from core.settings import Settings, SettingsError, load_settings
+from core.settings import Settings, SettingsError, load_settings, unknown_variables
+from core.version import __version__
 
 log = logging.getLogger("sdqueue")
 
@@ -21,6 +23,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         description="Self-hosted Stable Diffusion 1.x service. Configuration comes from SDQ_* environment variables "
         "(or a .env file); see the README.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     api = sub.add_parser("api", help="serve the HTTP API (uvicorn)")
@@ -63,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call (dev's readiness probe) is noise
+    for warning in unknown_variables():
+        log.warning("%s", warning)
     if args.command == "api":
         return run_api(settings, args)
     if args.command == "worker":

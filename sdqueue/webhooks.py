@@ -1,5 +1,6 @@
 """``sdqueue webhooks``: the webhook sender. An RQ worker on the ``{prefix}-webhooks`` queue, with RQ's scheduler for
-the retries, and its own /metrics port. No torch, no GPU: run it from the API image, as many as the load needs.
+the retries, and its own /metrics listener (``SDQ_METRICS_HOST``, ``SDQ_WEBHOOK_METRICS_PORT``). No torch, no GPU:
+run it from the API image, as many as the load needs.
 
 Each process sends one message at a time; a receiver that hangs holds its sender for at most the request timeout
 (``core.webhook_delivery.REQUEST_TIMEOUT_S``), so run more senders when receivers are slow.
@@ -13,6 +14,7 @@ from typing import Any
 from rq.job import Job
 from rq.worker import SimpleWorker
 
+from core.metrics_http import MetricsPortError, serve_metrics
 from core.queues import Keys, connect
 from core.settings import Settings
 from core.webhook_delivery import METRICS, DeliveryError
@@ -29,10 +31,17 @@ class WebhookWorker(SimpleWorker):
 
 
 def run(settings: Settings) -> int:
-    """Send webhooks until SIGTERM/SIGINT (which lets the message being sent finish); returns the exit code."""
+    """Send webhooks until SIGTERM/SIGINT (which lets the message being sent finish); returns the exit code (2: the
+    metrics port cannot be used)."""
     if settings.webhook_secret is None:
         log.warning("SDQ_WEBHOOK_SECRET is not set: the API refuses jobs with a webhook, so none will be sent")
-    METRICS.serve(settings.webhook_metrics_port)
+    try:
+        serve_metrics(METRICS.registry, what="webhook sender", host=settings.metrics_host,
+                      port=settings.webhook_metrics_port, setting="SDQ_WEBHOOK_METRICS_PORT",
+                      chosen="webhook_metrics_port" in settings.model_fields_set)
+    except MetricsPortError as exc:
+        log.error("%s", exc)
+        return 2
     queue = Keys(settings.queue_prefix).webhooks()
     worker = WebhookWorker([queue], connection=connect(settings.redis_url), log_job_description=False)
     log.info("webhook sender %s on queue %s", worker.name, queue)

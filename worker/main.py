@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 
+from core.metrics_http import MetricsPortError
 from core.queues import Keys, connect
 from core.settings import Settings
 from worker.batch_worker import BatchWorker
@@ -23,9 +24,14 @@ def worker_name() -> str:
 
 
 def main(settings: Settings) -> int:
-    """Run a worker until SIGTERM/SIGINT; returns the process exit code."""
+    """Run a worker until SIGTERM/SIGINT; returns the process exit code (2: its metrics port cannot be used)."""
     metrics = WorkerMetrics()
-    metrics.serve(settings.worker_metrics_port)
+    try:
+        metrics.serve(settings.metrics_host, settings.worker_metrics_port,
+                      chosen="worker_metrics_port" in settings.model_fields_set)
+    except MetricsPortError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         resident = load_resident(settings)
     except Exception as exc:

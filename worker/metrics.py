@@ -1,4 +1,4 @@
-"""The worker's Prometheus metrics, served on ``SDQ_WORKER_METRICS_PORT`` (0 = off).
+"""The worker's Prometheus metrics, served on ``SDQ_METRICS_HOST``:``SDQ_WORKER_METRICS_PORT`` (0 = off).
 
 Each worker process has its own registry (not prometheus_client's global one), so a test can run several workers'
 metrics side by side and nothing else in the process leaks into the worker's page.
@@ -6,11 +6,9 @@ metrics side by side and nothing else in the process leaks into the worker's pag
 
 from __future__ import annotations
 
-import logging
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-log = logging.getLogger(__name__)
+from core.metrics_http import serve_metrics
 
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 RUN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -40,10 +38,13 @@ class WorkerMetrics:
         self.jobs = Counter("sdq_worker_jobs", "Jobs this worker finished, by outcome.", ["outcome"], registry=r)
         self.busy = Gauge("sdq_worker_busy", "1 while the worker collects or runs a batch, 0 while idle.", registry=r)
 
-    def serve(self, port: int) -> None:
-        if port:
-            start_http_server(port, registry=self.registry)
-            log.info("worker metrics on :%d/metrics", port)
+    def serve(self, host: str, port: int, *, chosen: bool) -> int:
+        """Start the /metrics listener (see ``core.metrics_http``); returns its port, 0 when off.
+
+        Raises ``MetricsPortError`` when it cannot listen: a chosen port that is taken, a bad host."""
+        return serve_metrics(
+            self.registry, what="worker", host=host, port=port, setting="SDQ_WORKER_METRICS_PORT", chosen=chosen
+        )
 
     def pipeline_call(self, images: int, steps: int, steps_per_second: float, seconds: float) -> None:
         self.batch_size.observe(images)

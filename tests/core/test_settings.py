@@ -9,7 +9,7 @@ from typing import Literal, get_args, get_origin
 
 import pytest
 
-from core.settings import Settings, SettingsError, load_settings
+from core.settings import COMPOSE_VARIABLES, Settings, SettingsError, load_settings, unknown_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,6 +78,44 @@ def test_cli_exits_2_with_the_message_on_bad_settings(tmp_path: Path) -> None:
                             text=True, timeout=60)
     assert result.returncode == 2
     assert "SDQ_STORAGE:" in result.stderr and "'ftp'" in result.stderr
+
+
+def test_a_misspelt_variable_is_reported_with_the_likely_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDQ_CHEKPOINT", "/models/v1-5.safetensors")
+    monkeypatch.setenv("SDQ_WORKER_METRIC_PORT", "9200")
+    monkeypatch.setenv("SDQ_REDIS_URL", "redis://redis:6379/0")  # a setting: not reported
+    monkeypatch.setenv("SDQ_NOTHING_LIKE_IT", "1")
+    assert load_settings().checkpoint is None  # pydantic ignores it, hence the report
+    warnings = unknown_variables()
+    assert sorted(warnings) == [
+        "SDQ_CHEKPOINT (in the environment) is not an sdqueue setting and is ignored; did you mean SDQ_CHECKPOINT?",
+        "SDQ_NOTHING_LIKE_IT (in the environment) is not an sdqueue setting and is ignored",
+        "SDQ_WORKER_METRIC_PORT (in the environment) is not an sdqueue setting and is ignored; "
+        "did you mean SDQ_WORKER_METRICS_PORT?",
+    ]
+
+
+def test_a_misspelt_variable_in_the_dotenv_file_is_reported(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("SDQ_DEVICE=cpu\nSDQ_STORAGEE=s3\nMINIO_ROOT_USER=sdqueue\n")
+    assert load_settings().storage == "local"
+    assert unknown_variables() == [
+        "SDQ_STORAGEE (in the .env) is not an sdqueue setting and is ignored; did you mean SDQ_STORAGE?"
+    ]
+
+
+def test_settings_in_any_case_and_the_compose_variables_are_not_reported(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("".join(f"{name}=x\n" for name in sorted(COMPOSE_VARIABLES)))
+    environ = {"sdq_device": "cpu", "SDQ_LOG_LEVEL": "INFO", "PATH": "/usr/bin"}
+    assert unknown_variables(environ) == []
+
+
+def test_cli_warns_about_a_misspelt_variable(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "SDQ_CHEKPOINT": "/models/x.safetensors", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "sdqueue", "apikey", "create", "alice"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if "SDQ_CHEKPOINT" in line]
+    assert "WARNING" in warning and "did you mean SDQ_CHECKPOINT?" in warning
 
 
 def settings_table() -> str:

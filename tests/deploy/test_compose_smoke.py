@@ -121,6 +121,17 @@ def answers(url: str) -> bool:
         return False
 
 
+def first_key(api_env: dict[str, str], workdir: Path) -> str:
+    """What docs/deploy.md has the operator run: `docker compose run --rm api sdqueue apikey create NAME --store`."""
+    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    done = subprocess.run([sys.executable, "-m", "sdqueue", "apikey", "create", "me", "--store"], cwd=workdir,
+                          env={**base, "PYTHONPATH": str(ROOT), **api_env}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [key] = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("key:")]
+    return key
+
+
 def test_compose_api_and_worker_run_a_job_into_s3(
     redis_url: str, s3_server: S3Server, models_dir: Path, tmp_path: Path
 ) -> None:
@@ -157,6 +168,7 @@ def test_compose_api_and_worker_run_a_job_into_s3(
         env.update({"SDQ_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert worker_env["SDQ_CHECKPOINT"] == str(models_dir / "tiny.safetensors")
     assert api_env["SDQ_STORAGE"] == worker_env["SDQ_STORAGE"] == "s3"
+    assert api_env["SDQ_AUTH"] == "on"  # the published API requires keys
 
     running: list[NativeService] = []
     try:
@@ -166,14 +178,16 @@ def test_compose_api_and_worker_run_a_job_into_s3(
         wait_for(lambda: answers(f"{api}/healthz"), 60, "the api's /healthz", running)
         wait_for(lambda: answers(f"{api}/readyz"), 120, "/readyz (a live worker)", running)
 
-        submitted = httpx.post(f"{api}/v1/txt2img", json=JOB, timeout=10)
+        assert httpx.post(f"{api}/v1/txt2img", json=JOB, timeout=10).status_code == 401
+        auth = {"Authorization": f"Bearer {first_key(api_env, tmp_path)}"}
+        submitted = httpx.post(f"{api}/v1/txt2img", json=JOB, headers=auth, timeout=10)
         assert submitted.status_code == 202, submitted.text
         job_id = submitted.json()["id"]
         job: dict[str, Any] = {}
 
         def finished() -> bool:
             nonlocal job
-            job = httpx.get(f"{api}/v1/jobs/{job_id}", timeout=10).json()
+            job = httpx.get(f"{api}/v1/jobs/{job_id}", headers=auth, timeout=10).json()
             return job["status"] in ("succeeded", "failed", "canceled")
 
         wait_for(finished, 120, f"job {job_id}", running)

@@ -168,6 +168,13 @@ def test_compose_services_are_wired_for_scaling_and_durability() -> None:
     assert webhooks["command"] == ["sdqueue", "webhooks"] and "deploy" not in webhooks
     assert "9102" in " ".join(webhooks["healthcheck"]["test"])  # the api image's own check probes port 8000
 
+    # The API is published on the host's interfaces: keys required unless the operator says otherwise.
+    assert services["api"]["environment"]["SDQ_AUTH"] == "on"
+    assert compose.load({"SDQ_AUTH": "off"})["services"]["api"]["environment"]["SDQ_AUTH"] == "off"
+    # Metrics listen beyond the container's loopback, for Prometheus; they are not published on the host.
+    for name in ("worker", "webhooks"):
+        assert services[name]["environment"]["SDQ_METRICS_HOST"] == "0.0.0.0" and "ports" not in services[name]
+
     for name in ("api", "worker", "webhooks"):
         env = services[name]["environment"]
         assert env["SDQ_REDIS_URL"] == "redis://redis:6379/0"
