@@ -28,18 +28,23 @@ class LocalStorage(Storage):
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(path.parent)
         # Write a temp file in the same directory, then rename over the target: readers (the API route, a retried
-        # job writing the same key) see the old file, the new file, or nothing, never a partial one. No fsync: an
-        # image lost in a power cut is regenerated from its job's seed, and fsync would add its latency to every job.
+        # job writing the same key) see the old file, the new file, or nothing, never a partial one. The worker marks
+        # a job succeeded once its images are written, so the bytes and the new name reach the disk first (the file
+        # before the rename, the directory after it): an OS crash or power cut cannot lose a succeeded job's images
+        # or leave an empty file under their name.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(path.parent)
 
     def get(self, key: str) -> bytes:
         try:
@@ -55,3 +60,22 @@ class LocalStorage(Storage):
 
     def url(self, key: str) -> str:
         return f"{self.public_url}/v1/images/{validate_key(key)}"
+
+
+def _make_dirs(directory: Path) -> None:
+    """``mkdir -p`` that also makes each new directory's name durable, by syncing the directory that holds it."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)  # exist_ok: another writer may create the same job folder at the same moment
+        _fsync_dir(new.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

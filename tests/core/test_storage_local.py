@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,63 @@ def test_failed_write_keeps_the_old_file_and_no_temp_file(storage: LocalStorage)
         storage.put("job/0.png", "not bytes", "image/png")  # type: ignore[arg-type]
     assert storage.get("job/0.png") == b"old"
     assert [p.name for p in (storage.root / "job").iterdir()] == ["0.png"]
+
+
+def test_put_syncs_the_file_before_the_rename_and_each_directory_after(
+    storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker marks a job succeeded once put returns: by then its bytes, its name and any folder created for it
+    are on disk, so an OS crash cannot lose them."""
+    (storage.root / "job").mkdir(parents=True)
+    events: list[tuple[str, Path]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    storage.put("job/0.png", b"png bytes", "image/png")
+
+    [(_, temp), *rest] = events
+    assert temp.parent == storage.root / "job" and temp.name.startswith(".0.png.")  # the temp file, still unnamed
+    assert rest == [("replace", storage.root / "job" / "0.png"), ("fsync", storage.root / "job")]
+
+    events.clear()
+    storage.put("new/sub/1.png", b"x", "image/png")
+
+    # Each created folder's entry is synced in its parent, top down, before the file goes in.
+    assert [e for e in events if e[0] == "fsync"][:2] == [("fsync", storage.root), ("fsync", storage.root / "new")]
+    assert events[2][0] == "fsync" and events[2][1].parent == storage.root / "new" / "sub"
+    assert events[3:] == [("replace", storage.root / "new" / "sub" / "1.png"), ("fsync", storage.root / "new" / "sub")]
+    assert storage.get("new/sub/1.png") == b"x"
+
+
+def test_a_reader_sees_a_whole_file_while_it_is_rewritten(storage: LocalStorage) -> None:
+    versions = [bytes([i]) * (1 << 20) for i in range(1, 4)]
+    storage.put("job/0.png", versions[0], "image/png")
+    done = threading.Event()
+    reads: list[bool] = []
+
+    def read() -> None:
+        while not done.is_set():
+            reads.append(storage.get("job/0.png") in versions)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(30):
+            storage.put("job/0.png", versions[i % 3], "image/png")
+    finally:
+        done.set()
+        reader.join()
+    assert reads and all(reads)
 
 
 def test_url_points_at_the_api_route(storage: LocalStorage) -> None:

@@ -8,15 +8,22 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
+from redis import Redis, RedisError
 
+from core import jobstore
+from core.jobs import Txt2ImgRequest
+from core.queues import Keys
 from core.settings import load_settings
 from core.storage import make_storage
 from core.storage.s3 import S3Storage
 from sdqueue.retention import cleanup
+from tests.redis_server import free_port
+from tests.rq_worker_side import take
 from tests.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
 
 
@@ -186,8 +193,11 @@ def test_configuration_errors_name_the_variable(s3_server: S3Server) -> None:
         s3_settings(s3_server, "b", s3_secret_access_key=None)
 
 
-def test_retention_deletes_only_objects_older_than_the_cutoff(s3_server: S3Server, bucket: str) -> None:
+def test_retention_deletes_only_objects_older_than_the_cutoff(
+    s3_server: S3Server, bucket: str, redis_url: str
+) -> None:
     storage = s3_settings(s3_server, bucket, s3_prefix="results/")
+    redis = Redis.from_url(redis_url)
     s3_server.client().put_object(Bucket=bucket, Key="elsewhere/keep.png", Body=b"not ours")
     storage.put("old/0.png", b"old", "image/png")
     storage.put("old/1.png", b"old", "image/png")
@@ -196,11 +206,11 @@ def test_retention_deletes_only_objects_older_than_the_cutoff(s3_server: S3Serve
     time.sleep(1.1)
     storage.put("new/0.png", b"new", "image/png")
 
-    dry = cleanup(storage, retention_s=60, now=middle + 60, dry_run=True)
+    dry = cleanup(storage, retention_s=60, redis=redis, result_ttl_s=3600, now=middle + 60, dry_run=True)
     assert (dry.deleted, dry.kept) == (2, 1)
     assert storage.exists("old/0.png")
 
-    report = cleanup(storage, retention_s=60, now=middle + 60)
+    report = cleanup(storage, retention_s=60, redis=redis, result_ttl_s=3600, now=middle + 60)
 
     assert (report.deleted, report.kept) == (2, 1)
     assert not storage.exists("old/0.png")
@@ -208,3 +218,44 @@ def test_retention_deletes_only_objects_older_than_the_cutoff(s3_server: S3Serve
     assert storage.get("new/0.png") == b"new"
     assert s3_server.client().get_object(Bucket=bucket, Key="elsewhere/keep.png")["Body"].read() == b"not ours"
 
+
+def test_retention_keeps_objects_of_queued_and_recently_finished_jobs(
+    s3_server: S3Server, bucket: str, redis_url: str, tmp_path: Path
+) -> None:
+    day = 24 * 3600
+    settings = load_settings(redis_url=redis_url, data_dir=tmp_path, result_ttl_s=3 * day)
+    redis = Redis.from_url(redis_url)
+    storage = s3_settings(s3_server, bucket, s3_prefix="results/")
+    queued, finished = (jobstore.new_job_spec(Txt2ImgRequest(prompt="a cat"), task="img2img") for _ in range(2))
+    for spec in (finished, queued):
+        jobstore.enqueue(redis, settings, spec)
+    take(redis, Keys(), finished.id).succeed({"images": [], "warnings": [], "timings": {}})
+    for key in (f"{queued.id}/input.png", f"{queued.id}/mask.png", f"{finished.id}/0.png", "expired/0.png"):
+        storage.put(key, b"x", "image/png")
+    # S3 sets LastModified itself: look from two days on, so that every object is older than a one-day retention.
+    later = time.time() + 2 * day
+
+    report = cleanup(storage, retention_s=day, redis=redis, result_ttl_s=settings.result_ttl_s, now=later)
+
+    assert (report.deleted, report.kept, report.kept_for_jobs) == (1, 3, 3)
+    assert not storage.exists("expired/0.png")
+    assert storage.exists(f"{queued.id}/input.png") and storage.exists(f"{queued.id}/mask.png")
+    assert storage.exists(f"{finished.id}/0.png")
+
+    # With a one-day result TTL the finished job's images are past it two days on; the queued job's inputs stay.
+    report = cleanup(storage, retention_s=day, redis=redis, result_ttl_s=day, now=later)
+
+    assert (report.deleted, report.kept_for_jobs) == (1, 2)
+    assert not storage.exists(f"{finished.id}/0.png")
+    assert storage.exists(f"{queued.id}/input.png")
+
+
+def test_retention_without_redis_deletes_nothing(s3_server: S3Server, bucket: str) -> None:
+    storage = s3_settings(s3_server, bucket)
+    storage.put("expired/0.png", b"x", "image/png")
+
+    with pytest.raises(RedisError):
+        cleanup(storage, retention_s=60, redis=Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"),
+                result_ttl_s=3600, now=time.time() + 3600)
+
+    assert storage.exists("expired/0.png")
