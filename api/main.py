@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.metadata import version
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +24,7 @@ from core import eventlog
 from core.queues import Keys, connect
 from core.settings import Settings, load_settings
 from core.storage import make_storage
+from core.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="sdqueue",
-        version=version("sdqueue"),
+        version=__version__,
         summary="Stable Diffusion 1.x jobs over HTTP: submit, follow, download.",
         description="Errors always have the shape `{\"error\": {\"type\", \"message\", \"field\"}}`. With auth on, "
         "every route but /healthz, /readyz, /metrics and the docs needs `Authorization: Bearer <API key>`.",

@@ -42,7 +42,7 @@ DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "completed")
 
 
 class GenerationParams(BaseModel):
-    """Fields every task shares. Names follow AUTOMATIC1111 / diffusers."""
+    """Fields every task shares, named as diffusers names them (`guidance_scale`, `negative_prompt`, ...)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -33,7 +33,7 @@ from core.webhooks import new_message_id
 
 log = logging.getLogger(__name__)
 
-DELIVER_FUNC = "core.webhook_delivery.deliver"
+DELIVER_FUNC = "sdqueue.webhook_delivery.deliver"
 RETRIES = 6  # with the default 1 s base: retries after 1, 2, 4, 8, 16 and 32 s
 PROGRESS_EVERY_S = 1.0
 DELIVERY_TIMEOUT_S = 60  # one attempt: the request timeout for each resolved address, with room to spare

@@ -3,7 +3,7 @@ the retries, and its own /metrics listener (``SDQ_METRICS_HOST``, ``SDQ_WEBHOOK_
 run it from the API image, as many as the load needs.
 
 Each process sends one message at a time; a receiver that hangs holds its sender for at most the request timeout
-(``core.webhook_delivery.REQUEST_TIMEOUT_S``), so run more senders when receivers are slow.
+(``sdqueue.webhook_delivery.REQUEST_TIMEOUT_S``), so run more senders when receivers are slow.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rq.worker import SimpleWorker
 from core.metrics_http import MetricsPortError, serve_metrics
 from core.queues import Keys, connect
 from core.settings import Settings
-from core.webhook_delivery import METRICS, DeliveryError
+from sdqueue.webhook_delivery import METRICS, DeliveryError
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, NoReturn
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from rq import get_current_job
 from rq.job import Job
 
@@ -63,11 +63,6 @@ class WebhookMetrics:
             "sdq_webhook_request_seconds", "Duration of one delivery attempt's HTTP request.",
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
-
-    def serve(self, port: int) -> None:
-        if port:
-            start_http_server(port, registry=self.registry)
-            log.info("webhook metrics on :%d/metrics", port)
 
 
 METRICS = WebhookMetrics()  # one per process: the sender process serves it

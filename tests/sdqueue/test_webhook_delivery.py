@@ -28,9 +28,9 @@ from core.jobs import GenerationParams, Status
 from core.queues import Keys
 from core.settings import Settings, get_settings
 from core.storage import make_storage
-from core.webhook_delivery import METRICS, post_pinned
 from core.webhook_queue import WebhookNotifier, enqueue_delivery
 from core.webhooks import verify
+from sdqueue.webhook_delivery import METRICS, post_pinned
 from sdqueue.webhooks import WebhookWorker
 from tests.webhook_receiver import WebhookReceiver, verified_json
 
