@@ -86,7 +86,10 @@ class DiffusersModel:
     text_encoder: CLIPTextModel
 
 
-def write_diffusers_folder(name: str, folder: Path, configs: Configs, seed: int = 0) -> DiffusersModel:
+def random_reference_modules(
+    configs: Configs, seed: int = 0
+) -> tuple[diffusers.UNet2DConditionModel, diffusers.AutoencoderKL, CLIPTextModel]:
+    """diffusers' UNet and VAE and transformers' CLIP text model of ``configs``, randomly initialised from ``seed``."""
     unet_config, vae_config, clip_config = configs
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
@@ -98,6 +101,11 @@ def write_diffusers_folder(name: str, folder: Path, configs: Configs, seed: int 
             for p in module.parameters():
                 if p.ndim == 1:
                     p.add_(0.1 * torch.randn_like(p))
+    return unet, vae, text_encoder
+
+
+def write_diffusers_folder(name: str, folder: Path, configs: Configs, seed: int = 0) -> DiffusersModel:
+    unet, vae, text_encoder = random_reference_modules(configs, seed)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")

@@ -14,17 +14,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import numpy as np
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from model.requests import GenerationRequest
 from model.weights import tiny_configs
-from tests.model.conftest import SD15_SCHEDULER_CONFIG, diffusers_unet_kwargs, diffusers_vae_kwargs
+from tests.model.conftest import SD15_SCHEDULER_CONFIG, random_reference_modules
 from tests.model.reference import reference_scheduler
 
 CLIP_MERGES = 49152 - 256 - 2
@@ -55,16 +54,7 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline of model.weights.tiny_configs() with random weights, every norm perturbed."""
-    unet_config, vae_config, clip_config = tiny_configs()
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        unet = diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(unet_config)).eval()
-        vae = diffusers.AutoencoderKL(**diffusers_vae_kwargs(vae_config)).eval()
-        text_encoder = CLIPTextModel(clip_config).eval()
-        for module in (unet, vae, text_encoder):
-            for p in module.parameters():
-                if p.ndim == 1:
-                    p.add_(0.1 * torch.randn_like(p))
+    unet, vae, text_encoder = random_reference_modules(tiny_configs(), seed)
     scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
