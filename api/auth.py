@@ -4,13 +4,20 @@ Auth is on with SDQ_AUTH=on, or with SDQ_AUTH=auto (the default) as soon as SDQ_
 looked up by their SHA-256 digest: first among SDQ_API_KEYS (read once at start), then in the Redis hash that
 `sdqueue apikey create --store` fills, so keys added there work without a restart and revoked ones stop at once.
 The key's name owns the jobs it submits: another key gets 404 for them.
+
+A route with a body is an `AuthenticatedRoute`: the key is checked before the body is read, so a caller without
+a valid key gets 401 whatever it sends (no 413, 422 or 400 that would tell it about the route, and no body read).
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, cast
 
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis as AsyncRedis
 
@@ -66,6 +73,37 @@ class Authenticator:
             if hmac.compare_digest(key.digest, digest):
                 return key
         return None
+
+
+async def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None = None) -> Caller:
+    """The caller of `request` (401 without a valid key when auth is on), found once per request: the route class
+    asks first, the `CallerDep` dependency gets the same answer."""
+    state = request.scope.setdefault("state", {})  # shared by copies of the request (see api.multipart)
+    caller = state.get("sdq_caller")
+    if caller is None:
+        if credentials is None:
+            credentials = await bearer_scheme(request)
+        authenticator = cast(Authenticator, request.app.state.authenticator)
+        caller = state["sdq_caller"] = await authenticator.caller(credentials)
+    return cast(Caller, caller)
+
+
+class AuthenticatedRoute(APIRoute):
+    """An APIRoute that authenticates before anything reads the request body; subclasses that read the body
+    themselves (multipart) do it in `body_handler`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = self.body_handler()
+
+        async def route(request: Request) -> Response:
+            await authenticate(request)
+            return await handler(request)
+
+        return route
+
+    def body_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """What runs once the caller is known: FastAPI's own handler, which reads and validates the body."""
+        return super().get_route_handler()
 
 
 def _unauthorized(message: str, challenge_params: str) -> ApiError:

@@ -13,7 +13,7 @@ from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials
 from redis import Redis
 
-from api.auth import Authenticator, Caller, bearer_scheme
+from api.auth import Caller, authenticate, bearer_scheme
 from api.instrumentation import ApiMetrics
 from api.intake import MAX_WAIT_S, Intake, Services
 from core.queues import Keys
@@ -49,8 +49,7 @@ async def _caller(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 ) -> Caller:
     """The API key's owner name (401 without a valid key when auth is on; anonymous when it is off)."""
-    authenticator = cast(Authenticator, request.app.state.authenticator)
-    return await authenticator.caller(credentials)
+    return await authenticate(request, credentials)
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -10,6 +10,14 @@ A route builds its `JobSpec` and hands it over:
 Order of checks: priority allowed for the key (403), idempotent replay (no limits spent), submissions per minute
 and queued jobs per key (429), the global queue limit (503). A request refused after claiming its Idempotency-Key
 gives the key back, so the client can retry with it.
+
+Whatever dies when, nothing is lost and nothing stays stuck:
+- The API dies after claiming an Idempotency-Key and before the enqueue: the claim is a "pending" record that
+  lapses after PENDING_TTL_S, and a retry then takes the key (`_IdempotencyClaim`).
+- The enqueue's reply is lost: the jobs are looked up before answering (`core.commit`): 202 if they exist, 503
+  with the inputs deleted and the key given back if they surely do not, and 503 keeping both (the job may exist)
+  if Redis cannot be asked.
+- With SDQ_DURABLE_SUBMIT, 202 means the job is on disk (`api.durability`).
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ from rq.job import Job
 
 from api import errors
 from api.auth import Caller
+from api.durability import DurabilityUnavailable
 from api.errors import ApiError
 from api.instrumentation import ApiMetrics
 from api.limits import KeyLimits
 from api.submitter import QueueFullError, Submitter
-from core import eventlog, jobstore
+from core import commit, eventlog, jobstore
+from core.commit import KeyRecord
 from core.jobs import JobPublic, JobSpec
 from core.queues import Keys
 from core.settings import Settings
@@ -42,6 +52,11 @@ from core.storage import Storage
 
 MAX_WAIT_S = 60
 IDEMPOTENCY_TTL_S = 24 * 3600
+# How long a claimed Idempotency-Key waits for its request's enqueue. A request gets from its claim to the enqueue
+# transaction within a few Redis timeouts (SDQ_REDIS_TIMEOUT_S each) even when Redis stalls; one whose API process
+# died never gets there, and its retry may take the key once the claim has lapsed.
+PENDING_TTL_S = 60
+_UNAVAILABLE_RETRY_S = 5
 _QUEUE_FULL_RETRY_S = 5
 
 SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -51,8 +66,10 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
                          "`Location`, or follow `GET /v1/jobs/{id}/events`."},
     **errors.responses(401, 403, 409, 413, 422, 429, 503, described={
         403: "The API key may not use this `priority`.",
-        409: "The Idempotency-Key was used with a different body, or its first request is still being handled.",
-        503: "The queues hold SDQ_MAX_QUEUED_JOBS jobs, or Redis is unreachable; retry after `Retry-After`.",
+        409: "The Idempotency-Key was used with a different body, its first request is still being handled, or "
+             "the job it made has expired.",
+        503: "The queues hold SDQ_MAX_QUEUED_JOBS jobs, Redis is unreachable, or (SDQ_DURABLE_SUBMIT) Redis did not "
+             "confirm the job on disk in time; retry after `Retry-After`, with the same Idempotency-Key if any.",
     }),
 }
 
@@ -63,7 +80,8 @@ class Services:
 
     settings: Settings
     redis: Redis
-    aredis: AsyncRedis
+    aredis: AsyncRedis  # for blocking reads of event logs (its socket timeout is above their block time)
+    acommands: AsyncRedis  # for short commands (auth, limits, Idempotency-Key): times out after SDQ_REDIS_TIMEOUT_S
     keys: Keys
     storage: Storage
     submitter: Submitter
@@ -104,9 +122,11 @@ class Intake:
             claim = _IdempotencyClaim(self.s, caller, self.idempotency_key, _fingerprint(spec.task, request))
         try:
             earlier = await claim.take(spec.id) if claim is not None else None
+            if earlier is not None:
+                await self._replay_on_disk(earlier)
             position = await self._enqueue(spec, claim) if earlier is None else None
-        except Exception:  # not CancelledError: a client that went away may still have its job queued
-            if on_refused is not None:
+        except Exception as exc:  # not CancelledError: a client that went away may still have its job queued
+            if on_refused is not None and not isinstance(exc, _MaybeQueued):
                 await on_refused()
             raise
         if earlier is not None:
@@ -123,7 +143,18 @@ class Intake:
             if owner is not None:
                 await self.s.limits.take_submission(owner)
                 await self.s.limits.reserve_queued(owner, spec.id)
-            return await self.s.submitter.submit(spec)
+            return await self.s.submitter.submit(spec, claim.record(spec.id) if claim is not None else None)
+        except commit.CommitUnknown:
+            # The job may be queued: its inputs, key and slot stay (a pending key lapses, a slot of a job that never
+            # came is pruned); the client can look, or retry with its Idempotency-Key.
+            raise _MaybeQueued(
+                f"Redis stopped answering while job {spec.id} was being queued and could not be asked afterwards "
+                f"whether it was; GET /v1/jobs/{spec.id} tells once Redis answers{_RETRY_HINT}"
+            ) from None
+        except commit.NotOnDisk as exc:
+            raise _MaybeQueued(
+                f"job {spec.id} is queued, but {exc} (SDQ_DURABLE_SUBMIT); it may still run{_RETRY_HINT}"
+            ) from None
         except Exception as exc:
             if claim is not None:
                 await claim.give_back(spec.id)
@@ -135,7 +166,17 @@ class Intake:
                     f"queue full: {self.s.settings.max_queued_jobs} jobs waiting (SDQ_MAX_QUEUED_JOBS); retry later",
                     headers={"Retry-After": str(_QUEUE_FULL_RETRY_S)},
                 ) from None
+            if isinstance(exc, DurabilityUnavailable):
+                raise _unavailable(str(exc)) from None
             raise
+
+    async def _replay_on_disk(self, job_id: str) -> None:
+        """With SDQ_DURABLE_SUBMIT a replay, too, answers 202 only once its job is on disk: the first request may
+        have been answered 503 because its confirmation was late."""
+        try:
+            await self.s.submitter.confirm_on_disk(job_id)
+        except (commit.NotOnDisk, DurabilityUnavailable) as exc:
+            raise _unavailable(f"job {job_id} is queued, but {exc} (SDQ_DURABLE_SUBMIT)") from None
 
     async def _respond(self, job_id: str, response: Response, view: JobPublic | None) -> JobPublic:
         """The job as it is now; with `Prefer: wait=N` once it has ended or N seconds have passed (then 200 if
@@ -155,11 +196,43 @@ class Intake:
         return view
 
 
+_RETRY_HINT = "; a retry with the same Idempotency-Key never makes a second job"
+
+
+def _unavailable(message: str) -> ApiError:
+    return ApiError(503, "unavailable", message, headers={"Retry-After": str(_UNAVAILABLE_RETRY_S)})
+
+
+class _MaybeQueued(ApiError):
+    """503 for a submission whose job may be queued: nothing the request made is undone."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, "unavailable", message, headers={"Retry-After": str(_UNAVAILABLE_RETRY_S)})
+
+
+# KEYS[1]: the record; ARGV[1]: the value this request set. Deletes it only if it is still that value.
+_DELETE_IF_SAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 class _IdempotencyClaim:
-    """`Idempotency-Key` per API key: a Redis record "fingerprint:job id", set with NX for 24 h."""
+    """`Idempotency-Key` per API key, one Redis record per key.
+
+    The record is "fingerprint:job id:pending" (SET NX, PENDING_TTL_S) while the request is in flight, and the
+    enqueue transaction itself turns it into "fingerprint:job id" for 24 h (`core.commit.finalize_records`). So
+    a final record always names a job that was queued, and a request that dies before its enqueue leaves only a
+    pending record, which lapses: its retry gets 409 "still being handled" with Retry-After until then, and takes
+    the key after. (Recording the key only in the enqueue transaction would leave two concurrent requests with one
+    key both free to queue a job; a pending record with a long TTL would lock the key for that TTL after a crash.)
+    A pending record whose job exists (it was queued by a process that wrote no final record) answers as final.
+    """
 
     def __init__(self, services: Services, caller: Caller, key: str, fingerprint: str) -> None:
-        self.aredis = services.aredis
+        self.aredis = services.acommands
         self.key = key
         self.fingerprint = fingerprint
         self.redis_key = services.keys.idempotency(caller.name, hashlib.sha256(key.encode()).hexdigest()[:32])
@@ -167,12 +240,12 @@ class _IdempotencyClaim:
     async def take(self, job_id: str) -> str | None:
         """None when this request now owns the key (for `job_id`); else the id of the earlier request's job."""
         for _ in range(3):  # a record that expires between SET NX and GET is simply taken on the next try
-            if await self.aredis.set(self.redis_key, self._record(job_id), nx=True, ex=IDEMPOTENCY_TTL_S):
+            if await self.aredis.set(self.redis_key, self._pending(job_id), nx=True, ex=PENDING_TTL_S):
                 return None
             earlier = await self.aredis.get(self.redis_key)
             if earlier is None:
                 continue
-            fingerprint, _, earlier_id = earlier.decode().partition(":")
+            fingerprint, earlier_id, *pending = earlier.decode().split(":")
             if fingerprint != self.fingerprint:
                 raise ApiError(
                     409, "idempotency_conflict",
@@ -180,23 +253,33 @@ class _IdempotencyClaim:
                     "new key for a new request",
                     field="Idempotency-Key",
                 )
-            if not await self.aredis.exists(Job.key_for(earlier_id)):
+            if await self.aredis.exists(Job.key_for(earlier_id)):
+                return earlier_id
+            if pending:
                 raise ApiError(
                     409, "idempotency_conflict",
-                    f"a request with Idempotency-Key {self.key!r} is still being handled; retry in a moment",
+                    f"a request with Idempotency-Key {self.key!r} is still being handled; retry in a moment (if "
+                    f"it was cut off, the key is free again within {PENDING_TTL_S} s)",
                     field="Idempotency-Key", headers={"Retry-After": "1"},
                 )
-            return earlier_id
+            raise ApiError(
+                409, "idempotency_conflict",
+                f"the job made for Idempotency-Key {self.key!r} ({earlier_id}) has expired; use a new key",
+                field="Idempotency-Key",
+            )
         raise ApiError(409, "idempotency_conflict", f"Idempotency-Key {self.key!r} is busy; retry",
                        field="Idempotency-Key", headers={"Retry-After": "1"})
 
-    async def give_back(self, job_id: str) -> None:
-        """Forget the record if it is still this request's (the job was not queued)."""
-        if await self.aredis.get(self.redis_key) == self._record(job_id).encode():
-            await self.aredis.delete(self.redis_key)
+    def record(self, job_id: str) -> KeyRecord:
+        """What the enqueue transaction writes to make this request's claim final."""
+        return KeyRecord(self.redis_key, self._pending(job_id), f"{self.fingerprint}:{job_id}", IDEMPOTENCY_TTL_S)
 
-    def _record(self, job_id: str) -> str:
-        return f"{self.fingerprint}:{job_id}"
+    async def give_back(self, job_id: str) -> None:
+        """Forget the claim if it is still this request's (the job was surely not queued)."""
+        await self.aredis.eval(_DELETE_IF_SAME, 1, self.redis_key, self._pending(job_id))  # type: ignore[misc]
+
+    def _pending(self, job_id: str) -> str:
+        return f"{self.fingerprint}:{job_id}:pending"
 
 
 def _fingerprint(task: str, request: BaseModel) -> str:

@@ -13,7 +13,7 @@ from rq.job import Job
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import ApiError, ErrorInfo, count_error, error_response
+from api.errors import ApiError
 from core.queues import Keys
 from core.settings import Settings
 
@@ -119,14 +119,18 @@ class KeyLimits:
 
 class BodyTooLarge(StarletteHTTPException):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body exceeds {limit} bytes (SDQ_MAX_BODY_BYTES)")
+        # The client may still be sending: the connection is not reused.
+        super().__init__(413, f"request body exceeds {limit} bytes (SDQ_MAX_BODY_BYTES)", {"Connection": "close"})
 
 
 class BodyLimitMiddleware:
-    """413 for a body over `max_bytes`: at once from Content-Length, else while the route reads a chunked body.
+    """413 for a body over `max_bytes`, when the route starts reading it: at once from Content-Length (nothing is
+    read), else as soon as a chunked body has brought more.
 
-    The streaming case raises an HTTPException from `receive`, which FastAPI passes through its body parsing (JSON
-    or multipart) to the error handlers, so both cases answer in the common error shape.
+    The check sits in `receive`, so it comes after what runs before the body is read, authentication above all
+    (`api.auth.AuthenticatedRoute`): a caller without a valid key gets 401 whatever its body. The HTTPException
+    raised from `receive` passes through FastAPI's body parsing (JSON or multipart) to the error handlers, so the
+    answer has the common error shape.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -138,16 +142,12 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            exc = BodyTooLarge(self.max_bytes)
-            info = ErrorInfo(type="payload_too_large", message=str(exc.detail))
-            count_error(scope["app"], 413, info)
-            await error_response(413, info, {"Connection": "close"})(scope, receive, send)
-            return
         received = 0
 
-        async def counting_receive() -> Message:
+        async def limited_receive() -> Message:
             nonlocal received
+            if declared is not None and declared > self.max_bytes:
+                raise BodyTooLarge(self.max_bytes)
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -155,7 +155,7 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge(self.max_bytes)
             return message
 
-        await self.app(scope, counting_receive, send)
+        await self.app(scope, limited_receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -6,15 +6,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import deps, docs, errors
 from api.auth import Authenticator
+from api.durability import Durability
 from api.instrumentation import ApiMetrics, HttpMetricsMiddleware
 from api.intake import Services
 from api.limits import BodyLimitMiddleware, KeyLimits
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # What any route behind an API key may answer (routes add their own, and may describe these more closely).
 _PROTECTED_ERRORS = errors.responses(401, 503, described={503: "Redis is unreachable; retry after `Retry-After`."})
+# Routes that need an API key when auth is on; health, readiness and metrics stay open for probes and scrapers.
+# A route with a body among them is an `api.auth.AuthenticatedRoute`, so that the key is checked before the body.
+PROTECTED = (jobs, events, img2img, images, models)
 
 
 def operation_id(route: APIRoute) -> str:
@@ -41,17 +47,28 @@ def operation_id(route: APIRoute) -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; with no argument, settings come from the environment (uvicorn's `--factory` mode)."""
     settings = settings or load_settings()
-    redis = connect(settings.redis_url)  # pooled and thread-safe: shared by all requests
-    # For what waits on Redis without a thread per request: SSE, Prefer: wait, auth and limit checks.
+    # Every Redis wait of a request is bounded: a stalled Redis gets 503 with Retry-After, not a hung request.
+    redis = connect(settings.redis_url, socket_timeout=settings.redis_timeout_s)  # pooled, shared by all requests
+    # For short commands awaited without a thread: auth, limits and Idempotency-Key checks.
+    acommands = AsyncRedis.from_url(
+        settings.redis_url, health_check_interval=30, socket_keepalive=True, socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+    # For blocking reads of event logs (SSE, Prefer: wait), which wait up to READ_BLOCK_S before Redis answers.
     aredis = AsyncRedis.from_url(
         settings.redis_url, health_check_interval=30, socket_keepalive=True,
-        socket_timeout=eventlog.READ_BLOCK_S + 10,  # blocking reads of event logs wait up to READ_BLOCK_S
+        socket_timeout=eventlog.READ_BLOCK_S + settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
     )
+    durability = Durability.from_settings(settings.durable_submit, settings.redis_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.durable_submit:
+            await _check_durability(durability, redis)
         yield
         await aredis.aclose()  # type: ignore[attr-defined]  # (the redis stubs predate aclose)
+        await acommands.aclose()  # type: ignore[attr-defined]
         redis.close()
 
     app = FastAPI(
@@ -74,11 +91,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = keys
     app.state.storage = make_storage(settings)
     app.state.metrics = ApiMetrics(redis, keys)
-    app.state.submitter = Submitter(redis, settings)
-    app.state.authenticator = Authenticator(settings, aredis, keys)
+    app.state.submitter = Submitter(redis, settings, durability)
+    app.state.authenticator = Authenticator(settings, acommands, keys)
     app.state.services = Services(
-        settings=settings, redis=redis, aredis=aredis, keys=keys, storage=app.state.storage,
-        submitter=app.state.submitter, limits=KeyLimits(aredis, keys, settings), metrics=app.state.metrics,
+        settings=settings, redis=redis, aredis=aredis, acommands=acommands, keys=keys, storage=app.state.storage,
+        submitter=app.state.submitter, limits=KeyLimits(acommands, keys, settings), metrics=app.state.metrics,
     )
     log.info("API keys %s", "required" if app.state.authenticator.enabled else "not required (SDQ_AUTH)")
     # The last middleware added runs first: metrics see every answer, the 413s of the body limit included.
@@ -89,10 +106,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
     app.add_exception_handler(RedisError, errors.redis_error_handler)
     app.add_exception_handler(Exception, errors.internal_error_handler)
-    # Routes that need an API key when auth is on; health, readiness and metrics stay open for probes and scrapers.
-    for module in (jobs, events, img2img, images, models):
+    for module in PROTECTED:
         app.include_router(module.router, dependencies=[deps.AUTHENTICATED], responses=_PROTECTED_ERRORS)
     for module in (health, metrics):
         app.include_router(module.router)
     docs.add_docs(app)  # also open: the pages, their files and /openapi.json
     return app
+
+
+async def _check_durability(durability: Durability, redis: Redis) -> None:
+    """Refuse to start (DurabilityUnavailable) when SDQ_DURABLE_SUBMIT is on and Redis cannot honour it; a Redis
+    that cannot be reached now is asked again before the first enqueue."""
+    try:
+        await to_thread.run_sync(durability.ensure, redis)
+    except RedisError as exc:
+        log.warning("SDQ_DURABLE_SUBMIT: Redis cannot be asked now (%s); it is asked before the first enqueue", exc)

@@ -5,24 +5,26 @@ Everything here works on the RQ job hash, its meta (written by the worker) and i
 
 from __future__ import annotations
 
+import logging
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import ConnectionError, TimeoutError, WatchError
 from rq import Queue, Retry, worker_registration
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
-from rq.registry import CanceledJobRegistry
+from rq.registry import CanceledJobRegistry, DeferredJobRegistry, ScheduledJobRegistry
 from rq.results import Result
+from rq.utils import current_timestamp, utcformat
 from rq.utils import now as rq_now
-from rq.utils import utcformat
 
-from core import eventlog
+from core import commit, eventlog
 from core.jobs import (
     MAX_SEED,
     GenerationParams,
@@ -40,6 +42,8 @@ from core.queue_stats import eta_seconds
 from core.queues import JOB_FUNC, PRIORITY_ORDER, Keys
 from core.settings import Settings
 from core.storage.base import Storage
+
+log = logging.getLogger(__name__)
 
 _PUBLIC_STATUS = {
     JobStatus.CREATED: Status.queued,
@@ -86,19 +90,24 @@ def enqueue(redis: Redis, settings: Settings, spec: JobSpec) -> int:
 
 
 def enqueue_many(
-    redis: Redis, settings: Settings, specs: Sequence[JobSpec], *, limit: int | None = None
+    redis: Redis, settings: Settings, specs: Sequence[JobSpec], *, limit: int | None = None,
+    records: Mapping[str, commit.KeyRecord] | None = None, wait_on_disk_ms: int | None = None,
 ) -> list[int | None]:
     """Enqueue `specs` on their priorities' RQ queues in one transaction; returns each job's queue position, or
     None for a job refused because the queues already hold `limit` jobs.
 
-    Two round trips however many jobs: the API funnels concurrent submissions through here, which is what lets
-    one process accept thousands per second. Retry covers a worker that dies mid-job (the next worker reruns it).
+    Three round trips however many jobs (depths, WATCH, MULTI/EXEC): the API funnels concurrent submissions through
+    here, which is what lets one process accept thousands per second. Retry covers a worker that dies mid-job.
+    `records` (by job id): Idempotency-Key records made final in the transaction. A lost reply is resolved by a
+    look-up (`core.commit`): jobs there, this returns; surely not, the error is raised; else `commit.CommitUnknown`.
+    With `wait_on_disk_ms`, it returns once the jobs are fsynced (else `commit.NotOnDisk`).
     """
     keys = Keys(settings.queue_prefix)
     depths = queue_depths(redis, keys)
     waiting = sum(depths.values())
     retry = Retry(max=settings.job_retries) if settings.job_retries else None
     positions: list[int | None] = []
+    accepted: list[JobSpec] = []
     by_priority: dict[Priority, list[EnqueueData]] = {}
     for spec in specs:
         if limit is not None and waiting >= limit:
@@ -108,6 +117,7 @@ def enqueue_many(
         positions.append(jobs_ahead(depths, priority))
         depths[priority] += 1
         waiting += 1
+        accepted.append(spec)
         by_priority.setdefault(priority, []).append(Queue.prepare_data(
             JOB_FUNC,
             kwargs={"spec": spec.model_dump(mode="json")},
@@ -118,11 +128,30 @@ def enqueue_many(
             failure_ttl=settings.result_ttl_s,
             meta={"batch_key": spec.batch_key()},
         ))
-    with redis.pipeline() as pipe:
-        for priority, datas in by_priority.items():
-            Queue(keys.queue(priority), connection=redis).enqueue_many(datas, pipeline=pipe)
-        _index_by_owner(pipe, keys, settings, [s for s, p in zip(specs, positions, strict=True) if p is not None])
-        pipe.execute()
+    if not accepted:
+        return positions
+    job_ids = [spec.id for spec in accepted]
+    fence = commit.new_fence(keys)
+    try:
+        with redis.pipeline() as pipe:
+            pipe.watch(fence)
+            pipe.multi()
+            for priority, datas in by_priority.items():
+                Queue(keys.queue(priority), connection=redis).enqueue_many(datas, pipeline=pipe)
+            _index_by_owner(pipe, keys, settings, accepted)
+            commit.finalize_records(pipe, [records[i] for i in job_ids if records and i in records])
+            pipe.execute()
+    except (ConnectionError, TimeoutError, WatchError) as exc:
+        # redis-py reports a connection lost while WATCHing as WatchError; a real abort needs the fence, which only
+        # the look-up sets.
+        found = commit.committed(redis, fence, job_ids)
+        if found is None:
+            raise commit.CommitUnknown(job_ids) from exc
+        if not found:
+            raise
+        log.warning("the reply to enqueueing %d jobs was lost (%s); they are queued", len(job_ids), exc)
+    if wait_on_disk_ms is not None:
+        commit.confirm_on_disk(redis, keys, job_ids, wait_on_disk_ms)
     return positions
 
 
@@ -305,29 +334,62 @@ def queue_position(redis: Redis, keys: Keys, job: Job) -> int | None:
     return (int(own) if own is not None else 0) + sum(int(n) for n in lengths)
 
 
+# The cancel of a waiting job in one step, so that nothing is left half done (a job `queued` on no list would never
+# run nor end): RQ's `Job.cancel` of a job that is not running (status; off its queue and deferred / scheduled
+# registry; into the canceled registry, scored with RQ's timestamp), plus the end time and the `canceled` event no
+# worker writes for a job it never saw. A queued job is waiting while LREM finds it, else a worker has it ("taken").
+# KEYS: job hash, queue list, deferred registry, scheduled registry, canceled registry, event log.
+# ARGV: job id, RQ timestamp, ended_at, event message, event log maxlen, event log TTL.
+_CANCEL_WAITING = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  return 'missing'
+end
+if status == 'deferred' or status == 'scheduled' then
+  redis.call('ZREM', status == 'deferred' and KEYS[3] or KEYS[4], ARGV[1])
+  redis.call('LREM', KEYS[2], 1, ARGV[1])
+elseif status == 'queued' or status == 'created' then
+  if redis.call('LREM', KEYS[2], 0, ARGV[1]) == 0 then
+    return 'taken'
+  end
+else
+  return status
+end
+redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', ARGV[3])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[5], '*', 'message', ARGV[4])
+redis.call('EXPIRE', KEYS[6], ARGV[6])
+return 'canceled'
+"""
+
+
 def cancel_job(redis: Redis, keys: Keys, job_id: str) -> CancelOutcome | None:
     """Cancel `job_id`; None when there is no such job.
 
-    A queued job is taken off its queue with LREM first: if that removed it, no worker can have it, so canceling
-    in RQ is safe. If it was already gone (a worker just took it) or it runs, the worker is asked to drop it.
+    A waiting job is canceled in one atomic script (`_CANCEL_WAITING`), so no worker can take it halfway and no
+    crash can leave it half canceled. A job a worker has taken, or that runs, is asked to stop: the worker drops it
+    after the current denoising step.
     """
     job = fetch_job(redis, keys, job_id)
     if job is None:
         return None
-    status = job.get_status(refresh=False)
-    if _PUBLIC_STATUS[status].is_terminal():
+    if _PUBLIC_STATUS[job.get_status(refresh=False)].is_terminal():
         return CancelOutcome.finished
-    if status in (JobStatus.DEFERRED, JobStatus.SCHEDULED) or (
-        status is not JobStatus.STARTED and redis.lrem(Queue(job.origin, connection=redis).key, 0, job.id)
-    ):
-        with redis.pipeline() as pipe:
-            job.cancel(pipeline=pipe)
-            # RQ's cancel records no end time; `finished_at` is read from `ended_at`, as for other ended jobs.
-            pipe.hset(job.key, "ended_at", utcformat(rq_now()))
-            # No worker saw it, so the API tells the job's event readers (SSE, Prefer: wait) itself.
-            eventlog.record(pipe, keys, job.id, eventlog.message("canceled", job.id, {"reason": "canceled"}))
-            pipe.execute()
+    origin = job.origin
+    outcome: str = redis.eval(  # bytes: RQ's clients do not decode replies
+        _CANCEL_WAITING, 6,
+        job.key, Queue(origin, connection=redis).key, DeferredJobRegistry(origin, connection=redis).key,
+        ScheduledJobRegistry(origin, connection=redis).key, CanceledJobRegistry(origin, connection=redis).key,
+        keys.event_log(job.id),
+        job.id, current_timestamp(), utcformat(rq_now()), eventlog.message("canceled", job.id, {"reason": "canceled"}),
+        eventlog.EVENT_LOG_MAXLEN, eventlog.EVENT_LOG_TTL_S,
+    ).decode()
+    if outcome == "canceled":
         return CancelOutcome.canceled
+    if outcome == "missing":
+        return None
+    if outcome not in ("taken", JobStatus.STARTED.value):
+        return CancelOutcome.finished  # it ended between the read above and the script
     redis.sadd(keys.cancel_requests(), job.id)  # the worker reads the set after every denoising step
     return CancelOutcome.requested
 

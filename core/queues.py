@@ -13,9 +13,16 @@ JOB_FUNC = "worker.tasks.run_job"
 PRIORITY_ORDER: tuple[Priority, ...] = (Priority.high, Priority.normal, Priority.low)
 
 
-def connect(url: str) -> Redis:
-    """A client for `url`; bytes in and out (RQ needs decode_responses=False)."""
-    return Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+def connect(url: str, socket_timeout: float | None = None) -> Redis:
+    """A client for `url`; bytes in and out (RQ needs decode_responses=False).
+
+    `socket_timeout` bounds each command's wait for Redis (connecting included), so that a stalled Redis raises
+    `redis.exceptions.TimeoutError` instead of blocking; without it, the redis-py version's default applies.
+    """
+    if socket_timeout is None:
+        return Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+    return Redis.from_url(url, health_check_interval=30, socket_keepalive=True, socket_timeout=socket_timeout,
+                          socket_connect_timeout=socket_timeout)
 
 
 class Keys:

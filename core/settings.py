@@ -63,6 +63,13 @@ class Settings(BaseSettings):
 
     # --- api ---
     max_queued_jobs: int = Field(10_000, ge=1, description="Global queue limit; beyond it submits get 503.")
+    redis_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="Longest wait of the API for one Redis command (a stalled Redis: 503 after it)."
+    )
+    durable_submit: bool = Field(
+        False, description="Answer 202 only once the job is on disk (Redis AOF). Needs Redis >= 7.2 with appendonly "
+        "yes, or an older Redis with appendfsync always; otherwise the API refuses to start.",
+    )
     auth: Literal["auto", "on", "off"] = Field(
         "auto", description="API keys required? auto: when SDQ_API_KEYS lists one; on: always (keys may live in Redis)."
     )

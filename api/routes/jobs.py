@@ -10,7 +10,7 @@ from redis import Redis
 from rq.job import Job
 
 from api import errors, joblist
-from api.auth import Caller
+from api.auth import AuthenticatedRoute, Caller
 from api.deps import CallerDep, IntakeDep, KeysDep, RedisDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.intake import SUBMIT_RESPONSES
@@ -21,7 +21,7 @@ from core.jobstore import CancelOutcome
 from core.queues import Keys
 from core.webhook_queue import enqueue_delivery
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], route_class=AuthenticatedRoute)
 
 _TXT2IMG_EXAMPLES: dict[str, Any] = {
     "small": {

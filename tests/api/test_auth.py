@@ -186,3 +186,67 @@ def test_the_apikey_command_makes_keys_that_work(settings: Settings, monkeypatch
         assert submit(client, {"Authorization": f"Bearer {key}"}, priority="low").status_code == 401
     with TestClient(create_app(settings.model_copy(update={"api_keys": entry}))) as client:
         assert submit(client, {"Authorization": f"Bearer {key}"}, priority="low").status_code == 202
+
+
+class BodySpy:
+    """ASGI wrapper that notes every body message the app reads."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.reads: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def spied() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.reads.append(scope["path"])
+            return message
+
+        await self.app(scope, spied, send)
+
+
+MULTIPART = "multipart/form-data; boundary=b0"
+
+
+@pytest.mark.parametrize(("path", "content_type", "body"), [
+    ("/v1/txt2img", "application/json", b"{not json"),
+    ("/v1/txt2img", "application/json", b'{"prompt": "' + b"x" * 3000 + b'"}'),  # over max_body_bytes
+    ("/v1/img2img", MULTIPART, b"--b0\r\nbroken"),
+    ("/v1/inpaint", MULTIPART, b"--b0\r\n" + b"x" * 3000),
+    ("/v1/img2img", "application/json", b"{}"),
+])
+def test_without_a_valid_key_the_answer_is_401_before_the_body_is_read(
+    settings: Settings, path: str, content_type: str, body: bytes
+) -> None:
+    spy = BodySpy(create_app(with_keys(settings, max_body_bytes=2048)))
+    with TestClient(spy) as client:
+        for headers in ({}, {"Authorization": "Bearer sdq_not-a-key"}):
+            declared = client.post(path, content=body, headers={"content-type": content_type, **headers})
+            chunked = client.post(path, content=iter([body]), headers={"content-type": content_type, **headers})
+            for r in (declared, chunked):
+                assert_error(r, 401, "unauthorized", "Authorization")
+        assert spy.reads == []
+        # With a key, the same bodies get the answers they earn.
+        r = client.post(path, content=body, headers={"content-type": content_type, **ALICE})
+        assert r.status_code == (413 if len(body) > 2048 else 400 if content_type == MULTIPART else 422), r.text
+
+
+def test_with_a_valid_key_a_declared_body_over_the_limit_is_413_without_being_read(settings: Settings) -> None:
+    spy = BodySpy(create_app(with_keys(settings, max_body_bytes=2048)))
+    big = b'{"prompt": "' + b"x" * 3000 + b'"}'
+    with TestClient(spy) as client:
+        r = client.post("/v1/txt2img", content=big, headers={"content-type": "application/json", **ALICE})
+    assert_error(r, 413, "payload_too_large")
+    assert r.headers["connection"] == "close" and spy.reads == []
+
+
+def test_every_protected_route_with_a_body_authenticates_before_reading_it() -> None:
+    from fastapi.routing import APIRoute
+
+    from api.auth import AuthenticatedRoute
+    from api.main import PROTECTED
+
+    routes = [r for module in PROTECTED for r in module.router.routes if isinstance(r, APIRoute)]
+    with_body = [r for r in routes if r.body_field is not None]
+    assert {r.path for r in with_body} >= {"/v1/txt2img", "/v1/img2img", "/v1/inpaint"}
+    assert [r.path for r in with_body if not isinstance(r, AuthenticatedRoute)] == []
