@@ -88,7 +88,7 @@ def finalize_records(pipe: Any, records: Iterable[KeyRecord]) -> None:
 
 def new_fence(keys: Keys) -> str:
     """A key for one enqueue transaction to WATCH: nothing sets it but that transaction's look-up (`committed`)."""
-    return f"{keys.prefix}:enqueue-fence:{uuid.uuid4().hex}"
+    return keys.enqueue_fence(uuid.uuid4().hex)
 
 
 def committed(redis: Redis, fence: str, job_ids: Sequence[str]) -> bool | None:
@@ -113,7 +113,7 @@ def confirm_on_disk(redis: Redis, keys: Keys, job_ids: Sequence[str], timeout_ms
     """Return once the local AOF has fsynced every write made before this call; raise NotOnDisk after `timeout_ms`
     or when Redis cannot be asked. Needs Redis >= 7.2 with `appendonly yes` (see `api.durability`)."""
     pipe = redis.pipeline(transaction=False)
-    pipe.set(f"{keys.prefix}:durable-probe", b"1")  # one small key, overwritten by every probe
+    pipe.set(keys.durable_probe(), b"1")  # one small key, overwritten by every probe
     pipe.execute_command("WAITAOF", 1, 0, timeout_ms)
     try:
         _, (local, _replicas) = pipe.execute()

@@ -69,6 +69,14 @@ class Keys:
         """Set of job ids whose cancel was requested while they run; workers check it every step."""
         return f"{self.prefix}:cancel"
 
+    def enqueue_fence(self, token: str) -> str:
+        """Set by the look-up after an enqueue whose reply was lost, so that transaction can no longer commit."""
+        return f"{self.prefix}:enqueue-fence:{token}"
+
+    def durable_probe(self) -> str:
+        """Written after a group commit; the AOF holding it means the commit is on disk (SDQ_DURABLE_SUBMIT)."""
+        return f"{self.prefix}:durable-probe"
+
     def stats(self) -> str:
         """Hash of moving averages the workers record (seconds per image, images per job) for queue ETAs."""
         return f"{self.prefix}:stats"
