@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis import Redis
 
 from core.jobs import Priority
@@ -19,10 +21,12 @@ def connect(url: str, socket_timeout: float | None = None) -> Redis:
     `socket_timeout` bounds each command's wait for Redis (connecting included), so that a stalled Redis raises
     `redis.exceptions.TimeoutError` instead of blocking; without it, the redis-py version's default applies.
     """
-    if socket_timeout is None:
-        return Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
-    return Redis.from_url(url, health_check_interval=30, socket_keepalive=True, socket_timeout=socket_timeout,
-                          socket_connect_timeout=socket_timeout)
+    options: dict[str, Any] = {"health_check_interval": 30}
+    if not url.startswith("unix://"):  # redis-py's unix-socket connections take no keepalive option
+        options["socket_keepalive"] = True
+    if socket_timeout is not None:
+        options.update(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
+    return Redis.from_url(url, **options)
 
 
 class Keys:

@@ -101,8 +101,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
+    from redis.exceptions import RedisError
 
+    from api.durability import DurabilityUnavailable, probe
     from api.main import create_app
+    from core.queues import connect
+
+    if settings.durable_submit:  # refuse now, in one line, rather than from inside uvicorn's start-up
+        try:
+            probe(connect(settings.redis_url, socket_timeout=settings.redis_timeout_s))
+        except DurabilityUnavailable as exc:
+            log.error("%s", exc)
+            return 2
+        except RedisError:
+            pass  # asked again before the first enqueue
 
     several = args.workers > 1
     # Several processes need an import string; each then builds its app from the same environment.

@@ -38,3 +38,15 @@ def test_readme_lists_every_sub_command() -> None:
     documented = set(re.findall(r"^\| `sdqueue ([a-z]+)", readme, flags=re.MULTILINE))
     assert documented == commands, f"missing: {sorted(commands - documented)}; unknown: {sorted(documented - commands)}"
     assert "`sdqueue --version`" in readme
+
+
+def test_durable_submit_on_a_redis_that_cannot_promise_it_is_one_line_and_exit_2(
+    tmp_path: Path, redis_url: str
+) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "SDQ_REDIS_URL": redis_url, "SDQ_DURABLE_SUBMIT": "true",
+           "SDQ_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "sdqueue", "api", "--port", "0"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "SDQ_DURABLE_SUBMIT=true needs" in result.stderr and "appendonly yes" in result.stderr
+    assert "Traceback" not in result.stderr
