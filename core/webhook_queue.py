@@ -19,6 +19,7 @@ import time
 import weakref
 from typing import Any
 
+import redis.exceptions
 from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, Retry
@@ -83,7 +84,8 @@ def enqueue_delivery(
 class WebhookNotifier:
     """The worker's side: turns a running batch's job events into queued deliveries.
 
-    Never raises: a webhook that cannot be queued is logged and the job goes on.
+    A webhook that cannot be queued is logged and the job goes on, except when Redis fails for ``completed``: that
+    error is raised, so that the worker queues the delivery once Redis answers again instead of losing it.
     """
 
     def __init__(self, connection: Redis, settings: Settings, storage: Storage) -> None:
@@ -109,13 +111,17 @@ class WebhookNotifier:
             self._from_memory(job, "progress", pipeline)
 
     def completed(self, job: Job) -> None:
-        """After the job was finalized: the view is read back, exactly as GET /v1/jobs/{id} now returns it."""
+        """After the job was finalized: the view is read back, exactly as GET /v1/jobs/{id} now returns it.
+
+        Raises Redis errors (nothing was queued then: the caller tries again)."""
         if not _asked(job, "completed"):
             return
         try:
             view = jobstore.get_job(self.connection, self.keys, self.storage, job.id)
             if view is not None:
                 enqueue_delivery(self.connection, self.settings, view, "completed")
+        except redis.exceptions.RedisError:
+            raise
         except Exception:
             log.exception("could not queue the completed webhook of job %s", job.id)
 

@@ -3,18 +3,21 @@
 States (``Phase``):  starting -> idle -> collecting -> running -> idle -> ...  (SIGTERM: finish the batch, stopping)
 
 ``run_turn`` is the whole turn, top to bottom: claim the head job RQ dequeued, collect compatible waiting jobs
-(``batcher``), mark them started (``rq_adapter.Bookkeeper``), read their inputs, run them through the pipeline
+(``batcher``), mark them started (``rq_records.Bookkeeper``), read their inputs, run them through the pipeline
 (``runner``: one call, split on out-of-memory, one by one on other errors), then finalize each job as soon as its
-outcome is known: write its images (``tasks.build_result``), record the outcome in RQ, announce it.
+outcome is known (``finalizer``): write its images, record the outcome in RQ, announce it.
+
+No step of a turn raises for Redis or storage being away (``outages``): the claims, the start and every job's
+record wait for Redis, the per-step progress is skipped while it is away, and storage outages are waited out for
+up to each job's timeout before the job is given back to its queue (``patient_storage``). So a worker keeps its
+batch through an outage of any length, and jobs fail only for their own errors.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from enum import Enum
-from typing import Any
 
 import redis.exceptions
 from redis import Redis
@@ -27,14 +30,20 @@ from core.queue_stats import record_pipeline_call
 from core.settings import Settings
 from core.webhook_queue import WebhookNotifier
 from worker.batcher import Batcher, Claim, job_spec
+from worker.finalizer import Finalizer
 from worker.heartbeat import Heartbeat
 from worker.metrics import WorkerMetrics
 from worker.model_info import describe_model
-from worker.rq_adapter import Bookkeeper, RQWorker, RunningJob
-from worker.runner import BatchItem, BatchRunner, CallStats, Done, Error, Outcome, current_exc_info, to_request
-from worker.tasks import Resident, build_result
+from worker.outages import quick_client
+from worker.patient_storage import StorageUnavailable
+from worker.rq_adapter import RQWorker
+from worker.rq_records import Bookkeeper
+from worker.runner import BatchItem, BatchRunner, CallStats, Error, GiveBack, current_exc_info, to_request
+from worker.tasks import Resident
 
 log = logging.getLogger(__name__)
+
+STEP_TIMEOUT_S = 1.0  # the step callback's Redis calls give up after this: a skipped progress write, not a stall
 
 
 class Phase(str, Enum):
@@ -62,22 +71,26 @@ class BatchWorker(RQWorker):
         self.model = describe_model(resident.pipe, settings.checkpoint)
         self.metrics = metrics
         self.webhooks = WebhookNotifier(connection, settings, resident.storage)  # queues deliveries, never sends
-        self.books = Bookkeeper(self, resident.keys, self.lease_s, webhooks=self.webhooks)
+        self.books = Bookkeeper(self, resident.keys, self.lease_s, webhooks=self.webhooks, redis=self.redis_link)
         self.batcher = Batcher(
-            connection, self.queues, max_images=settings.max_batch_images, window_s=settings.batch_window_ms / 1000
+            connection, self.queues, max_images=settings.max_batch_images, window_s=settings.batch_window_ms / 1000,
+            redis=self.redis_link, wait_cap_s=self.heartbeat_s,
         )
         self.runner = BatchRunner(
             resident.pipe,
-            connection,
+            quick_client(connection, STEP_TIMEOUT_S),
             resident.keys,
             death_penalty_class=self.death_penalty_class,
             stop_requests=lambda: set(self.stop_ids),
             observe=self._observe,
             webhooks=self.webhooks,
+            redis=self.redis_link,
         )
+        self.finalizer = Finalizer(self.books, resident.storage, resident.model, metrics, wait_cap_s=self.heartbeat_s)
 
     def on_birth(self) -> None:
-        # GET /v1/models reads the model from the worker's own hash, so the entry lives and dies with the worker.
+        # GET /v1/models reads the model from the worker's own hash, so the entry lives and dies with the worker
+        # (and comes back with it when the worker registers again after an outage).
         publish_model(self.connection, self.key, self.model)
 
     def on_idle(self) -> None:
@@ -107,65 +120,32 @@ class BatchWorker(RQWorker):
                 items = []
                 for run, spec in zip(runs, specs, strict=True):
                     if isinstance(spec, Error):  # no readable spec: it fails alone, with the parse error
-                        self._finalize(heartbeat, run, None, spec)
+                        self.finalizer.finalize(heartbeat, run, None, spec)
                         continue
                     try:
-                        request = to_request(spec, self.resident.storage)  # reads img2img / inpaint inputs
+                        # reads img2img / inpaint inputs, waiting out a storage outage for as long as the job may
+                        request = to_request(spec, self.finalizer.storage_for(run))
                         self.resident.pipe.check(request)
+                    except StorageUnavailable:
+                        self.finalizer.finalize(heartbeat, run, spec, GiveBack(current_exc_info()))
+                        continue
                     except Exception:
-                        self._finalize(heartbeat, run, None, Error(current_exc_info()))
+                        self.finalizer.finalize(heartbeat, run, spec, Error(current_exc_info()))
                         continue
                     items.append(BatchItem(run, spec, request))
                 # 5. run them; each job's outcome comes back as soon as it is known
                 for item, outcome in self.runner.run(items):
                     # 6. write its images, record the outcome in RQ, announce it
-                    self._finalize(heartbeat, item.run, item.spec, outcome)
+                    self.finalizer.finalize(heartbeat, item.run, item.spec, outcome)
         finally:
             self._enter(Phase.stopping if self.stop_requested else Phase.idle)
-
-    def _finalize(self, heartbeat: Heartbeat, run: RunningJob, spec: JobSpec | None, outcome: Outcome) -> None:
-        """Finalize one job, unless it stopped being ours (recovered elsewhere after a missed lease, or canceled)."""
-        if not self.books.renew_lease(run):
-            heartbeat.untrack(run)
-            log.warning("job %s is no longer registered to this worker: its outcome here is dropped", run.id)
-            self.metrics.jobs.labels("lost").inc()
-            return
-        result: dict[str, Any] = {}
-        if isinstance(outcome, Done):
-            assert spec is not None
-            try:
-                result = build_result(
-                    self.resident.storage, spec, outcome.result, self.resident.model,
-                    time.monotonic() - run.started, outcome.pipeline_seconds,
-                )
-            except Exception:
-                outcome = Error(current_exc_info())  # e.g. storage unreachable: the job fails with that error
-        heartbeat.untrack(run)
-        if not self.books.renew_lease(run):  # the image writes took longer than the lease
-            log.warning("job %s was recovered by another worker while its images were written", run.id)
-            self.metrics.jobs.labels("lost").inc()
-            return
-        if isinstance(outcome, Done):
-            self.books.succeed(run, result)
-            label = "succeeded"
-        elif isinstance(outcome, Error):
-            self.books.fail(run, outcome.exc_info)
-            label = "failed"
-        elif outcome.reason == "stopped":
-            self.books.stop(run)
-            label = "stopped"
-        else:
-            self.books.cancel(run)
-            label = "canceled"
-        self.metrics.jobs.labels(label).inc()
-        self.metrics.job_run_seconds.observe(time.monotonic() - run.started)
 
     def _observe(self, call: CallStats) -> None:
         self.metrics.pipeline_call(call.images, call.steps, call.steps_per_second, call.seconds)
         try:
             record_pipeline_call(self.connection, self.resident.keys, call.seconds, call.images, call.jobs)
-        except redis.exceptions.RedisError:
-            log.warning("could not record queue statistics", exc_info=True)
+        except redis.exceptions.RedisError as exc:  # statistics for ETAs: this call's are skipped
+            self.redis_link.failed(exc, "recording queue statistics")
 
     def _enter(self, phase: Phase) -> None:
         if phase != self.phase:

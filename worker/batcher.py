@@ -20,21 +20,27 @@ never both take it) and its status is still ``queued`` (canceled jobs and stale 
 head job, already popped by RQ, gets the same status check. A claimed id stays on RQ's intermediate list for its
 queue until the job is registered as started (after the collection window), so a worker that dies in between is
 recovered by RQ's intermediate-queue cleanup like any other dequeued job.
+
+Redis failing while the batch is collected ends the collection, not the batch: the jobs claimed so far run (their
+records are read once Redis answers), the others wait for a later batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis.exceptions
 from redis import Redis
 from rq.job import Job
 from rq.queue import Queue
 
 from core.jobs import JobSpec
 from core.queues import JOB_FUNC
+from worker.outages import Link, until_answered
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +96,27 @@ class Batcher:
         max_images: int,
         window_s: float,
         scan_depth: int | None = None,
+        redis: Link | None = None,
+        wait_cap_s: float = 1.0,
     ) -> None:
         self.connection = connection
         self.queues = queues
         self.max_images = max_images
         self.window_s = window_s
         self.scan_depth = scan_depth or max(32, 4 * max_images)
+        self.redis = redis or Link("Redis")
+        self.wait_cap_s = wait_cap_s
         self._claim_waiting = connection.register_script(CLAIM_WAITING)
         self._claim_popped = connection.register_script(CLAIM_POPPED)
         # job id -> (batch key, images); key None = cannot batch (not ours or no valid spec). Ids are never reused.
         self._seen: dict[str, tuple[str | None, int]] = {}
 
     def take_head(self, job: Job, queue: Queue) -> bool:
-        """Claim the job RQ's dequeue popped; False when it was canceled or is already started elsewhere."""
-        return bool(self._claim_popped(keys=[job.key, queue.intermediate_queue_key], args=[job.id]))
+        """Claim the job RQ's dequeue popped (waiting for Redis); False when it was canceled or is already started
+        elsewhere."""
+        return bool(until_answered(lambda: self._claim_popped(keys=[job.key, queue.intermediate_queue_key],
+                                                              args=[job.id]),
+                                   f"claiming job {job.id}", self.redis, cap_s=self.wait_cap_s))
 
     def collect(self, head: Claim, should_stop: Callable[[], bool]) -> list[Claim]:
         """The head (already claimed) plus compatible waiting jobs, claimed within the collection window."""
@@ -115,25 +128,50 @@ class Batcher:
         images, key = spec.params.n, spec.batch_key()
         deadline = time.monotonic() + self.window_s
         while images < self.max_images and not should_stop():
-            for claim, n in self._scan(key, self.max_images - images):
+            claims, complete = self._scan(key, self.max_images - images)
+            for claim, n in claims:
                 batch.append(claim)
                 images += n
             remaining = deadline - time.monotonic()
-            if images >= self.max_images or remaining <= 0:
+            if images >= self.max_images or remaining <= 0 or not complete:
                 break
             time.sleep(min(POLL_S, remaining))
         if len(batch) > 1:
             log.debug("batch of %d jobs, %d images, key %s", len(batch), images, key)
         return batch
 
-    def _scan(self, key: str, room: int) -> list[tuple[Claim, int]]:
-        """One pass over the queues' first ``scan_depth`` ids; claims compatible jobs that fit in ``room`` images."""
-        with self.connection.pipeline(transaction=False) as pipe:
-            for queue in self.queues:
-                pipe.lrange(queue.key, 0, self.scan_depth - 1)
-            windows = [[i.decode() for i in ids] for ids in pipe.execute()]
-        self._learn([job_id for ids in windows for job_id in ids if job_id not in self._seen])
+    def _scan(self, key: str, room: int) -> tuple[list[tuple[Claim, int]], bool]:
+        """One pass over the queues' first ``scan_depth`` ids; claims compatible jobs that fit in ``room`` images.
+        Also returns False when Redis failed during the pass (the collection ends with what was claimed)."""
         claimed: list[tuple[Queue, str, int]] = []
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for queue in self.queues:
+                    pipe.lrange(queue.key, 0, self.scan_depth - 1)
+                windows = [[i.decode() for i in ids] for ids in pipe.execute()]
+            self._learn([job_id for ids in windows for job_id in ids if job_id not in self._seen])
+            self._claim(key, room, windows, claimed)
+            complete = True
+        except redis.exceptions.RedisError as exc:
+            self.redis.failed(exc, "collecting a batch")
+            complete = False
+        if not claimed:
+            return [], complete
+        ids = [job_id for _, job_id, _ in claimed]
+        jobs = until_answered(lambda: Job.fetch_many(ids, connection=self.connection), "reading claimed jobs",
+                              self.redis, cap_s=self.wait_cap_s)
+        out = []
+        for (queue, job_id, n), job in zip(claimed, jobs, strict=True):
+            if job is None:  # deleted between claim and fetch: nothing left to run or report
+                with contextlib.suppress(redis.exceptions.RedisError):  # else RQ's intermediate cleanup drops it
+                    self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
+                continue
+            out.append((Claim(job, queue), n))
+        return out, complete
+
+    def _claim(self, key: str, room: int, windows: list[list[str]], claimed: list[tuple[Queue, str, int]]) -> None:
+        """Claim the compatible jobs of ``windows`` that fit in ``room`` images, appending each to ``claimed`` as
+        soon as it is claimed (so that none is lost when Redis fails half way)."""
         for queue, ids in zip(self.queues, windows, strict=True):
             for job_id in ids:
                 job_key, n = self._seen.get(job_id, (None, 0))
@@ -147,19 +185,7 @@ class Batcher:
                 elif outcome == -1:
                     log.info("dropped stale queue entry %s: job is no longer queued", job_id)
                 if room <= 0:
-                    break
-            if room <= 0:
-                break
-        if not claimed:
-            return []
-        jobs = Job.fetch_many([job_id for _, job_id, _ in claimed], connection=self.connection)
-        out = []
-        for (queue, job_id, n), job in zip(claimed, jobs, strict=True):
-            if job is None:  # deleted between claim and fetch: nothing left to run or report
-                self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
-                continue
-            out.append((Claim(job, queue), n))
-        return out
+                    return
 
     def _learn(self, job_ids: list[str]) -> None:
         """Remember the batch key and image count of jobs not seen yet (one pipelined fetch)."""

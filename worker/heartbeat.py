@@ -1,12 +1,20 @@
-"""A thread that heartbeats the jobs of the running batch (torch releases the GIL while the batch runs)."""
+"""A thread that heartbeats the jobs of the running batch (torch releases the GIL while the batch runs).
+
+It survives anything: a beat that fails (Redis down, paused or full) is reported to the worker's Redis link and
+the next beat tries again. The lease is three beats, so one missed beat costs nothing; an outage longer than a
+lease is covered by the registry cleanup's wait for steady contact (``rq_adapter.RQWorker.clean_registries``).
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 
-from worker.rq_adapter import Bookkeeper, RunningJob
+import redis.exceptions
+
+from worker.rq_records import Bookkeeper, RunningJob
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +48,20 @@ class Heartbeat:
             self._runs.pop(run.id, None)
 
     def _loop(self) -> None:
+        link = self.books.redis
         while not self._stop.wait(self.interval_s):
             with self._lock:
+                started = time.monotonic()
                 try:
                     self.books.heartbeat(list(self._runs.values()))
+                except redis.exceptions.RedisError as exc:
+                    link.failed(exc, "renewing the leases of the running batch")
+                    continue
                 except Exception:
-                    # A missed beat is survivable (the lease is three beats); the next one retries.
-                    log.exception("heartbeat failed")
+                    log.exception("heartbeat failed")  # not Redis: a bug, but the next beat may still get through
+                    continue
+            took = time.monotonic() - started
+            if took > self.interval_s:
+                link.stalled(took, "renewing the leases of the running batch")
+            else:
+                link.answered()

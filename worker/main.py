@@ -53,8 +53,8 @@ def main(settings: Settings) -> int:
     )
     worker.work(logging_level=settings.log_level)
     if not worker.stop_requested:
-        # RQ's loop also ends on errors it cannot handle (Redis unreachable for too long); a non-zero exit lets the
-        # supervisor restart the worker. Jobs it was running come back through their expired leases.
+        # RQ's loop also ends on an error nobody expected (Redis outages are waited out: worker.rq_adapter); a
+        # non-zero exit lets the supervisor restart the worker. Jobs it was running come back through their leases.
         log.error("worker %s stopped without a shutdown request (see the errors above)", worker.name)
         return 1
     log.info("worker %s stopped", worker.name)

@@ -6,6 +6,12 @@ After every denoising step it
 - writes each remaining job's progress (step, total, percent, ETA) to its meta and its event log, at most every
   ``throttle_s`` per job and always at the last step;
 - for jobs that asked (``preview_every`` = k), logs a small JPEG of the running latents every k steps.
+
+Redis failing never fails the step, so never the batch: that step's progress is not written (the job's meta in
+memory keeps it, and the job's final record carries it), and the cancel check waits ``QUIET_S`` before it reads
+again, so the GPU does not wait on an unreachable Redis at every step. RQ stop-job commands, kept in memory, act at
+once either way. The batch worker gives the reporter a client whose calls give up after about a second
+(``outages.quick_client``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import redis.exceptions
 from redis import Redis
 from rq.job import Job
 
@@ -26,6 +33,7 @@ from core.webhook_queue import WebhookNotifier
 from model.requests import StepEvent
 from worker.events import PreviewImage, ProgressUpdate, publish
 from worker.images import preview_jpeg_base64
+from worker.outages import Link
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 THROTTLE_S = 0.25  # at most ~4 progress writes per second per job
+QUIET_S = 1.0  # after a Redis error, steps go without Redis for this long
 DropReason = Literal["canceled", "stopped"]
 
 
@@ -54,6 +63,7 @@ class StepReporter:
         stop_requests: Callable[[], set[str]] = set,
         throttle_s: float = THROTTLE_S,
         webhooks: WebhookNotifier | None = None,
+        redis: Link | None = None,
     ) -> None:
         self.connection = connection
         self.keys = keys
@@ -62,6 +72,8 @@ class StepReporter:
         self.stop_requests = stop_requests
         self.throttle_s = throttle_s
         self.webhooks = webhooks
+        self.redis = redis or Link("Redis")
+        self._quiet_until = -math.inf  # no Redis calls before this (monotonic clock), after a failure
         self.started = time.monotonic()
         self.first_step_at: float | None = None
         self.last_step_at: float | None = None
@@ -74,7 +86,8 @@ class StepReporter:
         self.first_step_at = self.first_step_at or clock
         self.last_step_at = clock
         self.steps = event.step
-        drop = self._to_drop(event.active)
+        canceled = self._cancel_requests() if clock >= self._quiet_until else None
+        drop = self._to_drop(event.active, canceled or set())
         elapsed = clock - self.started
         eta = elapsed / event.step * (event.total - event.step)
         progress = Progress(
@@ -90,17 +103,22 @@ class StepReporter:
                 rows = reported.spec.params.n
                 if index not in drop:
                     if event.step == event.total or clock - self._last_sent[index] >= self.throttle_s:
-                        self._last_sent[index] = clock
                         reported.job.meta["progress"] = progress.model_dump()
-                        pipe.hset(reported.job.key, "meta", reported.job.serializer.dumps(reported.job.meta))
-                        publish(pipe, self.keys, ProgressUpdate(reported.job.id, progress=progress))
-                        if self.webhooks is not None:
-                            self.webhooks.progress(reported.job, pipe)
+                        if canceled is not None:  # Redis answered this step
+                            self._last_sent[index] = clock
+                            pipe.hset(reported.job.key, "meta", reported.job.serializer.dumps(reported.job.meta))
+                            publish(pipe, self.keys, ProgressUpdate(reported.job.id, progress=progress))
+                            if self.webhooks is not None:
+                                self.webhooks.progress(reported.job, pipe)
                     every = reported.spec.params.preview_every
-                    if self.preview is not None and every and event.step % every == 0:
+                    if canceled is not None and self.preview is not None and every and event.step % every == 0:
                         self._add_preview(pipe, reported.job.id, event.step, event.latents[row : row + 1])
                 row += rows
-            pipe.execute()
+            try:
+                if pipe.execute():
+                    self.redis.answered()  # a write: a read alone also succeeds on a Redis too full to write
+            except redis.exceptions.RedisError as exc:
+                self._unreachable(exc, "writing progress")
         return drop
 
     def _add_preview(self, pipe: Any, job_id: str, step: int, latents: torch.Tensor) -> None:
@@ -120,8 +138,20 @@ class StepReporter:
         span = self.last_step_at - self.first_step_at
         return (self.steps - 1) / span if span > 0 else 0.0
 
-    def _to_drop(self, active: list[int]) -> list[int]:
-        canceled = {m.decode() for m in self.connection.smembers(self.keys.cancel_requests())}
+    def _cancel_requests(self) -> set[str] | None:
+        """The ids in the cancel-request set; None when Redis did not answer."""
+        try:
+            members = self.connection.smembers(self.keys.cancel_requests())
+        except redis.exceptions.RedisError as exc:
+            self._unreachable(exc, "reading cancel requests")
+            return None
+        return {m.decode() for m in members}
+
+    def _unreachable(self, exc: redis.exceptions.RedisError, doing: str) -> None:
+        self.redis.failed(exc, doing)
+        self._quiet_until = time.monotonic() + QUIET_S
+
+    def _to_drop(self, active: list[int], canceled: set[str]) -> list[int]:
         stopped = self.stop_requests()
         drop = []
         for index in active:

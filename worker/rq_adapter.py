@@ -1,227 +1,63 @@
-"""Everything that touches RQ's internals lives here: the worker's RQ hooks and the per-job records of a batch.
+"""The worker's RQ hooks (``RQWorker``); with ``worker.rq_records`` (per-job records) the only code that uses RQ
+internals.
 
-RQ runs one job per worker (rq#928): ``prepare_execution`` / ``prepare_job_execution`` mark it started,
-``maintain_heartbeats`` keeps it alive and ``handle_job_success`` / ``handle_job_failure`` finish it. A batch holds
-several jobs at once, so ``Bookkeeper`` does the same steps per job, with one RQ ``Execution`` per job:
+``RQWorker`` is ``rq.SimpleWorker`` (no fork per job) with RQ's timings tightened from minutes to seconds, a
+shutdown that never drops a job, and a loop that rides out Redis outages; its subclass decides what one turn does
+(``run_turn``).
 
-- start: ``Execution.create`` (StartedJobRegistry entry scored now + lease), ``Job.prepare_for_execution`` (status
-  started, started_at, worker name), removal from RQ's intermediate list, ``meta.started_at``, a ``running`` event;
-- heartbeat: every ``SDQ_HEARTBEAT_S`` (``worker.heartbeat``) every running job's registry score goes to now + lease
-  (the lease is 3 heartbeats), so a batch of any length keeps its jobs, and a dead worker's expire within one lease;
-- finalize: success through RQ's ``handle_job_success`` (result, FinishedJobRegistry), failure with the job's own
-  exception (FailedJobRegistry, exc info), cancel (``Job.cancel``: CanceledJobRegistry) or stop (status stopped, as
-  RQ's stop-job command leaves it).
-
-Failures here are final: RQ's ``Retry`` budget is kept for jobs whose worker died (StartedJobRegistry cleanup
-re-enqueues those), since re-running a job that raised on its own input gives the same error again.
-
-Exactly once: before a job is finalized its lease is renewed with ``ZADD XX CH``, which succeeds only if the
-registry entry is still there. If it is gone, the registry cleanup already gave the job to another worker (this
-worker was presumed dead) or it was canceled, and this worker drops its result.
-
-``RQWorker`` is ``rq.SimpleWorker`` (no fork per job) with RQ's timings tightened from minutes to seconds and a
-shutdown that never drops a job; its subclass decides what one turn does (``run_turn``).
-- each running job holds a lease in RQ's StartedJobRegistry of 3 heartbeats, renewed every heartbeat by a thread;
-- every worker runs RQ's registry cleanup every heartbeat (under RQ's maintenance lock, held for at most one lease
+- Each running job holds a lease in RQ's StartedJobRegistry of 3 heartbeats, renewed every heartbeat by a thread.
+- Every worker runs RQ's registry cleanup every heartbeat (under RQ's maintenance lock, held for at most one lease
   instead of RQ's 15 minutes), which re-enqueues the jobs of a dead worker (RQ ``Retry``) once their lease expired.
-So a SIGKILLed worker's jobs are queued again within about 4 heartbeats (20 s at the default 5 s).
-SIGTERM (RQ's warm shutdown) finishes the running batch, claims no new job, and returns from ``work()``.
+  So a SIGKILLed worker's jobs are queued again within about 4 heartbeats (20 s at the default 5 s).
+- SIGTERM (RQ's warm shutdown) finishes the running batch, claims no new job, and returns from ``work()``.
+
+Redis outages (down, unreachable, paused, or full under ``maxmemory`` + ``noeviction``) never end the loop. RQ's
+``work()`` quits on any error its steps raise, so every step that talks to Redis is one of these hooks: the idle
+wait retries with capped backoff (``worker.outages``), registration and the command subscription wait until Redis
+answers, and bookkeeping that can be skipped (worker state, a heartbeat, a cleanup) is skipped and done next
+time. A registration that expired while Redis was away is written again at the next heartbeat (``rejoin``). The
+registry cleanup waits for a lease plus a heartbeat of steady contact after any outage or stall, and after the
+worker's start: an outage stops every worker's heartbeats, so right after it every lease looks expired, and the
+workers that are alive need a heartbeat to renew theirs before anyone takes their jobs for abandoned.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import time
-import traceback
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import redis.exceptions
 from redis import Redis
 from rq import worker_registration
 from rq.command import handle_command, parse_payload
 from rq.exceptions import DequeueTimeout
-from rq.executions import Execution
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.queue import Queue
-from rq.registry import clean_registries
-from rq.utils import now, utcformat
-from rq.worker import BaseWorker, SimpleWorker, WorkerStatus
+from rq.utils import now
+from rq.worker import SimpleWorker, WorkerStatus
 
-from core.jobs import JobError
-from core.queues import JOB_FUNC, Keys
-from core.webhook_queue import WebhookNotifier
-from worker.batcher import Claim
-from worker.events import Canceled, Failed, JobEvent, Running, Succeeded, publish
+from core.queues import JOB_FUNC
+from worker.outages import Backoff, GaveUp, Link, until_answered
 
 log = logging.getLogger(__name__)
 
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
-
-
-@dataclass
-class RunningJob:
-    """A started job of the current batch."""
-
-    job: Job
-    queue: Queue
-    execution: Execution
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def id(self) -> str:
-        return self.job.id
-
-
-def job_error(exc: BaseException) -> JobError:
-    message = str(exc).strip() or type(exc).__name__
-    return JobError(type=type(exc).__name__, message=message)
-
-
-class Bookkeeper:
-    def __init__(self, worker: BaseWorker, keys: Keys, lease_s: int, webhooks: WebhookNotifier | None = None) -> None:
-        self.worker = worker
-        self.connection = worker.connection
-        self.keys = keys
-        self.lease_s = lease_s
-        self.webhooks = webhooks
-
-    # start -------------------------------------------------------------------------------------------------
-    def start(self, claims: Sequence[Claim], batch_images: int) -> list[RunningJob]:
-        """Mark every claimed job started (one pipeline), and announce it."""
-        w = self.worker
-        runs = []
-        started_at = now().isoformat()
-        with self.connection.pipeline() as pipe:
-            w.set_current_job_id(claims[0].job.id, pipeline=pipe)
-            for claim in claims:
-                job = claim.job
-                execution = Execution.create(job, self.lease_s, pipeline=pipe, worker_name=w.name)
-                job.prepare_for_execution(w.name, pipeline=pipe)
-                pipe.lrem(claim.queue.intermediate_queue_key, 1, job.id)
-                job.meta["started_at"] = started_at
-                self._save_meta(pipe, job)
-                publish(pipe, self.keys, Running(job.id, started_at=started_at, batch_images=batch_images))
-                if self.webhooks is not None:
-                    self.webhooks.started(job, pipe)
-                runs.append(RunningJob(job, claim.queue, execution))
-            pipe.execute()
-        return runs
-
-    # heartbeat ---------------------------------------------------------------------------------------------
-    def heartbeat(self, runs: Iterable[RunningJob]) -> None:
-        """Extend the worker key and every running job's registry entry and execution by one lease."""
-        with self.connection.pipeline() as pipe:
-            self.worker.heartbeat(pipeline=pipe)
-            for run in runs:
-                run.execution.heartbeat(run.queue.started_job_registry, self.lease_s, pipe)
-                run.job.heartbeat(now(), self.lease_s, pipeline=pipe)
-            pipe.execute()
-
-    def renew_lease(self, run: RunningJob) -> bool:
-        """Extend ``run``'s registry entry if it still exists; False = the job is no longer this worker's."""
-        key = run.queue.started_job_registry.key
-        score = time.time() + self.lease_s  # a float, so the score always changes and CH counts the update
-        return bool(self.connection.zadd(key, {run.execution.composite_key: score}, xx=True, ch=True))
-
-    # finalize ----------------------------------------------------------------------------------------------
-    def succeed(self, run: RunningJob, result: dict[str, Any]) -> None:
-        """Store ``result`` as the job's return value through RQ's own success path."""
-        w, job = self.worker, run.job
-        job.meta["warnings"] = result.get("warnings", [])
-        with self.connection.pipeline() as pipe:
-            self._save_meta(pipe, job)
-            pipe.execute()
-        job.ended_at = now()
-        job._result = result
-        job._status = JobStatus.FINISHED
-        job.execute_success_callback(w.death_penalty_class, result)
-        # handle_job_success takes the execution from the worker (one job per worker in RQ): lend it this one.
-        w.execution = run.execution
-        try:
-            w.handle_job_success(job=job, queue=run.queue, started_job_registry=run.queue.started_job_registry)
-        finally:
-            w.execution = None
-        self._announce(job, Succeeded(job.id, result=result))
-
-    def fail(self, run: RunningJob, exc_info: ExcInfo) -> None:
-        """Fail the job with its own exception: status failed, FailedJobRegistry, exc info in its RQ result."""
-        w, job = self.worker, run.job
-        error = job_error(exc_info[1])
-        exc_string = "".join(traceback.format_exception(*exc_info))
-        job.meta["error"] = error.model_dump()
-        job.ended_at = now()
-        job._status = JobStatus.FAILED
-        try:
-            job.execute_failure_callback(w.death_penalty_class, *exc_info)
-        except Exception:
-            log.exception("failure callback of job %s raised", job.id)
-        w.handle_exception(job, *exc_info)
-        self._finish_failed(run, JobStatus.FAILED, exc_string)
-        self._announce(job, Failed(job.id, error=error))
-
-    def cancel(self, run: RunningJob) -> None:
-        """Canceled while running: status canceled, CanceledJobRegistry, no result."""
-        job = run.job
-        with self.connection.pipeline() as pipe:
-            if job.get_status() != JobStatus.CANCELED:  # the API may have canceled it through RQ already
-                job.cancel(pipeline=pipe)
-            pipe.hset(job.key, "ended_at", utcformat(now()))  # RQ's cancel records no end; finished_at reads it
-            run.execution.delete(job=job, pipeline=pipe)
-            pipe.execute()
-        self._announce(job, Canceled(job.id, reason="canceled"))
-
-    def stop(self, run: RunningJob) -> None:
-        """Stopped by RQ's stop-job command: status stopped, in the FailedJobRegistry, as RQ leaves such jobs."""
-        run.job.ended_at = now()
-        self._finish_failed(run, JobStatus.STOPPED, "Job stopped by user.")
-        self._announce(run.job, Canceled(run.id, reason="stopped"))
-
-    # helpers -----------------------------------------------------------------------------------------------
-    def _finish_failed(self, run: RunningJob, status: JobStatus, exc_string: str) -> None:
-        w, job = self.worker, run.job
-        with self.connection.pipeline() as pipe:
-            job.set_status(status, pipeline=pipe)
-            self._save_meta(pipe, job)
-            run.execution.delete(job=job, pipeline=pipe)
-            job._handle_failure(
-                exc_string,
-                pipeline=pipe,
-                worker_name=w.name,
-                execution_id=run.execution.id,
-                execution_started_at=run.execution.created_at,
-                execution_ended_at=job.ended_at,
-            )
-            w.increment_failed_job_count(pipe)
-            if job.started_at and job.ended_at:
-                w.increment_total_working_time(job.ended_at - job.started_at, pipe)
-            pipe.execute()
-
-    def _announce(self, job: Job, event: JobEvent) -> None:
-        """Publish the terminal event, forget any cancel request for the job, and queue its completed webhook."""
-        with self.connection.pipeline() as pipe:
-            pipe.srem(self.keys.cancel_requests(), job.id)
-            publish(pipe, self.keys, event)
-            pipe.execute()
-        if self.webhooks is not None:
-            self.webhooks.completed(job)
-
-    @staticmethod
-    def _save_meta(pipe: Any, job: Job) -> None:
-        # What Job.save_meta does, inside our pipeline.
-        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+T = TypeVar("T")
 
 
 class RQWorker(SimpleWorker):
     """An in-process RQ worker whose turn (``run_turn``) runs a batch of sdqueue jobs."""
 
     def __init__(self, queues: Sequence[str], *, connection: Redis, heartbeat_s: int, name: str | None = None) -> None:
-        # Set before RQ's __init__, which sizes the connection's socket timeout from dequeue_timeout.
+        # Set before RQ's __init__, which sizes the connection's socket timeout from dequeue_timeout and talks to
+        # Redis already (_set_ip_address).
         self.heartbeat_s = heartbeat_s
         self.lease_s = 3 * heartbeat_s
+        self.redis_link = Link("Redis")
         super().__init__(
             list(queues),
             name=name,
@@ -244,10 +80,20 @@ class RQWorker(SimpleWorker):
         raise NotImplementedError
 
     def on_birth(self) -> None:
-        """Called right after RQ registered the worker."""
+        """Called right after RQ registered the worker, and after each re-registration."""
 
     def on_idle(self) -> None:
         """Called when the worker starts waiting for a job."""
+
+    def wait_for_redis(self, call: Callable[[], T], doing: str, give_up: Callable[[], bool] | None = None) -> T:
+        return until_answered(call, doing, self.redis_link, cap_s=self.heartbeat_s, give_up=give_up)
+
+    def _tolerate(self, call: Callable[[], object], doing: str) -> None:
+        """Bookkeeping that may be skipped while Redis is away: done next time."""
+        try:
+            call()
+        except redis.exceptions.RedisError as exc:
+            self.redis_link.failed(exc, doing)
 
     # turn ----------------------------------------------------------------------------------------------------
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -259,13 +105,74 @@ class RQWorker(SimpleWorker):
             self.run_turn(job, queue)
         finally:
             self.batch_ids, self.stop_ids = set(), set()
-            self.set_current_job_id(None)
+            self._tolerate(self.set_current_job_id, "clearing the worker's current job")
             self.set_state(WorkerStatus.IDLE)
 
     # RQ hooks: registration --------------------------------------------------------------------------------
+    def _set_ip_address(self, connection: Redis) -> None:
+        set_ip_address = super()._set_ip_address
+        self.wait_for_redis(lambda: set_ip_address(connection), "naming the worker's connection")
+
     def register_birth(self) -> None:
-        super().register_birth()
+        rq_register = super().register_birth  # refuses a name that a live worker holds
+        attempts = 0
+
+        def register() -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                rq_register()
+            else:
+                self._register()  # the key may be ours already, from an attempt whose answer was lost
+            self.on_birth()
+
+        try:
+            self.wait_for_redis(register, "registering the worker", give_up=lambda: self._stop_requested)
+        except GaveUp:
+            log.info("shutdown requested while waiting for Redis: the worker never registered")
+
+    def rejoin(self) -> None:
+        """Register again: the worker's key expired while Redis could not be reached (or lost it in a restart)."""
+        log.warning("worker %s: its registration lapsed while Redis was away: registering again", self.name)
+        self._register()
         self.on_birth()
+
+    def _register(self) -> None:
+        self.birth_date = self.birth_date or now()
+        self.last_heartbeat = now()
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.key, mapping=self.serialize())
+            pipe.hset(self.key, "state", self._state)
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.lease_s)
+            pipe.execute()
+
+    def register_death(self) -> None:
+        # Once: a worker that exits while Redis is away leaves a registration that expires within a lease.
+        self._tolerate(super().register_death, "recording the worker's exit")
+
+    def subscribe(self) -> None:
+        with contextlib.suppress(GaveUp):  # a shutdown while Redis is away: nothing to listen for
+            self.wait_for_redis(super().subscribe, "subscribing to worker commands",
+                                give_up=lambda: self._stop_requested)
+
+    def unsubscribe(self) -> None:
+        self._tolerate(super().unsubscribe, "unsubscribing from worker commands")
+
+    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
+        # RQ's handler ends the command thread on any error but a ConnectionError; keep it through any outage.
+        if not isinstance(exc, redis.exceptions.RedisError):
+            super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
+            return
+        self.redis_link.failed(exc, "listening for worker commands")
+        time.sleep(self.heartbeat_s)
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        set_state = super().set_state
+        self._tolerate(lambda: set_state(state), "recording the worker's state")
 
     # RQ hooks: timings -------------------------------------------------------------------------------------
     @property
@@ -275,14 +182,38 @@ class RQWorker(SimpleWorker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         # RQ keeps a worker's key for worker_ttl + 60 s; one lease is enough for /readyz to forget a dead worker.
-        super().heartbeat(timeout or self.lease_s, pipeline=pipeline)
+        if pipeline is not None:
+            super().heartbeat(timeout or self.lease_s, pipeline=pipeline)
+            return
+        self._tolerate(self.beat, "sending the worker's heartbeat")
+
+    def beat(self) -> None:
+        """Extend the worker's registration by one lease, and register again if it lapsed; raises Redis errors."""
+        with self.connection.pipeline() as pipe:
+            super().heartbeat(self.lease_s, pipeline=pipe)
+            created = pipe.execute()[0]  # HSET last_heartbeat: 1 = a new field, so the key had expired
+        if created:
+            self.rejoin()
+
+    def check_for_suspension(self, burst: bool) -> None:
+        check = super().check_for_suspension
+        self._tolerate(lambda: check(burst), "checking whether workers are suspended")
+
+    def run_maintenance_tasks(self) -> None:
+        self._tolerate(super().run_maintenance_tasks, "cleaning RQ's registries")
 
     def clean_registries(self) -> None:
         """RQ's registry maintenance, under a lock that expires after one lease (RQ's lasts 15 minutes, so a worker
-        killed while cleaning would stop abandoned-job recovery for that long)."""
+        killed while cleaning would stop abandoned-job recovery for that long), and only after steady contact."""
         for queue in self.queues:
+            if self.redis_link.steady_for() < self.lease_s + self.heartbeat_s:
+                return  # last_cleaned_at stays: the next idle turn tries again
             if self.connection.set(queue.registry_cleaning_key, self.name, nx=True, ex=self.lease_s):
-                clean_registries(queue, self._exc_handlers)
+                # The started registry first, right after the check (what rq.registry.clean_registries cleans).
+                queue.started_job_registry.cleanup(exception_handlers=self._exc_handlers)
+                queue.finished_job_registry.cleanup()
+                queue.failed_job_registry.cleanup()
+                queue.deferred_job_registry.cleanup()
                 worker_registration.clean_worker_registry(queue)
                 queue.intermediate_queue.cleanup(self, queue)
                 queue.release_maintenance_lock()
@@ -314,16 +245,17 @@ class RQWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + ",".join(self.queue_names()))
         idle_until = math.inf if max_idle_time is None else time.monotonic() + max_idle_time
-        backoff = 1.0
+        backoff = Backoff(self.heartbeat_s)
         while not self._stop_requested:
             try:
-                self.heartbeat()
+                self._timed(self.beat, 0, "sending the worker's heartbeat")
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 wait = timeout
                 if wait is not None and idle_until < math.inf:
                     wait = max(1, min(wait, math.ceil(idle_until - time.monotonic())))
-                result = self.queue_class.dequeue_any(
+                dequeue = functools.partial(
+                    self.queue_class.dequeue_any,
                     self._ordered_queues,
                     wait,
                     connection=self.connection,
@@ -331,24 +263,45 @@ class RQWorker(SimpleWorker):
                     serializer=self.serializer,
                     death_penalty_class=self.death_penalty_class,
                 )
+                result = self._timed(dequeue, wait or 0, "waiting for jobs")
             except DequeueTimeout:
                 if time.monotonic() >= idle_until:
                     return None
                 continue
-            except redis.exceptions.ConnectionError as exc:
-                log.error("Redis unreachable (%s): retrying in %.0f s", exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, self.max_connection_wait_time)
+            except redis.exceptions.RedisError as exc:
+                self.redis_link.failed(exc, "waiting for jobs")
+                backoff.wait()
                 continue
+            backoff = Backoff(self.heartbeat_s)
             if result is None:  # burst mode: the queues are empty
                 return None
             job, queue = result
             if self._stop_requested:
                 # The shutdown signal arrived while this job was being popped: give it back, first in line.
-                with self.connection.pipeline() as pipe:
-                    queue.push_job_id(job.id, pipeline=pipe, at_front=True)
-                    pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # where RQ's single-queue dequeue puts it
-                    pipe.execute()
+                self.wait_for_redis(functools.partial(self._push_back, job, queue), f"giving job {job.id} back")
                 return None
             return job, queue
         return None
+
+    def _timed(self, call: Callable[[], T], expected_s: float, doing: str) -> T:
+        """``call()``; a call that took a heartbeat longer than ``expected_s`` answered, but Redis stalled."""
+        started = time.monotonic()
+        try:
+            value = call()
+        except DequeueTimeout:  # an answer: nothing to dequeue
+            self._answered(time.monotonic() - started, expected_s, doing)
+            raise
+        self._answered(time.monotonic() - started, expected_s, doing)
+        return value
+
+    def _answered(self, took: float, expected_s: float, doing: str) -> None:
+        if took > expected_s + self.heartbeat_s:
+            self.redis_link.stalled(took, doing)
+        else:
+            self.redis_link.answered()
+
+    def _push_back(self, job: Job, queue: Queue) -> None:
+        with self.connection.pipeline() as pipe:
+            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # where RQ's single-queue dequeue puts it
+            pipe.execute()

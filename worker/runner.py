@@ -6,6 +6,9 @@
 - If the call raises for the whole batch: out of memory -> split the batch in two halves (by images) and run each,
   recursively, before any job fails; any other error -> run the jobs one by one, so only the faulty one fails.
   A job timeout ends the call for all its jobs (they ran out of time together).
+- An infrastructure error out of the call (``outages.is_infrastructure_error``: Redis, storage; the step callback
+  swallows its own, so this is a second line) is never a job's error: the same jobs run again, after a pause, up to
+  ``INFRA_RERUNS`` times, and are then given back to their queues (``GiveBack``, RQ ``Retry``).
 """
 
 from __future__ import annotations
@@ -29,13 +32,17 @@ from core.storage import Storage
 from core.webhook_queue import WebhookNotifier
 from model.requests import GenerationRequest, GenerationResult
 from worker.inputs import load_inputs, paste_back
+from worker.outages import Link, is_infrastructure_error
 from worker.progress import DropReason, ReportedJob, StepReporter
-from worker.rq_adapter import ExcInfo, RunningJob
+from worker.rq_records import ExcInfo, RunningJob
 
 if TYPE_CHECKING:
     from model.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+INFRA_RERUNS = 2
+RERUN_PAUSE_S = 1.0  # times the rerun's number
 
 
 @dataclass
@@ -71,15 +78,23 @@ class Dropped:
 
 
 @dataclass(frozen=True)
+class GiveBack:
+    """The infrastructure kept the job from finishing here: back to its queue through RQ's Retry."""
+
+    exc_info: ExcInfo
+
+
+@dataclass(frozen=True)
 class Retry:
     """After a failed call: outcomes that are final, and the parts to run again."""
 
     final: list[tuple[BatchItem, Outcome]]
     parts: list[list[BatchItem]]
     free_memory: bool = False  # out of memory: collect garbage before the parts run
+    rerun: bool = False  # the call failed for the infrastructure's reasons: its parts are the same jobs again
 
 
-Outcome = Done | Error | Dropped
+Outcome = Done | Error | Dropped | GiveBack
 Finished = Iterator[tuple[BatchItem, Outcome]]  # each item once, with its outcome, as soon as it is known
 # Called after every pipeline call that produced images, with what it ran and how fast.
 CallObserver = Callable[["CallStats"], None]
@@ -130,14 +145,16 @@ class BatchRunner:
         stop_requests: Callable[[], set[str]] = set,
         observe: CallObserver | None = None,
         webhooks: WebhookNotifier | None = None,
+        redis: Link | None = None,
     ) -> None:
         self.pipe = pipe
-        self.connection = connection
+        self.connection = connection  # for the step callback
         self.keys = keys
         self.death_penalty_class = death_penalty_class
         self.stop_requests = stop_requests
         self.observe = observe
         self.webhooks = webhooks
+        self.redis = redis or Link("Redis")
 
     def run(self, items: Sequence[BatchItem]) -> Finished:
         """Yield every item exactly once with its outcome, as soon as that item is done."""
@@ -147,7 +164,7 @@ class BatchRunner:
         for group in groups.values():
             yield from self._run(group)
 
-    def _run(self, items: list[BatchItem]) -> Finished:
+    def _run(self, items: list[BatchItem], reruns: int = 0) -> Finished:
         reporter = StepReporter(
             self.connection,
             self.keys,
@@ -155,6 +172,7 @@ class BatchRunner:
             preview=self.pipe.preview,
             stop_requests=self.stop_requests,
             webhooks=self.webhooks,
+            redis=self.redis,
         )
         started = time.monotonic()
         retry: Retry | None = None
@@ -167,14 +185,16 @@ class BatchRunner:
                 yield item, Error(exc_info)  # they ran out of time together
             return
         except Exception as exc:
-            retry = self._after_failure(items, reporter, exc)
+            retry = self._after_failure(items, reporter, exc, reruns)
         if retry is not None:
             # Past the except block, so the exception's traceback no longer pins the failed call's tensors.
             if retry.free_memory:
                 release_memory()
             yield from retry.final
+            if retry.rerun:
+                time.sleep(RERUN_PAUSE_S * (reruns + 1))
             for part in retry.parts:
-                yield from self._run(part)
+                yield from self._run(part, reruns + 1 if retry.rerun else 0)
             return
         seconds = time.monotonic() - started
         done = [(item, result) for item, result in zip(items, results, strict=True) if result is not None]
@@ -186,11 +206,21 @@ class BatchRunner:
             else:
                 yield item, Done(paste_back(item.spec, item.request, result), seconds)
 
-    def _after_failure(self, items: list[BatchItem], reporter: StepReporter, exc: Exception) -> Retry:
-        """What a call that raised leaves: jobs dropped before the error stay dropped, a lone job fails, the others
-        run again (split in halves on out-of-memory, else one by one, so only the faulty job fails)."""
+    def _after_failure(self, items: list[BatchItem], reporter: StepReporter, exc: Exception, reruns: int) -> Retry:
+        """What a call that raised leaves: jobs dropped before the error stay dropped; after an infrastructure error
+        the others run again as they were (given back after ``INFRA_RERUNS``); else a lone job fails, and the
+        others run again (split in halves on out-of-memory, else one by one, so only the faulty job fails)."""
         final: list[tuple[BatchItem, Outcome]] = [(items[i], Dropped(why)) for i, why in reporter.dropped.items()]
         pending = [item for i, item in enumerate(items) if i not in reporter.dropped]
+        if pending and is_infrastructure_error(exc):
+            if reruns < INFRA_RERUNS:
+                log.warning("pipeline call of %d jobs failed (%s: %s), not for any job's reasons: running it again",
+                            len(pending), type(exc).__name__, exc)
+                return Retry(final, [pending], rerun=True)
+            log.warning("pipeline call of %d jobs failed %d times (%s: %s): giving the jobs back to their queues",
+                        len(pending), reruns + 1, type(exc).__name__, exc)
+            exc_info = current_exc_info()
+            return Retry([*final, *((item, GiveBack(exc_info)) for item in pending)], [])
         if len(pending) == 1:
             return Retry([*final, (pending[0], Error(current_exc_info()))], [])
         if pending and is_out_of_memory(exc):

@@ -1,7 +1,8 @@
 """Worker test fixtures: a tiny checkpoint, job submission as the API does it, and worker processes.
 
-Worker processes run ``python -m sdqueue worker`` (the real entry point) against the session's redis-server, with
-``SDQ_HEARTBEAT_S=1`` so that crash recovery happens within seconds.
+Worker processes (``WorkerProcess``, ``Pool``) run ``python -m sdqueue worker`` (the real entry point) against a
+redis-server (the session's, or a test module's own), with ``SDQ_HEARTBEAT_S=1`` so that crash recovery happens
+within seconds.
 """
 
 from __future__ import annotations
@@ -180,6 +181,51 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Pool:
+    """The module's worker processes; ``ensure(n)`` tops them up to ``n`` live, registered workers."""
+
+    def __init__(self, redis: Redis, settings: Settings, checkpoint: Path, logdir: Path) -> None:
+        self.redis, self.settings, self.checkpoint, self.logdir = redis, settings, checkpoint, logdir
+        self.workers: list[WorkerProcess] = []
+
+    def alive(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.proc.poll() is None]
+
+    def ensure(self, n: int) -> list[WorkerProcess]:
+        new = [WorkerProcess(self.settings, self.checkpoint, self.logdir, len(self.workers) + i)
+               for i in range(n - len(self.alive()))]
+        self.workers += new
+        for worker in new:
+            worker.wait_registered(self.redis)
+        return self.alive()
+
+    def exactly(self, n: int) -> list[WorkerProcess]:
+        """Exactly ``n`` live workers, so that no other worker takes a job a test wants to keep queued."""
+        for worker in self.alive()[n:]:
+            worker.stop()
+        return self.ensure(n)
+
+    def by_name(self, name: str) -> WorkerProcess:
+        return next(w for w in self.workers if w.name == name)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.log_path.name}\n{w.log()[-4000:]}" for w in self.workers)
+
+
+def image_count(pool: Pool, spec: JobSpec) -> int:
+    return len(list((pool.settings.data_dir / "images" / spec.id).glob("*.png")))
+
+
+def wait_running(pool: Pool, specs: list[JobSpec], timeout: float = 60) -> set[str]:
+    """Wait until every job of ``specs`` runs (denoising has begun); returns the names of the workers running them."""
+    def running() -> bool:
+        jobs = [Job.fetch(s.id, connection=pool.redis) for s in specs]
+        return all(j.get_status() == JobStatus.STARTED and "progress" in j.meta for j in jobs)
+
+    wait_for(running, timeout, "the batch to run")
+    return {Job.fetch(s.id, connection=pool.redis).worker_name or "" for s in specs}
 
 
 @pytest.fixture

@@ -1,27 +1,35 @@
-"""The batch worker in this process (RQ burst mode) on the tiny checkpoint: out-of-memory splitting, stop-job."""
+"""The batch worker in this process (RQ burst mode) on the tiny checkpoint: out-of-memory splitting, stop-job, and
+infrastructure faults that must not fail a job (storage blips, storage down for longer than a job may wait, a Redis
+error out of the pipeline call)."""
 
 from __future__ import annotations
 
 import base64
+import errno
 import io
+import itertools
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from botocore.exceptions import ClientError, EndpointConnectionError
 from PIL import Image
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.command import send_stop_job_command
 from rq.job import Job, JobStatus
+from rq.results import Result
 from rq.worker import SimpleWorker
 
 from core.imagefile import ModelInfo, read_parameters
 from core.queues import Keys
 from core.settings import Settings
-from core.storage import LocalStorage
+from core.storage import LocalStorage, Storage
 from model.requests import GenerationRequest, GenerationResult
 from tests.worker.conftest import (
     logged_events,
@@ -52,19 +60,41 @@ def settings(redis_url: str, tmp_path: Path, tiny_checkpoint: Path) -> Settings:
     return make_settings(redis_url, tmp_path, tiny_checkpoint)
 
 
-def resident(settings: Settings, pipe: Any) -> Resident:
-    storage = LocalStorage(settings.data_dir / "images", settings.public_url)
+def resident(settings: Settings, pipe: Any, storage: Storage | None = None) -> Resident:
+    storage = storage or LocalStorage(settings.data_dir / "images", settings.public_url)
     return Resident(pipe, storage, Keys(settings.queue_prefix), 0.0, ModelInfo(pipe.name))
 
 
-def burst(redis: Redis, settings: Settings, pipe: Any) -> WorkerMetrics:
+def burst(redis: Redis, settings: Settings, pipe: Any, storage: Storage | None = None) -> WorkerMetrics:
     """Run a worker until the queues are empty; returns its metrics."""
     keys = Keys(settings.queue_prefix)
     metrics = WorkerMetrics()
-    worker = BatchWorker(keys.queues(), connection=redis, settings=settings, resident=resident(settings, pipe),
-                         metrics=metrics)
+    worker = BatchWorker(keys.queues(), connection=redis, settings=settings,
+                         resident=resident(settings, pipe, storage), metrics=metrics)
     worker.work(burst=True)
     return metrics
+
+
+class FlakyStorage(LocalStorage):
+    """Local storage whose writes raise ``error`` while ``failing()`` is true."""
+
+    def __init__(self, settings: Settings, error: Exception, failing: Callable[[], bool]) -> None:
+        super().__init__(settings.data_dir / "images", settings.public_url)
+        self.error = error
+        self.failing = failing
+        self.failures = 0
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        if self.failing():
+            self.failures += 1
+            raise self.error
+        super().put(key, data, content_type)
+
+
+def first(k: int) -> Callable[[], bool]:
+    """True for the first ``k`` calls, then False."""
+    calls = itertools.count()
+    return lambda: next(calls) < k
 
 
 class Faulty:
@@ -200,3 +230,55 @@ def test_results_use_the_output_format_and_carry_a1111_metadata(redis: Redis, se
     assert meta["prompt"] == "a photo of a cat" and meta["negative_prompt"] == "blurry"
     assert meta["settings"]["Seed"] == "3" and meta["settings"]["CFG scale"] == "5"
     assert meta["settings"]["Model"] == tiny_pipe.name
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ECONNRESET, "Connection reset by peer"),
+    EndpointConnectionError(endpoint_url="http://s3.example:9000/results/x/0.png"),
+    ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+                 "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject"),
+], ids=["oserror", "s3-unreachable", "s3-503"])
+def test_a_storage_blip_does_not_fail_the_job(redis: Redis, settings: Settings, tiny_pipe: Any,
+                                              error: Exception) -> None:
+    spec = submit(redis, settings, n=2)
+    storage = FlakyStorage(settings, error, first(3))
+
+    burst(redis, settings, tiny_pipe, storage)
+
+    job = Job.fetch(spec.id, connection=redis)
+    assert job.get_status() == JobStatus.FINISHED, job.meta.get("error")
+    assert storage.failures == 3
+    assert job.retries_left == settings.job_retries
+    assert len(stored_images(settings.data_dir, spec.id)) == 2
+
+
+def test_storage_down_for_longer_than_the_job_may_wait_gives_the_job_back(redis: Redis, settings: Settings,
+                                                                         tiny_pipe: Any) -> None:
+    spec = submit(redis, settings)
+    redis.hset(Job.key_for(spec.id), "timeout", 3)  # a job that may take 3 s: it waits for storage that long
+    down_until = time.monotonic() + 5
+    storage = FlakyStorage(settings, OSError(errno.EIO, "Input/output error"), lambda: time.monotonic() < down_until)
+
+    burst(redis, settings, tiny_pipe, storage)
+
+    job = Job.fetch(spec.id, connection=redis)
+    assert job.get_status() == JobStatus.FINISHED, job.meta.get("error")
+    assert job.retries_left == settings.job_retries - 1  # given back once, through RQ's Retry: no failure
+    assert [r.type for r in job.results()] == [Result.Type.SUCCESSFUL]
+    states = [e["event"] for e in logged_events(redis, spec.id) if e["event"] != "progress"]
+    assert states == ["running", "running", "succeeded"]
+    assert len(stored_images(settings.data_dir, spec.id)) == 1
+
+
+def test_a_redis_error_out_of_the_pipeline_call_is_not_the_jobs(redis: Redis, settings: Settings,
+                                                                tiny_pipe: Any) -> None:
+    spec = submit(redis, settings)
+    faults = iter([RedisConnectionError("Error while reading from 127.0.0.1:6379: connection reset")])
+    pipe = Faulty(tiny_pipe, lambda requests: next(faults, None))
+
+    burst(redis, settings, pipe)
+
+    job = Job.fetch(spec.id, connection=redis)
+    assert job.get_status() == JobStatus.FINISHED, job.meta.get("error")
+    assert job.retries_left == settings.job_retries
+    assert len(pipe.calls) == 2  # the same call again

@@ -22,8 +22,9 @@ from core.queues import Keys
 from core.settings import Settings
 from tests.worker.conftest import logged_events, make_settings, submit
 from worker.batcher import Batcher, Claim
+from worker.events import Canceled
 from worker.heartbeat import Heartbeat
-from worker.rq_adapter import Bookkeeper, RunningJob
+from worker.rq_records import Bookkeeper, RunningJob
 
 LEASE_S = 3
 
@@ -170,4 +171,6 @@ def test_cancel_request_is_forgotten_when_the_job_ends(redis: Redis, keys: Keys,
     [run] = books.start(claim_all(redis, keys), batch_images=1)
     redis.sadd(keys.cancel_requests(), run.id)
     books.cancel(run)
+    books.announce(run, Canceled(run.id, reason="canceled"))
     assert not redis.sismember(keys.cancel_requests(), run.id)
+    assert logged_events(redis, run.id, keys)[-1]["event"] == "canceled"

@@ -24,10 +24,10 @@ from core.jobs import GenerationParams, JobSpec
 from core.jobstore import CancelOutcome, cancel_job, enqueue
 from core.queues import JOB_FUNC, Keys
 from core.rules import MAX_SEED
-from core.settings import Settings
 from tests.redis_server import RedisServer
 from tests.worker.conftest import (
-    WorkerProcess,
+    Pool,
+    image_count,
     logged_events,
     make_settings,
     max_pixel_diff,
@@ -35,44 +35,13 @@ from tests.worker.conftest import (
     status,
     stored_images,
     submit,
-    wait_for,
+    wait_running,
     wait_terminal,
 )
 
 # SIGKILL mid-batch -> every job succeeded, measured from the kill. Detection takes at most one lease (3 heartbeats
 # of 1 s) plus one maintenance interval (1 s); the rest is running the batch again on the other worker.
 RECOVERY_BOUND_S = 45
-
-
-class Pool:
-    """The module's worker processes; ``ensure(n)`` tops them up to ``n`` live, registered workers."""
-
-    def __init__(self, redis: Redis, settings: Settings, checkpoint: Path, logdir: Path) -> None:
-        self.redis, self.settings, self.checkpoint, self.logdir = redis, settings, checkpoint, logdir
-        self.workers: list[WorkerProcess] = []
-
-    def alive(self) -> list[WorkerProcess]:
-        return [w for w in self.workers if w.proc.poll() is None]
-
-    def ensure(self, n: int) -> list[WorkerProcess]:
-        new = [WorkerProcess(self.settings, self.checkpoint, self.logdir, len(self.workers) + i)
-               for i in range(n - len(self.alive()))]
-        self.workers += new
-        for worker in new:
-            worker.wait_registered(self.redis)
-        return self.alive()
-
-    def exactly(self, n: int) -> list[WorkerProcess]:
-        """Exactly ``n`` live workers, so that no other worker takes a job a test wants to keep queued."""
-        for worker in self.alive()[n:]:
-            worker.stop()
-        return self.ensure(n)
-
-    def by_name(self, name: str) -> WorkerProcess:
-        return next(w for w in self.workers if w.name == name)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {w.log_path.name}\n{w.log()[-4000:]}" for w in self.workers)
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +59,6 @@ def pool(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory, ti
     redis.close()
 
 
-def image_count(pool: Pool, spec: JobSpec) -> int:
-    return len(list((pool.settings.data_dir / "images" / spec.id).glob("*.png")))
-
-
 def histogram(metrics: str, name: str) -> dict[str, float]:
     """Bucket counts (by ``le``) plus ``count`` of a Prometheus histogram in text format."""
     out = {}
@@ -104,16 +69,6 @@ def histogram(metrics: str, name: str) -> dict[str, float]:
         elif line.startswith(f"{name}_count"):
             out["count"] = float(line.rsplit(" ", 1)[1])
     return out
-
-
-def wait_running(pool: Pool, specs: list[JobSpec], timeout: float = 60) -> set[str]:
-    """Wait until every job of ``specs`` runs (denoising has begun); returns the names of the workers running them."""
-    def running() -> bool:
-        jobs = [Job.fetch(s.id, connection=pool.redis) for s in specs]
-        return all(j.get_status() == JobStatus.STARTED and "progress" in j.meta for j in jobs)
-
-    wait_for(running, timeout, "the batch to run")
-    return {Job.fetch(s.id, connection=pool.redis).worker_name or "" for s in specs}
 
 
 def test_jobs_of_four_kinds_run_in_batches_and_match_their_solo_images(pool: Pool, tiny_pipe: Any) -> None:

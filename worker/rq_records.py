@@ -1,0 +1,251 @@
+"""The per-job RQ records of a batch (``Bookkeeper``); with ``worker.rq_adapter`` the only code that uses RQ internals.
+
+RQ runs one job per worker (rq#928): ``prepare_execution`` / ``prepare_job_execution`` mark it started,
+``maintain_heartbeats`` keeps it alive and ``handle_job_success`` / ``handle_job_failure`` finish it. A batch holds
+several jobs at once, so ``Bookkeeper`` does the same steps per job, with one RQ ``Execution`` per job:
+
+- start: the execution (StartedJobRegistry entry scored now + lease), ``Job.prepare_for_execution`` (status
+  started, started_at, worker name), removal from RQ's intermediate list, ``meta.started_at``, a ``running`` event;
+  all in one transaction, retried until Redis answers, with the same execution ids every time;
+- heartbeat: every ``SDQ_HEARTBEAT_S`` (``worker.heartbeat``) every running job's registry score goes to now + lease
+  (the lease is 3 heartbeats), so a batch of any length keeps its jobs, and a dead worker's expire within one lease.
+  A worker registration that expired meanwhile (Redis unreachable for longer than a lease) is written again;
+- finalize: success through RQ's ``handle_job_success`` (result, FinishedJobRegistry), failure with the job's own
+  exception (FailedJobRegistry, exc info), cancel (``Job.cancel``: CanceledJobRegistry), stop (status stopped, as
+  RQ's stop-job command leaves it), or give-back (``Job.retry``: back in its queue, one retry spent) for a job the
+  infrastructure kept from finishing. Each is one attempt that raises Redis errors; ``worker.finalizer`` retries.
+
+Failures are final: RQ's ``Retry`` budget is kept for jobs whose worker died (StartedJobRegistry cleanup
+re-enqueues those) or that storage kept from finishing, since re-running a job that raised on its own input gives
+the same error again.
+
+Exactly once: before a job is finalized its lease is renewed with ``ZADD XX CH``, which succeeds only if the
+registry entry is still there. If it is gone, the registry cleanup already gave the job to another worker (this
+worker was presumed dead) or it was canceled, and this worker drops its result. When a connection broke while an
+outcome was being written, ``landed`` tells whether that write took effect before the entry is taken for lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from uuid import uuid4
+
+from redis.client import Pipeline
+from rq.executions import Execution, ExecutionRegistry
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.results import Result
+from rq.utils import now, utcformat
+from rq.worker import BaseWorker
+
+from core.jobs import JobError
+from core.queues import Keys
+from core.webhook_queue import WebhookNotifier
+from worker.batcher import Claim
+from worker.events import JobEvent, Running, publish
+from worker.outages import Link, until_answered
+from worker.rq_adapter import RQWorker
+
+log = logging.getLogger(__name__)
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+@dataclass
+class RunningJob:
+    """A started job of the current batch."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+    started: float = field(default_factory=time.monotonic)
+    reported: bool = False  # its callbacks and exception handlers ran: once, however often Redis is retried
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+
+def job_error(exc: BaseException) -> JobError:
+    message = str(exc).strip() or type(exc).__name__
+    return JobError(type=type(exc).__name__, message=message)
+
+
+class Bookkeeper:
+    def __init__(self, worker: BaseWorker, keys: Keys, lease_s: int, webhooks: WebhookNotifier | None = None,
+                 redis: Link | None = None) -> None:
+        self.worker = worker
+        self.connection = worker.connection
+        self.keys = keys
+        self.lease_s = lease_s
+        self.webhooks = webhooks
+        self.redis = redis or Link("Redis")
+        self.wait_cap_s = max(1.0, lease_s / 3)  # one heartbeat
+
+    # start -------------------------------------------------------------------------------------------------
+    def start(self, claims: Sequence[Claim], batch_images: int) -> list[RunningJob]:
+        """Mark every claimed job started (one transaction, waiting for Redis), and announce it."""
+        w = self.worker
+        runs = [RunningJob(c.job, c.queue, Execution(uuid4().hex, c.job.id, self.connection, worker_name=w.name))
+                for c in claims]
+        started_at = now().isoformat()
+
+        def write() -> None:
+            with self.connection.pipeline() as pipe:
+                w.set_current_job_id(runs[0].id, pipeline=pipe)
+                for run in runs:
+                    job = run.job
+                    self._add_execution(pipe, run)
+                    job.prepare_for_execution(w.name, pipeline=pipe)
+                    pipe.lrem(run.queue.intermediate_queue_key, 1, job.id)
+                    job.meta["started_at"] = started_at
+                    self._save_meta(pipe, job)
+                    publish(pipe, self.keys, Running(job.id, started_at=started_at, batch_images=batch_images))
+                    if self.webhooks is not None:
+                        self.webhooks.started(job, pipe)
+                pipe.execute()
+
+        until_answered(write, "starting a batch", self.redis, cap_s=self.wait_cap_s)
+        return runs
+
+    def _add_execution(self, pipe: Pipeline, run: RunningJob) -> None:
+        # What Execution.create writes, for an execution made beforehand: a retried start reuses its id.
+        execution = run.execution
+        execution.save(ttl=self.lease_s, pipeline=pipe)
+        ExecutionRegistry(job_id=run.id, connection=pipe).add(execution=execution, ttl=self.lease_s, pipeline=pipe)
+        run.job.started_job_registry.add_execution(execution, pipeline=pipe, ttl=self.lease_s, xx=False)
+
+    # heartbeat ---------------------------------------------------------------------------------------------
+    def heartbeat(self, runs: Iterable[RunningJob]) -> None:
+        """Extend the worker key and every running job's registry entry and execution by one lease."""
+        with self.connection.pipeline() as pipe:
+            self.worker.heartbeat(pipeline=pipe)  # first command: HSET last_heartbeat, 1 = the key had expired
+            for run in runs:
+                run.execution.heartbeat(run.queue.started_job_registry, self.lease_s, pipe)
+                pipe.hset(run.execution.key, mapping=run.execution.serialize())  # in case it expired meanwhile
+                run.job.heartbeat(now(), self.lease_s, pipeline=pipe)
+            lapsed = pipe.execute()[0] == 1
+        if lapsed and isinstance(self.worker, RQWorker):
+            self.worker.rejoin()
+
+    def renew_lease(self, run: RunningJob) -> bool:
+        """Extend ``run``'s registry entry if it still exists; False = the job is no longer this worker's."""
+        key = run.queue.started_job_registry.key
+        score = time.time() + self.lease_s  # a float, so the score always changes and CH counts the update
+        return bool(self.connection.zadd(key, {run.execution.composite_key: score}, xx=True, ch=True))
+
+    def landed(self, run: RunningJob) -> bool:
+        """Whether this worker's outcome of ``run`` is recorded already: its result carries this execution's id, or
+        the job is canceled (for a write whose answer was lost with the connection)."""
+        if self.connection.hget(run.job.key, "status") == JobStatus.CANCELED.value.encode():
+            return True
+        latest = Result.fetch_latest(run.job, serializer=run.job.serializer)
+        return latest is not None and latest.execution_id == run.execution.id
+
+    # finalize: one attempt each, Redis errors raised ------------------------------------------------------
+    def succeed(self, run: RunningJob, result: dict[str, Any]) -> None:
+        """Store ``result`` as the job's return value through RQ's own success path."""
+        w, job = self.worker, run.job
+        job.meta["warnings"] = result.get("warnings", [])
+        with self.connection.pipeline() as pipe:
+            self._save_meta(pipe, job)
+            pipe.execute()
+        job.ended_at = now()
+        job._result = result
+        job._status = JobStatus.FINISHED
+        if not run.reported:
+            run.reported = True
+            job.execute_success_callback(w.death_penalty_class, result)
+        # handle_job_success takes the execution from the worker (one job per worker in RQ): lend it this one.
+        w.execution = run.execution
+        try:
+            w.handle_job_success(job=job, queue=run.queue, started_job_registry=run.queue.started_job_registry)
+        finally:
+            w.execution = None
+
+    def fail(self, run: RunningJob, exc_info: ExcInfo) -> None:
+        """Fail the job with its own exception: status failed, FailedJobRegistry, exc info in its RQ result."""
+        w, job = self.worker, run.job
+        job.meta["error"] = job_error(exc_info[1]).model_dump()
+        job.ended_at = now()
+        job._status = JobStatus.FAILED
+        if not run.reported:
+            run.reported = True
+            try:
+                job.execute_failure_callback(w.death_penalty_class, *exc_info)
+            except Exception:
+                log.exception("failure callback of job %s raised", job.id)
+            w.handle_exception(job, *exc_info)
+        self._finish_failed(run, JobStatus.FAILED, "".join(traceback.format_exception(*exc_info)))
+
+    def cancel(self, run: RunningJob) -> None:
+        """Canceled while running: status canceled, CanceledJobRegistry, no result."""
+        job = run.job
+        with self.connection.pipeline() as pipe:
+            if job.get_status() != JobStatus.CANCELED:  # the API may have canceled it through RQ already
+                job.cancel(pipeline=pipe)
+            pipe.hset(job.key, "ended_at", utcformat(now()))  # RQ's cancel records no end; finished_at reads it
+            run.execution.delete(job=job, pipeline=pipe)
+            pipe.execute()
+
+    def stop(self, run: RunningJob) -> None:
+        """Stopped by RQ's stop-job command: status stopped, in the FailedJobRegistry, as RQ leaves such jobs."""
+        run.job.ended_at = now()
+        self._finish_failed(run, JobStatus.STOPPED, "Job stopped by user.")
+
+    def give_back(self, run: RunningJob) -> None:
+        """Back in its queue through RQ's ``Retry`` (one retry spent, status queued): the job could not be finished
+        here for the infrastructure's reasons. Needs a retry left (``job.retries_left``)."""
+        job = run.job
+        retries_left = job.retries_left
+        try:
+            with self.connection.pipeline() as pipe:
+                run.execution.delete(job=job, pipeline=pipe)
+                job.retry(run.queue, pipe)
+                pipe.execute()
+        except BaseException:
+            job.retries_left = retries_left  # nothing was written: the next attempt spends the same retry
+            raise
+
+    def announce(self, run: RunningJob, event: JobEvent) -> None:
+        """Publish the terminal event and forget any cancel request for the job."""
+        with self.connection.pipeline() as pipe:
+            pipe.srem(self.keys.cancel_requests(), run.id)
+            publish(pipe, self.keys, event)
+            pipe.execute()
+
+    def completed_webhook(self, run: RunningJob) -> None:
+        """Queue the job's completed webhook, if it asked for one."""
+        if self.webhooks is not None:
+            self.webhooks.completed(run.job)
+
+    # helpers -----------------------------------------------------------------------------------------------
+    def _finish_failed(self, run: RunningJob, status: JobStatus, exc_string: str) -> None:
+        w, job = self.worker, run.job
+        with self.connection.pipeline() as pipe:
+            job.set_status(status, pipeline=pipe)
+            self._save_meta(pipe, job)
+            run.execution.delete(job=job, pipeline=pipe)
+            job._handle_failure(
+                exc_string,
+                pipeline=pipe,
+                worker_name=w.name,
+                execution_id=run.execution.id,
+                execution_started_at=run.execution.created_at,
+                execution_ended_at=job.ended_at,
+            )
+            w.increment_failed_job_count(pipe)
+            if job.started_at and job.ended_at:
+                w.increment_total_working_time(job.ended_at - job.started_at, pipe)
+            pipe.execute()
+
+    @staticmethod
+    def _save_meta(pipe: Any, job: Job) -> None:
+        # What Job.save_meta does, inside our pipeline.
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
