@@ -266,6 +266,7 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    attempts: int = Field(default=0, description="How many times a worker started the job (1 for one that ran once).")
     queue_position: int | None = Field(None, description="Jobs that run before this one (queued jobs only).")
     progress: Progress = Field(default_factory=Progress)
     timings: Timings = Field(default_factory=Timings)

@@ -25,6 +25,7 @@ from rq.utils import current_timestamp, utcformat
 from rq.utils import now as rq_now
 
 from core import commit, eventlog
+from core.attempts import died_message, read_counts
 from core.jobs import (
     MAX_SEED,
     GenerationParams,
@@ -261,13 +262,15 @@ def job_view(redis: Redis, keys: Keys, storage: Storage, job: Job) -> JobPublic:
     if "progress" in meta:
         view.progress = Progress.model_validate(meta["progress"])
     view.started_at = _utc(meta["started_at"]) if "started_at" in meta else _utc(job.started_at)
+    attempts, given_back = read_counts(redis, job.key)
+    view.attempts = attempts or (1 if view.started_at else 0)  # a stock RQ worker keeps no count
     if status is Status.queued:
         view.queue_position = queue_position(redis, keys, job)
         if view.queue_position is not None:
             workers = live_worker_count(redis, keys)
             view.progress.eta_seconds = eta_seconds(redis, keys, view.queue_position, spec.params.n, workers)
     elif status in (Status.succeeded, Status.failed):
-        _add_outcome(view, job, storage)
+        _add_outcome(view, job, storage, deaths=attempts - given_back)
     elif status is Status.canceled:
         view.finished_at = _utc(job.ended_at) or _canceled_at(redis, job, view.started_at or view.created_at)
     view.timings = _timings(view, view.timings.run_seconds)
@@ -281,7 +284,7 @@ def _canceled_at(redis: Redis, job: Job, not_before: datetime) -> datetime | Non
     return max(datetime.fromtimestamp(score, timezone.utc), not_before) if score is not None else None
 
 
-def _add_outcome(view: JobPublic, job: Job, storage: Storage) -> None:
+def _add_outcome(view: JobPublic, job: Job, storage: Storage, deaths: int) -> None:
     """Result (images, warnings, run time) or error of a finished job."""
     result = job.latest_result()
     view.finished_at = _utc(job.ended_at) or (_utc(result.created_at) if result else None)
@@ -300,6 +303,8 @@ def _add_outcome(view: JobPublic, job: Job, storage: Storage) -> None:
         # No reason recorded by a worker: the job timed out or its last worker died. RQ's text says which.
         exc = (result.exc_string if result and result.type == Result.Type.FAILED else None) or job.exc_info or ""
         last_line = exc.strip().splitlines()[-1] if exc.strip() else "the job failed without a recorded reason"
+        if "AbandonedJobError" in last_line and deaths > 0:  # RQ's cleanup gave up on it: its last worker died
+            last_line = died_message(deaths)
         view.error = JobError(type="WorkerError", message=last_line)
 
 

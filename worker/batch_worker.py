@@ -102,11 +102,12 @@ class BatchWorker(RQWorker):
         self._enter(Phase.collecting)
         try:
             # 1. claim the head (it may have been canceled, or started by another worker, since RQ popped it)
-            if not self.batcher.take_head(job, queue):
+            head = self.batcher.take_head(job, queue)
+            if head is None:
                 log.info("job %s is no longer queued (canceled or started elsewhere): skipped", job.id)
                 return
-            # 2. collect compatible waiting jobs, within the batch window
-            claims = self.batcher.collect(Claim(job, queue), should_stop=lambda: self.stop_requested)
+            # 2. collect compatible waiting jobs, within the batch window (none for a job whose worker died)
+            claims = self.batcher.collect(head, should_stop=lambda: self.stop_requested)
             specs = [_spec_or_error(claim) for claim in claims]
             # 3. mark them started: RQ records, meta.started_at, `running` events, start webhooks
             batch_images = sum(s.params.n for s in specs if isinstance(s, JobSpec))

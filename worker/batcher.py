@@ -21,6 +21,10 @@ head job, already popped by RQ, gets the same status check. A claimed id stays o
 queue until the job is registered as started (after the collection window), so a worker that dies in between is
 recovered by RQ's intermediate-queue cleanup like any other dequeued job.
 
+A job that came back from a run whose worker died (``core.attempts``: more runs started than given back) is never
+claimed into another job's batch, and when it is the head nothing joins it: a job that kills its worker then dies
+alone, and its former batch mates, each run alone once, succeed.
+
 Redis failing while the batch is collected ends the collection, not the batch: the jobs claimed so far run (their
 records are read once Redis answers), the others wait for a later batch.
 """
@@ -38,31 +42,39 @@ from redis import Redis
 from rq.job import Job
 from rq.queue import Queue
 
+from core.attempts import ATTEMPTS_FIELD, GIVEN_BACK_FIELD
 from core.jobs import JobSpec
 from core.queues import JOB_FUNC
 from worker.outages import Link, until_answered
 
 log = logging.getLogger(__name__)
 
-# KEYS: queue list, its intermediate list, job hash. ARGV: job id.
-# Returns 1 = claimed, 0 = no longer in the queue (another worker took it), -1 = removed but not runnable.
+# KEYS: queue list, its intermediate list, job hash. ARGV: job id, the attempts and given-back fields.
+# Returns {outcome, attempts, given back}; outcome 1 = claimed, 0 = no longer in the queue (another worker took it),
+# -1 = removed but not runnable, -2 = left in place: it came back from a run whose worker died, so it runs alone.
 CLAIM_WAITING = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return -1 end
+local counts = redis.call('HMGET', KEYS[3], ARGV[2], ARGV[3])
+local attempts, given_back = tonumber(counts[1]) or 0, tonumber(counts[2]) or 0
+if attempts > given_back then return {-2, attempts, given_back} end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return {0, attempts, given_back} end
+if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return {-1, attempts, given_back} end
 redis.call('HSET', KEYS[3], 'status', 'started')
 redis.call('RPUSH', KEYS[2], ARGV[1])
-return 1
+return {1, attempts, given_back}
 """
 
 # The head job was already popped by RQ's dequeue; take it only if nobody canceled or started it meanwhile.
-# KEYS: job hash, the intermediate list of its queue. ARGV: job id. (With a single queue RQ's dequeue already moved
-# the id to the intermediate list: keep one entry.)
+# KEYS: job hash, the intermediate list of its queue. ARGV: job id, the attempts and given-back fields. (With a
+# single queue RQ's dequeue already moved the id to the intermediate list: keep one entry.)
+# Returns {outcome, attempts, given back}; outcome 1 = claimed, 0 = not runnable.
 CLAIM_POPPED = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+local counts = redis.call('HMGET', KEYS[1], ARGV[2], ARGV[3])
+local attempts, given_back = tonumber(counts[1]) or 0, tonumber(counts[2]) or 0
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return {0, attempts, given_back} end
 redis.call('HSET', KEYS[1], 'status', 'started')
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 redis.call('RPUSH', KEYS[2], ARGV[1])
-return 1
+return {1, attempts, given_back}
 """
 
 POLL_S = 0.005  # how often the queues are re-scanned while the collection window is open
@@ -75,6 +87,13 @@ class Claim:
 
     job: Job
     queue: Queue
+    attempts: int = 0  # runs started before this one (``core.attempts``)
+    given_back: int = 0  # of which ended with the job given back to its queue, not with its worker gone
+
+    @property
+    def alone(self) -> bool:
+        """Whether the job came back from a run whose worker died: it runs in a batch of its own."""
+        return self.attempts > self.given_back
 
 
 def job_spec(job: Job) -> JobSpec:
@@ -111,15 +130,21 @@ class Batcher:
         # job id -> (batch key, images); key None = cannot batch (not ours or no valid spec). Ids are never reused.
         self._seen: dict[str, tuple[str | None, int]] = {}
 
-    def take_head(self, job: Job, queue: Queue) -> bool:
-        """Claim the job RQ's dequeue popped (waiting for Redis); False when it was canceled or is already started
+    def take_head(self, job: Job, queue: Queue) -> Claim | None:
+        """Claim the job RQ's dequeue popped (waiting for Redis); None when it was canceled or is already started
         elsewhere."""
-        return bool(until_answered(lambda: self._claim_popped(keys=[job.key, queue.intermediate_queue_key],
-                                                              args=[job.id]),
-                                   f"claiming job {job.id}", self.redis, cap_s=self.wait_cap_s))
+        outcome, attempts, given_back = until_answered(
+            lambda: self._claim_popped(keys=[job.key, queue.intermediate_queue_key],
+                                       args=[job.id, ATTEMPTS_FIELD, GIVEN_BACK_FIELD]),
+            f"claiming job {job.id}", self.redis, cap_s=self.wait_cap_s)
+        return Claim(job, queue, attempts, given_back) if outcome == 1 else None
 
     def collect(self, head: Claim, should_stop: Callable[[], bool]) -> list[Claim]:
         """The head (already claimed) plus compatible waiting jobs, claimed within the collection window."""
+        if head.alone:
+            log.info("job %s runs alone: its worker died during %d of its %d runs so far", head.job.id,
+                     head.attempts - head.given_back, head.attempts)
+            return [head]
         try:
             spec = job_spec(head.job)
         except Exception:
@@ -143,7 +168,7 @@ class Batcher:
     def _scan(self, key: str, room: int) -> tuple[list[tuple[Claim, int]], bool]:
         """One pass over the queues' first ``scan_depth`` ids; claims compatible jobs that fit in ``room`` images.
         Also returns False when Redis failed during the pass (the collection ends with what was claimed)."""
-        claimed: list[tuple[Queue, str, int]] = []
+        claimed: list[tuple[Queue, str, int, int]] = []
         try:
             with self.connection.pipeline(transaction=False) as pipe:
                 for queue in self.queues:
@@ -157,33 +182,37 @@ class Batcher:
             complete = False
         if not claimed:
             return [], complete
-        ids = [job_id for _, job_id, _ in claimed]
+        ids = [job_id for _, job_id, _, _ in claimed]
         jobs = until_answered(lambda: Job.fetch_many(ids, connection=self.connection), "reading claimed jobs",
                               self.redis, cap_s=self.wait_cap_s)
         out = []
-        for (queue, job_id, n), job in zip(claimed, jobs, strict=True):
+        for (queue, job_id, n, attempts), job in zip(claimed, jobs, strict=True):
             if job is None:  # deleted between claim and fetch: nothing left to run or report
                 with contextlib.suppress(redis.exceptions.RedisError):  # else RQ's intermediate cleanup drops it
                     self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
                 continue
-            out.append((Claim(job, queue), n))
+            out.append((Claim(job, queue, attempts, attempts), n))
         return out, complete
 
-    def _claim(self, key: str, room: int, windows: list[list[str]], claimed: list[tuple[Queue, str, int]]) -> None:
-        """Claim the compatible jobs of ``windows`` that fit in ``room`` images, appending each to ``claimed`` as
-        soon as it is claimed (so that none is lost when Redis fails half way)."""
+    def _claim(self, key: str, room: int, windows: list[list[str]],
+               claimed: list[tuple[Queue, str, int, int]]) -> None:
+        """Claim the compatible jobs of ``windows`` that fit in ``room`` images, appending each (with its attempts)
+        to ``claimed`` as soon as it is claimed (so that none is lost when Redis fails half way)."""
         for queue, ids in zip(self.queues, windows, strict=True):
             for job_id in ids:
                 job_key, n = self._seen.get(job_id, (None, 0))
                 if job_key != key or n > room:
                     continue
-                outcome = self._claim_waiting(keys=[queue.key, queue.intermediate_queue_key, Job.key_for(job_id)],
-                                              args=[job_id])
+                outcome, attempts, _ = self._claim_waiting(
+                    keys=[queue.key, queue.intermediate_queue_key, Job.key_for(job_id)],
+                    args=[job_id, ATTEMPTS_FIELD, GIVEN_BACK_FIELD])
                 if outcome == 1:
-                    claimed.append((queue, job_id, n))
+                    claimed.append((queue, job_id, n, attempts))
                     room -= n
                 elif outcome == -1:
                     log.info("dropped stale queue entry %s: job is no longer queued", job_id)
+                elif outcome == -2:
+                    self._seen[job_id] = (None, 0)  # it runs alone, as a head
                 if room <= 0:
                     return
 

@@ -8,7 +8,8 @@ shutdown that never drops a job, and a loop that rides out Redis outages; its su
 - Each running job holds a lease in RQ's StartedJobRegistry of 3 heartbeats, renewed every heartbeat by a thread.
 - Every worker runs RQ's registry cleanup every heartbeat (under RQ's maintenance lock, held for at most one lease
   instead of RQ's 15 minutes), which re-enqueues the jobs of a dead worker (RQ ``Retry``) once their lease expired.
-  So a SIGKILLed worker's jobs are queued again within about 4 heartbeats (20 s at the default 5 s).
+  So a SIGKILLed worker's jobs are queued again within about 4 heartbeats (20 s at the default 5 s). A job with no
+  retry left fails there, with ``meta.error`` saying how often its worker died while running it.
 - SIGTERM (RQ's warm shutdown) finishes the running batch, claims no new job, and returns from ``work()``.
 
 Redis outages (down, unreachable, paused, or full under ``maxmemory`` + ``noeviction``) never end the loop. RQ's
@@ -41,6 +42,8 @@ from rq.queue import Queue
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
+from core.attempts import died_message, read_counts
+from core.jobs import JobError
 from core.queues import JOB_FUNC
 from worker.outages import Backoff, GaveUp, Link, until_answered
 
@@ -210,7 +213,7 @@ class RQWorker(SimpleWorker):
                 return  # last_cleaned_at stays: the next idle turn tries again
             if self.connection.set(queue.registry_cleaning_key, self.name, nx=True, ex=self.lease_s):
                 # The started registry first, right after the check (what rq.registry.clean_registries cleans).
-                queue.started_job_registry.cleanup(exception_handlers=self._exc_handlers)
+                queue.started_job_registry.cleanup(exception_handlers=[self._abandoned, *self._exc_handlers])
                 queue.finished_job_registry.cleanup()
                 queue.failed_job_registry.cleanup()
                 queue.deferred_job_registry.cleanup()
@@ -218,6 +221,16 @@ class RQWorker(SimpleWorker):
                 queue.intermediate_queue.cleanup(self, queue)
                 queue.release_maintenance_lock()
         self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ's __init__ types it as None
+
+    def _abandoned(self, job: Job, *exc_info: object) -> bool:
+        """RQ's started-registry cleanup found ``job``'s lease expired (its worker died): a job that has no retry
+        left fails, with the reason in ``meta.error``, as a worker writes it."""
+        if not job.retries_left:
+            attempts, given_back = read_counts(self.connection, job.key)
+            error = JobError(type="WorkerError", message=died_message(max(1, attempts - given_back)))
+            job.meta["error"] = error.model_dump()
+            job.save_meta()
+        return True  # RQ's handling goes on: the job fails
 
     # RQ hooks: shutdown and commands -----------------------------------------------------------------------
     def _shutdown(self) -> None:

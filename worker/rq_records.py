@@ -5,8 +5,9 @@ RQ runs one job per worker (rq#928): ``prepare_execution`` / ``prepare_job_execu
 several jobs at once, so ``Bookkeeper`` does the same steps per job, with one RQ ``Execution`` per job:
 
 - start: the execution (StartedJobRegistry entry scored now + lease), ``Job.prepare_for_execution`` (status
-  started, started_at, worker name), removal from RQ's intermediate list, ``meta.started_at``, a ``running`` event;
-  all in one transaction, retried until Redis answers, with the same execution ids every time;
+  started, started_at, worker name), the job's attempt count (``core.attempts``), removal from RQ's intermediate
+  list, ``meta.started_at``, a ``running`` event; all in one transaction, retried until Redis answers, with the same
+  execution ids and attempt count every time;
 - heartbeat: every ``SDQ_HEARTBEAT_S`` (``worker.heartbeat``) every running job's registry score goes to now + lease
   (the lease is 3 heartbeats), so a batch of any length keeps its jobs, and a dead worker's expire within one lease.
   A worker registration that expired meanwhile (Redis unreachable for longer than a lease) is written again;
@@ -44,6 +45,7 @@ from rq.results import Result
 from rq.utils import now, utcformat
 from rq.worker import BaseWorker
 
+from core.attempts import ATTEMPTS_FIELD, GIVEN_BACK_FIELD
 from core.jobs import JobError
 from core.queues import Keys
 from core.webhook_queue import WebhookNotifier
@@ -64,6 +66,8 @@ class RunningJob:
     job: Job
     queue: Queue
     execution: Execution
+    attempts: int = 1  # this run included (``core.attempts``)
+    given_back: int = 0
     started: float = field(default_factory=time.monotonic)
     reported: bool = False  # its callbacks and exception handlers ran: once, however often Redis is retried
 
@@ -92,7 +96,8 @@ class Bookkeeper:
     def start(self, claims: Sequence[Claim], batch_images: int) -> list[RunningJob]:
         """Mark every claimed job started (one transaction, waiting for Redis), and announce it."""
         w = self.worker
-        runs = [RunningJob(c.job, c.queue, Execution(uuid4().hex, c.job.id, self.connection, worker_name=w.name))
+        runs = [RunningJob(c.job, c.queue, Execution(uuid4().hex, c.job.id, self.connection, worker_name=w.name),
+                           attempts=c.attempts + 1, given_back=c.given_back)
                 for c in claims]
         started_at = now().isoformat()
 
@@ -103,6 +108,7 @@ class Bookkeeper:
                     job = run.job
                     self._add_execution(pipe, run)
                     job.prepare_for_execution(w.name, pipeline=pipe)
+                    pipe.hset(job.key, ATTEMPTS_FIELD, run.attempts)  # a value, not HINCRBY: a retried write is safe
                     pipe.lrem(run.queue.intermediate_queue_key, 1, job.id)
                     job.meta["started_at"] = started_at
                     self._save_meta(pipe, job)
@@ -208,6 +214,7 @@ class Bookkeeper:
             with self.connection.pipeline() as pipe:
                 run.execution.delete(job=job, pipeline=pipe)
                 job.retry(run.queue, pipe)
+                pipe.hset(job.key, GIVEN_BACK_FIELD, run.given_back + 1)  # this run ended; its worker did not die
                 pipe.execute()
         except BaseException:
             job.retries_left = retries_left  # nothing was written: the next attempt spends the same retry
