@@ -18,6 +18,7 @@ from redis import Redis
 
 ATTEMPTS_FIELD = "sdq_attempts"
 GIVEN_BACK_FIELD = "sdq_given_back"
+CLAIMED_BY_FIELD = "sdq_claimed_by"  # the worker that claimed a job and has not started it yet (``worker.sweeper``)
 
 
 def parse_count(raw: bytes | str | None) -> int:

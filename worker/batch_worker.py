@@ -16,6 +16,7 @@ batch through an outage of any length, and jobs fail only for their own errors.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from enum import Enum
 
@@ -39,6 +40,7 @@ from worker.patient_storage import StorageUnavailable
 from worker.rq_adapter import RQWorker
 from worker.rq_records import Bookkeeper
 from worker.runner import BatchItem, BatchRunner, CallStats, Error, GiveBack, current_exc_info, to_request
+from worker.sweeper import Sweeper
 from worker.tasks import Resident
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,11 @@ class BatchWorker(RQWorker):
         self.books = Bookkeeper(self, resident.keys, self.lease_s, webhooks=self.webhooks, redis=self.redis_link)
         self.batcher = Batcher(
             connection, self.queues, max_images=settings.max_batch_images, window_s=settings.batch_window_ms / 1000,
-            redis=self.redis_link, wait_cap_s=self.heartbeat_s,
+            redis=self.redis_link, wait_cap_s=self.heartbeat_s, claimer=self.name,
         )
+        self.sweeper = Sweeper(connection, self.queues, worker_key_prefix=self.redis_worker_namespace_prefix,
+                               stranded_after_s=self.lease_s)
+        self.sweep_lock = f"{resident.keys.prefix}:sweep"
         self.runner = BatchRunner(
             resident.pipe,
             quick_client(connection, STEP_TIMEOUT_S),
@@ -96,6 +101,14 @@ class BatchWorker(RQWorker):
     def on_idle(self) -> None:
         self._enter(Phase.idle)
 
+    def on_maintenance(self) -> None:
+        # One worker sweeps per heartbeat (claimed, not started) and per lease (popped, not claimed: a scan of every
+        # job hash). The locks are never released: they are rate limits, and a killed sweeper holds them briefly.
+        if self.connection.set(f"{self.sweep_lock}:claimed", self.name, nx=True, ex=self.heartbeat_s):
+            self.sweeper.return_claimed()
+        if self.connection.set(f"{self.sweep_lock}:stranded", self.name, nx=True, ex=self.lease_s):
+            self.sweeper.return_stranded()
+
     # one turn ------------------------------------------------------------------------------------------------
     def run_turn(self, job: Job, queue: Queue) -> None:
         """Run the batch headed by ``job``: every job of it ends with exactly one outcome."""
@@ -107,7 +120,7 @@ class BatchWorker(RQWorker):
                 log.info("job %s is no longer queued (canceled or started elsewhere): skipped", job.id)
                 return
             # 2. collect compatible waiting jobs, within the batch window (none for a job whose worker died)
-            claims = self.batcher.collect(head, should_stop=lambda: self.stop_requested)
+            claims = self._collect(head)
             specs = [_spec_or_error(claim) for claim in claims]
             # 3. mark them started: RQ records, meta.started_at, `running` events, start webhooks
             batch_images = sum(s.params.n for s in specs if isinstance(s, JobSpec))
@@ -140,6 +153,19 @@ class BatchWorker(RQWorker):
                     self.finalizer.finalize(heartbeat, item.run, item.spec, outcome)
         finally:
             self._enter(Phase.stopping if self.stop_requested else Phase.idle)
+
+    def _collect(self, head: Claim) -> list[Claim]:
+        """The batcher's collection, with the worker's heartbeat kept up: a window may outlast a lease, and the
+        sweeper takes back the claims of a worker whose registration lapsed."""
+        last_beat = time.monotonic()
+
+        def keep_alive() -> None:
+            nonlocal last_beat
+            if time.monotonic() - last_beat >= self.heartbeat_s:
+                last_beat = time.monotonic()
+                self.heartbeat()
+
+        return self.batcher.collect(head, should_stop=lambda: self.stop_requested, keep_alive=keep_alive)
 
     def _observe(self, call: CallStats) -> None:
         self.metrics.pipeline_call(call.images, call.steps, call.steps_per_second, call.seconds)

@@ -18,8 +18,8 @@ higher-priority queues, and a stock RQ worker can still drain the queues one job
 Claims are atomic (Lua): a job is removed from its queue only if it is still there (LREM returns 1, so two workers
 never both take it) and its status is still ``queued`` (canceled jobs and stale duplicate ids are never run). The
 head job, already popped by RQ, gets the same status check. A claimed id stays on RQ's intermediate list for its
-queue until the job is registered as started (after the collection window), so a worker that dies in between is
-recovered by RQ's intermediate-queue cleanup like any other dequeued job.
+queue until the job is registered as started (after the collection window), with the claiming worker's name in the
+job hash, so a worker that dies in between is recovered by ``worker.sweeper`` one lease after its last heartbeat.
 
 A job that came back from a run whose worker died (``core.attempts``: more runs started than given back) is never
 claimed into another job's batch, and when it is the head nothing joins it: a job that kills its worker then dies
@@ -42,14 +42,15 @@ from redis import Redis
 from rq.job import Job
 from rq.queue import Queue
 
-from core.attempts import ATTEMPTS_FIELD, GIVEN_BACK_FIELD
+from core.attempts import ATTEMPTS_FIELD, CLAIMED_BY_FIELD, GIVEN_BACK_FIELD
 from core.jobs import JobSpec
 from core.queues import JOB_FUNC
 from worker.outages import Link, until_answered
 
 log = logging.getLogger(__name__)
 
-# KEYS: queue list, its intermediate list, job hash. ARGV: job id, the attempts and given-back fields.
+# KEYS: queue list, its intermediate list, job hash. ARGV: job id, the attempts and given-back fields, the claimed-by
+# field and the claiming worker's name (``worker.sweeper``).
 # Returns {outcome, attempts, given back}; outcome 1 = claimed, 0 = no longer in the queue (another worker took it),
 # -1 = removed but not runnable, -2 = left in place: it came back from a run whose worker died, so it runs alone.
 CLAIM_WAITING = """
@@ -58,20 +59,20 @@ local attempts, given_back = tonumber(counts[1]) or 0, tonumber(counts[2]) or 0
 if attempts > given_back then return {-2, attempts, given_back} end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return {0, attempts, given_back} end
 if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return {-1, attempts, given_back} end
-redis.call('HSET', KEYS[3], 'status', 'started')
+redis.call('HSET', KEYS[3], 'status', 'started', ARGV[4], ARGV[5])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 return {1, attempts, given_back}
 """
 
 # The head job was already popped by RQ's dequeue; take it only if nobody canceled or started it meanwhile.
-# KEYS: job hash, the intermediate list of its queue. ARGV: job id, the attempts and given-back fields. (With a
-# single queue RQ's dequeue already moved the id to the intermediate list: keep one entry.)
+# KEYS: job hash, the intermediate list of its queue. ARGV: as CLAIM_WAITING's. (With a single queue RQ's dequeue
+# already moved the id to the intermediate list: keep one entry.)
 # Returns {outcome, attempts, given back}; outcome 1 = claimed, 0 = not runnable.
 CLAIM_POPPED = """
 local counts = redis.call('HMGET', KEYS[1], ARGV[2], ARGV[3])
 local attempts, given_back = tonumber(counts[1]) or 0, tonumber(counts[2]) or 0
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return {0, attempts, given_back} end
-redis.call('HSET', KEYS[1], 'status', 'started')
+redis.call('HSET', KEYS[1], 'status', 'started', ARGV[4], ARGV[5])
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 return {1, attempts, given_back}
@@ -117,6 +118,7 @@ class Batcher:
         scan_depth: int | None = None,
         redis: Link | None = None,
         wait_cap_s: float = 1.0,
+        claimer: str = "",
     ) -> None:
         self.connection = connection
         self.queues = queues
@@ -125,6 +127,7 @@ class Batcher:
         self.scan_depth = scan_depth or max(32, 4 * max_images)
         self.redis = redis or Link("Redis")
         self.wait_cap_s = wait_cap_s
+        self.claimer = claimer  # the worker's name, recorded with each claim for the sweeper
         self._claim_waiting = connection.register_script(CLAIM_WAITING)
         self._claim_popped = connection.register_script(CLAIM_POPPED)
         # job id -> (batch key, images); key None = cannot batch (not ours or no valid spec). Ids are never reused.
@@ -135,12 +138,17 @@ class Batcher:
         elsewhere."""
         outcome, attempts, given_back = until_answered(
             lambda: self._claim_popped(keys=[job.key, queue.intermediate_queue_key],
-                                       args=[job.id, ATTEMPTS_FIELD, GIVEN_BACK_FIELD]),
+                                       args=[job.id, *self._claim_args()]),
             f"claiming job {job.id}", self.redis, cap_s=self.wait_cap_s)
         return Claim(job, queue, attempts, given_back) if outcome == 1 else None
 
-    def collect(self, head: Claim, should_stop: Callable[[], bool]) -> list[Claim]:
-        """The head (already claimed) plus compatible waiting jobs, claimed within the collection window."""
+    def _claim_args(self) -> list[str]:
+        return [ATTEMPTS_FIELD, GIVEN_BACK_FIELD, CLAIMED_BY_FIELD, self.claimer]
+
+    def collect(self, head: Claim, should_stop: Callable[[], bool],
+                keep_alive: Callable[[], None] = lambda: None) -> list[Claim]:
+        """The head (already claimed) plus compatible waiting jobs, claimed within the collection window;
+        ``keep_alive`` is called between scans (the worker's heartbeat: a window may outlast a lease)."""
         if head.alone:
             log.info("job %s runs alone: its worker died during %d of its %d runs so far", head.job.id,
                      head.attempts - head.given_back, head.attempts)
@@ -160,6 +168,7 @@ class Batcher:
             remaining = deadline - time.monotonic()
             if images >= self.max_images or remaining <= 0 or not complete:
                 break
+            keep_alive()
             time.sleep(min(POLL_S, remaining))
         if len(batch) > 1:
             log.debug("batch of %d jobs, %d images, key %s", len(batch), images, key)
@@ -205,7 +214,7 @@ class Batcher:
                     continue
                 outcome, attempts, _ = self._claim_waiting(
                     keys=[queue.key, queue.intermediate_queue_key, Job.key_for(job_id)],
-                    args=[job_id, ATTEMPTS_FIELD, GIVEN_BACK_FIELD])
+                    args=[job_id, *self._claim_args()])
                 if outcome == 1:
                     claimed.append((queue, job_id, n, attempts))
                     room -= n

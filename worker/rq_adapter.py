@@ -88,6 +88,9 @@ class RQWorker(SimpleWorker):
     def on_idle(self) -> None:
         """Called when the worker starts waiting for a job."""
 
+    def on_maintenance(self) -> None:
+        """Called after RQ's registry cleanup, with the same steady contact with Redis behind it."""
+
     def wait_for_redis(self, call: Callable[[], T], doing: str, give_up: Callable[[], bool] | None = None) -> T:
         return until_answered(call, doing, self.redis_link, cap_s=self.heartbeat_s, give_up=give_up)
 
@@ -220,6 +223,7 @@ class RQWorker(SimpleWorker):
                 worker_registration.clean_worker_registry(queue)
                 queue.intermediate_queue.cleanup(self, queue)
                 queue.release_maintenance_lock()
+        self.on_maintenance()
         self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ's __init__ types it as None
 
     def _abandoned(self, job: Job, *exc_info: object) -> bool:

@@ -45,7 +45,7 @@ from rq.results import Result
 from rq.utils import now, utcformat
 from rq.worker import BaseWorker
 
-from core.attempts import ATTEMPTS_FIELD, GIVEN_BACK_FIELD
+from core.attempts import ATTEMPTS_FIELD, CLAIMED_BY_FIELD, GIVEN_BACK_FIELD
 from core.jobs import JobError
 from core.queues import Keys
 from core.webhook_queue import WebhookNotifier
@@ -109,6 +109,7 @@ class Bookkeeper:
                     self._add_execution(pipe, run)
                     job.prepare_for_execution(w.name, pipeline=pipe)
                     pipe.hset(job.key, ATTEMPTS_FIELD, run.attempts)  # a value, not HINCRBY: a retried write is safe
+                    pipe.hdel(job.key, CLAIMED_BY_FIELD)  # started: no longer the sweeper's business
                     pipe.lrem(run.queue.intermediate_queue_key, 1, job.id)
                     job.meta["started_at"] = started_at
                     self._save_meta(pipe, job)

@@ -1,22 +1,25 @@
 """Workers that die at the worst moments, with real worker processes: a job that kills its worker on every run,
-and jobs left between lists by a worker killed while it took them."""
+jobs claimed by a worker killed before it started them, and a job left on no list by a worker killed while it
+took it."""
 
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from redis import Redis
 from rq.job import Job, JobStatus
+from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 
 from core.jobstore import get_job
 from core.queues import Keys
 from core.storage import LocalStorage
 from tests.redis_server import RedisServer
-from tests.worker.conftest import Pool, make_settings, status, submit, wait_for, wait_terminal
+from tests.worker.conftest import Pool, WorkerProcess, make_settings, status, submit, wait_for, wait_terminal
 
 RETRIES = 2  # a poison job runs 3 times
 
@@ -85,3 +88,65 @@ def test_a_job_that_kills_its_worker_fails_alone_and_its_batch_mates_succeed(poo
     for spec in mates:  # the first run died with the poison job; the second ran alone
         view = get_job(pool.redis, Keys(), storage, spec.id)
         assert view is not None and view.attempts == 2, view
+
+
+def idle_but_frozen(pool: Pool) -> WorkerProcess:
+    """The module's one worker, stopped (SIGSTOP) once its blocking dequeue has timed out on the server, so that
+    jobs submitted now stay where the test puts them."""
+    [worker] = pool.exactly(1)
+    worker.signal(signal.SIGSTOP)
+    time.sleep(2 * pool.settings.heartbeat_s + 0.5)  # its BLPOP (one heartbeat long) has returned on the server
+    return worker
+
+
+def test_jobs_claimed_by_a_worker_killed_in_its_collection_window_run_elsewhere_within_seconds(pool: Pool) -> None:
+    survivor = idle_but_frozen(pool)
+    # A victim whose window outlasts the lease: it claims the jobs, then waits for more.
+    victim_settings = pool.settings.model_copy(update={"batch_window_ms": 10_000})
+    victim = WorkerProcess(victim_settings, pool.checkpoint, pool.logdir, len(pool.workers))
+    pool.workers.append(victim)
+    try:
+        victim.wait_registered(pool.redis)
+        specs = [submit(pool.redis, pool.settings, seed=80 + i) for i in range(3)]
+        intermediate = Queue(Keys().queue("normal"), connection=pool.redis).intermediate_queue_key
+        wait_for(lambda: {i.decode() for i in pool.redis.lrange(intermediate, 0, -1)} == {s.id for s in specs}, 30,
+                 "the victim's claims")  # on RQ's intermediate list: claimed, not yet started
+        time.sleep(2 * pool.settings.heartbeat_s)  # it keeps its registration through a long window
+
+        victim.signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        victim.proc.wait(10)
+    finally:
+        survivor.signal(signal.SIGCONT)
+    wait_for(lambda: all(Job.fetch(s.id, connection=pool.redis).worker_name == survivor.name for s in specs), 30,
+             "the survivor to start the claimed jobs")
+    back_after = time.monotonic() - killed_at
+    wait_terminal(pool.redis, [s.id for s in specs], timeout=60)
+
+    for spec in specs:
+        job = Job.fetch(spec.id, connection=pool.redis)
+        assert job.get_status() == JobStatus.FINISHED, pool.logs()
+        assert job.retries_left == RETRIES  # never ran: no retry spent
+    # The victim's registration lapses one lease after its last heartbeat; the survivor, frozen meanwhile, first
+    # waits a lease and a heartbeat of steady contact before it sweeps (RQ's own cleanup waits a minute).
+    heartbeat = pool.settings.heartbeat_s
+    assert back_after < 3 * heartbeat + 4 * heartbeat + 3, back_after
+    print(f"claimed jobs of a killed worker started elsewhere {back_after:.1f} s after the kill")
+
+
+def test_a_queued_job_on_no_list_goes_back_to_its_queue(pool: Pool) -> None:
+    worker = idle_but_frozen(pool)
+    try:
+        spec = submit(pool.redis, pool.settings, seed=90)
+        queue_key = Queue(Keys().queue("normal"), connection=pool.redis).key
+        # What a worker killed between RQ's BLPOP and its claim script leaves: the id off its queue, status queued.
+        assert pool.redis.lpop(queue_key) == spec.id.encode()
+    finally:
+        worker.signal(signal.SIGCONT)
+    took = wait_terminal(pool.redis, [spec.id], timeout=30)
+
+    job = Job.fetch(spec.id, connection=pool.redis)
+    assert job.get_status() == JobStatus.FINISHED, pool.logs()
+    assert job.retries_left == RETRIES
+    print(f"a stranded job ran {took:.1f} s after its worker resumed")
+
