@@ -6,8 +6,8 @@ Stages, each done once:
    storage outage is waited out for up to the job's timeout, then the job is given back to its queue (RQ ``Retry``,
    see ``worker.patient_storage``). Only the job's own errors (its images cannot be encoded, a 4xx from S3) fail it.
 2. Its record: success, failure, cancel, stop, or give-back (``rq_records.Bookkeeper``), right after a lease
-   renewal (``ZADD XX``). A job whose lease is gone was recovered by another worker, or canceled: it is dropped
-   here, as before.
+   renewal (``ZADD XX``); a success in one transaction with its lease check. A job whose lease is gone was
+   recovered by another worker, or canceled: it is dropped here, as before.
 3. Its terminal event; 4. its completed webhook.
 
 Redis errors in 2 to 4 are waited out with capped backoff (``outages.Backoff``, up to a heartbeat), for as long as
@@ -96,9 +96,8 @@ class Finalizer:
         while True:
             try:
                 if not recorded:
-                    if self.books.renew_lease(run):
-                        write()
-                    elif not (in_doubt and (event is None or self.books.landed(run))):  # a give-back: in a queue
+                    # a write in doubt may have landed (a give-back's then sits in its queue: nothing to check)
+                    if not write() and not (in_doubt and (event is None or self.books.landed(run))):
                         self._lost(run, "it was recovered by another worker meanwhile")
                         return "lost"
                     recorded = True
@@ -116,23 +115,33 @@ class Finalizer:
                 backoff.wait()
 
     def _plan(self, run: RunningJob, outcome: Outcome,
-              result: dict[str, Any]) -> tuple[str, Callable[[], None], JobEvent | None]:
-        """The metrics label, the record's write and the terminal event (none for a job given back) of ``outcome``."""
+              result: dict[str, Any]) -> tuple[str, Callable[[], bool], JobEvent | None]:
+        """The metrics label, the record's write (False: the job is no longer ours, nothing written) and the
+        terminal event (none for a job given back) of ``outcome``."""
         books = self.books
+
+        def renewed(write: Callable[[], None]) -> Callable[[], bool]:
+            def go() -> bool:
+                if not books.renew_lease(run):
+                    return False
+                write()
+                return True
+            return go
+
         if isinstance(outcome, Done):
             return "succeeded", lambda: books.succeed(run, result), Succeeded(run.id, result=result)
         if isinstance(outcome, GiveBack):
             if run.job.retries_left:
                 log.warning("job %s goes back to its queue (%s); %d retries left after this one", run.id,
                             outcome.exc_info[1], run.job.retries_left - 1)
-                return "given_back", lambda: books.give_back(run), None
+                return "given_back", renewed(lambda: books.give_back(run)), None
             outcome = Error(outcome.exc_info)  # no retry left: it fails with the infrastructure's error
         if isinstance(outcome, Error):
             exc_info = outcome.exc_info
-            return "failed", lambda: books.fail(run, exc_info), Failed(run.id, error=job_error(exc_info[1]))
+            return "failed", renewed(lambda: books.fail(run, exc_info)), Failed(run.id, error=job_error(exc_info[1]))
         if outcome.reason == "stopped":
-            return "stopped", lambda: books.stop(run), Canceled(run.id, reason="stopped")
-        return "canceled", lambda: books.cancel(run), Canceled(run.id, reason="canceled")
+            return "stopped", renewed(lambda: books.stop(run)), Canceled(run.id, reason="stopped")
+        return "canceled", renewed(lambda: books.cancel(run)), Canceled(run.id, reason="canceled")
 
     @staticmethod
     def _lost(run: RunningJob, why: str) -> None:

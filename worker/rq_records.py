@@ -22,8 +22,10 @@ the same error again.
 
 Exactly once: before a job is finalized its lease is renewed with ``ZADD XX CH``, which succeeds only if the
 registry entry is still there. If it is gone, the registry cleanup already gave the job to another worker (this
-worker was presumed dead) or it was canceled, and this worker drops its result. When a connection broke while an
-outcome was being written, ``landed`` tells whether that write took effect before the entry is taken for lost.
+worker was presumed dead) or it was canceled, and this worker drops its result. A success is recorded in one
+transaction with that check (``succeed``), so no stall between the check and the record can make it land twice.
+When a connection broke while an outcome was being written, ``landed`` tells whether that write took effect before
+the entry is taken for lost.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 from uuid import uuid4
 
 from redis.client import Pipeline
+from redis.exceptions import WatchError
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -156,25 +159,55 @@ class Bookkeeper:
         return latest is not None and latest.execution_id == run.execution.id
 
     # finalize: one attempt each, Redis errors raised ------------------------------------------------------
-    def succeed(self, run: RunningJob, result: dict[str, Any]) -> None:
-        """Store ``result`` as the job's return value through RQ's own success path."""
+    def succeed(self, run: RunningJob, result: dict[str, Any]) -> bool:
+        """Store ``result`` as the job's return value, as RQ's ``handle_job_success`` does (result, finished
+        registry, counters), in one transaction that holds only while the job is this run's: the job hash is
+        WATCHed (the registry cleanup that hands the job to another worker writes it), then the run's registry
+        entry, the job's status and its worker are checked, so a worker presumed dead does not record a success.
+        False (nothing written): not ours."""
         w, job = self.worker, run.job
         job.meta["warnings"] = result.get("warnings", [])
-        with self.connection.pipeline() as pipe:
-            self._save_meta(pipe, job)
-            pipe.execute()
         job.ended_at = now()
         job._result = result
         job._status = JobStatus.FINISHED
         if not run.reported:
             run.reported = True
             job.execute_success_callback(w.death_penalty_class, result)
-        # handle_job_success takes the execution from the worker (one job per worker in RQ): lend it this one.
-        w.execution = run.execution
-        try:
-            w.handle_job_success(job=job, queue=run.queue, started_job_registry=run.queue.started_job_registry)
-        finally:
-            w.execution = None
+        registry = run.queue.started_job_registry
+        with self.connection.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(job.key)
+                    # After the WATCH, so a handover from here to the EXEC aborts the transaction.
+                    score = cast(float | None, pipe.zscore(registry.key, run.execution.composite_key))
+                    status, worker_name = cast(list[bytes | None], pipe.hmget(job.key, ["status", "worker_name"]))
+                    if score is None or status != b"started" or worker_name != w.name.encode():
+                        pipe.unwatch()
+                        return False
+                    if score < time.time():
+                        # Lapsed (Redis was away): a registry cleanup may be handing the job over right now. Renew
+                        # it, and look again once such a cleanup has had a heartbeat to finish.
+                        pipe.unwatch()
+                        self.renew_lease(run)
+                        time.sleep(self.wait_cap_s)
+                        continue
+                    pipe.multi()
+                    self._save_meta(pipe, job)
+                    w.increment_successful_job_count(pipeline=pipe)
+                    if job.started_at:
+                        w.increment_total_working_time(job.ended_at - job.started_at, pipe)
+                    result_ttl = job.get_result_ttl(w.default_result_ttl)
+                    if result_ttl != 0:
+                        job._handle_success(result_ttl, pipeline=pipe, worker_name=w.name,
+                                            execution_id=run.execution.id,
+                                            execution_started_at=run.execution.created_at,
+                                            execution_ended_at=job.ended_at)
+                    job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+                    run.execution.delete(job=job, pipeline=pipe)
+                    pipe.execute()
+                    return True
+                except WatchError:
+                    continue  # the job hash changed: look at the lease again
 
     def fail(self, run: RunningJob, exc_info: ExcInfo) -> None:
         """Fail the job with its own exception: status failed, FailedJobRegistry, exc info in its RQ result."""

@@ -174,3 +174,32 @@ def test_cancel_request_is_forgotten_when_the_job_ends(redis: Redis, keys: Keys,
     books.announce(run, Canceled(run.id, reason="canceled"))
     assert not redis.sismember(keys.cancel_requests(), run.id)
     assert logged_events(redis, run.id, keys)[-1]["event"] == "canceled"
+
+
+def test_a_worker_whose_lease_lapses_while_it_records_a_success_records_nothing(
+        redis: Redis, redis_url: str, keys: Keys, settings: Settings, books: Bookkeeper,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    submit(redis, settings)
+    [run] = books.start(claim_all(redis, keys), batch_images=1)
+    result = {"images": [], "warnings": [], "timings": {"run_seconds": 0.5}}
+    handle_success = Job._handle_success
+    other = Redis.from_url(redis_url)
+
+    def stall_then_record(job: Job, *args: object, **kwargs: object) -> None:
+        # The worker stalls for longer than its lease after its check, before its record lands: meanwhile another
+        # worker's registry cleanup hands the job to a new run (RQ's Retry).
+        other.zadd(run.queue.started_job_registry.key, {run.execution.composite_key: 1}, xx=True)
+        StartedJobRegistry(keys.queue("normal"), connection=other).cleanup()
+        monkeypatch.setattr(Job, "_handle_success", handle_success)
+        handle_success(job, *args, **kwargs)
+
+    monkeypatch.setattr(Job, "_handle_success", stall_then_record)
+    assert books.renew_lease(run)  # the check: still ours
+    recorded = books.succeed(run, result)
+    other.close()
+
+    job = Job.fetch(run.id, connection=redis)
+    assert job.get_status() == JobStatus.QUEUED, "a success landed after the job was handed to another run"
+    assert job.results() == []
+    assert Queue(keys.queue("normal"), connection=redis).job_ids == [run.id]
+    assert recorded is False
