@@ -18,8 +18,10 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegis
 from rq.results import Result
 from rq.worker import SimpleWorker
 
+from core.jobstore import get_job
 from core.queues import Keys
 from core.settings import Settings
+from core.storage import LocalStorage
 from tests.worker.conftest import logged_events, make_settings, submit
 from worker.batcher import Batcher, Claim
 from worker.events import Canceled
@@ -203,3 +205,20 @@ def test_a_worker_whose_lease_lapses_while_it_records_a_success_records_nothing(
     assert job.results() == []
     assert Queue(keys.queue("normal"), connection=redis).job_ids == [run.id]
     assert recorded is False
+
+
+def test_a_job_shows_how_many_times_a_worker_started_it(redis: Redis, keys: Keys, settings: Settings,
+                                                        books: Bookkeeper, tmp_path: Path) -> None:
+    spec = submit(redis, settings)
+    storage = LocalStorage(tmp_path / "images", "http://test")
+
+    def attempts() -> int:
+        view = get_job(redis, keys, storage, spec.id)
+        assert view is not None
+        return view.attempts
+
+    assert attempts() == 0
+    [run] = books.start(claim_all(redis, keys), batch_images=1)
+    assert attempts() == 1
+    assert books.succeed(run, {"images": [], "warnings": [], "timings": {"run_seconds": 0.1}})
+    assert attempts() == 1
