@@ -30,16 +30,19 @@ log = logging.getLogger("bench.chaos")
 
 # drill -> what fails on the current code, and why.
 OPEN_WINDOWS: dict[str, str] = {
-    "redis_restart": "`sdqueue webhooks` exits when Redis goes away (RQ's work loop ends on the ConnectionError), "
-                     "so the completed webhooks of the jobs that end after the outage are never sent",
-    "redis_full": "`sdqueue webhooks` exits on Redis' OOM error (RQ's loop ends, then its register_death fails), "
-                  "so the completed webhooks queued after Redis is freed are never sent",
-    "poison_job": "RQ's cleanup queues a dead worker's jobs again together and the batcher batches them together "
-                  "again, so the poison job takes its mates down on every rerun: they spend their retries and fail "
-                  "(AbandonedJobError); and a job RQ's cleanup fails gets no failed event and no completed webhook",
-    "webhook_after_crash": "the worker records a success, then writes the terminal event, then queues the completed "
-                           "webhook, in three Redis calls: a SIGKILL after the first leaves a succeeded job with "
-                           "no succeeded event and no completed webhook",
+    "redis_restart": "`sdqueue webhooks` (a stock RQ SimpleWorker) exits when Redis goes away during a delivery: "
+                     "RQ's perform_job -> handle_execution_ended -> Job.heartbeat raises ConnectionError and work() "
+                     "quits (\"found an unhandled exception, quitting\"), so no completed webhook of the jobs that "
+                     "end after the outage is sent",
+    "redis_full": "`sdqueue webhooks` exits the same way on Redis' OOM error during a delivery "
+                  "(Job.heartbeat -> OutOfMemoryError), so no completed webhook queued after Redis is freed is sent",
+    "poison_job": "the poison job fails alone (its mates succeed), but a job failed by RQ's started-registry cleanup "
+                  "(its last run's worker died: RQWorker._abandoned) gets only meta.error: no failed event in its "
+                  "log and no completed webhook",
+    "webhook_after_crash": "the worker records a success in one transaction, then writes the terminal event, then "
+                           "queues the completed webhook (worker.finalizer, three Redis calls): a SIGKILL between "
+                           "them leaves a succeeded job without its succeeded event, or without its completed "
+                           "webhook",
 }
 
 

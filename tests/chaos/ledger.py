@@ -101,8 +101,9 @@ class Ledger:
         self.faults += 1
         self._fault_at = time.monotonic()
 
-    def wait_ended(self, job_ids: list[str] | None = None, timeout: float = 120) -> float:
-        """Wait until each job (default: all so far) has ended in Redis; records the time since the last fault."""
+    def wait_ended(self, job_ids: list[str] | None = None, timeout: float = 120, record: bool = True) -> float:
+        """Wait until each job (default: all so far) has ended in Redis; returns (and with ``record`` keeps as a
+        drain time) the seconds since the last fault."""
         ids = self.job_ids() if job_ids is None else job_ids
         redis = self.cluster.redis
 
@@ -120,7 +121,8 @@ class Ledger:
                                  f"{self._statuses(ids)}\n{self.logs()}") from None
         start = self._fault_at if self._fault_at is not None else self.began
         drain = time.monotonic() - start
-        self.drains.append(drain)
+        if record:
+            self.drains.append(drain)
         return drain
 
     def _statuses(self, ids: list[str]) -> dict[str, str]:
@@ -143,7 +145,7 @@ class Ledger:
         if len(set(ids)) != len(ids):
             problems.append(f"one job id answered for two submissions: {Counter(ids).most_common(3)}")
         if ids:
-            self.wait_ended(ids)
+            self.wait_ended(ids, record=False)
         outcomes: Counter[str] = Counter()
         retries = 0
         http = httpx.Client(base_url=self.cluster.url, timeout=10)
