@@ -27,6 +27,7 @@ from rq.queue import Queue
 
 from core.catalog import publish_model
 from core.jobs import JobSpec
+from core.outages import quick_client
 from core.queue_stats import record_pipeline_call
 from core.settings import Settings
 from core.webhook_queue import WebhookNotifier
@@ -35,7 +36,6 @@ from worker.finalizer import Finalizer
 from worker.heartbeat import Heartbeat
 from worker.metrics import WorkerMetrics
 from worker.model_info import describe_model
-from worker.outages import quick_client
 from worker.patient_storage import StorageUnavailable
 from worker.rq_adapter import RQWorker
 from worker.rq_records import Bookkeeper
