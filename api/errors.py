@@ -3,12 +3,14 @@
 `type` is a stable machine-readable category (the table `ERRORS`), `message` a sentence for people that names the
 value and the rule, `field` the request field at fault (dotted path, or a header name) or null. Routes raise
 `ApiError`; FastAPI's own errors (validation, unknown route, wrong method) and Redis outages are converted here, so
-no response ever has another shape. `responses()` documents the same in each route's OpenAPI entry.
+no response ever has another shape. `responses()` documents the same in each route's OpenAPI entry. The one
+exception is a compatibility layer's own paths, where `add_error_shape` renders the same errors in the shape its
+clients parse (OpenAI's `{"error": {"message", "type", "param", "code"}}` on `/v1/images/generations` ...).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 from fastapi import Request
@@ -154,9 +156,22 @@ def count_error(app: Any, status_code: int, info: ErrorInfo) -> None:
         metrics.count_error(status_code, info.type)
 
 
+# Renders an error in a compatibility layer's own shape: (status, info, headers) -> the answer.
+ErrorShape = Callable[[int, ErrorInfo, Mapping[str, str]], JSONResponse]
+
+
+def add_error_shape(app: Any, path_prefixes: tuple[str, ...], shape: ErrorShape) -> None:
+    """Answer every error on paths starting with one of `path_prefixes` with `shape` instead of the native shape
+    (a compatibility layer whose clients parse their own API's errors)."""
+    app.state.error_shapes = (*getattr(app.state, "error_shapes", ()), (path_prefixes, shape))
+
+
 def _answer(request: Request, status_code: int, info: ErrorInfo,
             headers: Mapping[str, str] | None = None) -> JSONResponse:
     count_error(request.app, status_code, info)
+    for prefixes, shape in getattr(request.app.state, "error_shapes", ()):
+        if request.url.path.startswith(prefixes):
+            return shape(status_code, info, headers or {})
     return error_response(status_code, info, headers)
 
 
