@@ -140,6 +140,8 @@ def tolerate(call: Callable[[], object], doing: str, link: Link) -> None:
         call()
     except redis.exceptions.RedisError as exc:
         link.failed(exc, doing)
+        return
+    link.answered()
 
 
 def quick_client(connection: Redis, timeout_s: float) -> Redis:

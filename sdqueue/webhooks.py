@@ -4,30 +4,326 @@ run it from the API image, as many as the load needs.
 
 Each process sends one message at a time; a receiver that hangs holds its sender for at most the request timeout
 (``sdqueue.webhook_delivery.REQUEST_TIMEOUT_S``), so run more senders when receivers are slow.
+
+Redis outages (down, unreachable, paused, or full under ``maxmemory`` + ``noeviction``) never end the sender. RQ's
+``work()`` quits on any Redis error its steps raise, so each step that talks to Redis is a hook here
+(``core.outages``): the idle wait retries with a backoff capped at ``SDQ_HEARTBEAT_S``, registration and the start
+of a delivery wait until Redis answers, and bookkeeping that can be skipped (worker state, heartbeats, a cleanup) is
+done next time. A message is sent at most once per attempt: the request goes out only after its start is recorded,
+and its outcome (delivered, retry scheduled, failed) waits in memory until Redis takes it, so a message that was
+in flight during an outage is recorded once Redis is back, not sent again. RQ's registry cleanup, which retries
+the messages of a sender that died, waits for ``SETTLE_HEARTBEATS`` heartbeats of steady contact after an outage,
+so that live senders record what they sent meanwhile before anyone takes their messages for abandoned. The
+scheduler process rides out outages the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+from uuid import uuid4
 
-from rq.job import Job
-from rq.worker import SimpleWorker
+import redis.exceptions
+from redis import Redis
+from rq import worker_registration
+from rq.exceptions import DequeueTimeout
+from rq.executions import Execution, ExecutionRegistry
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.scheduler import RQScheduler
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
+from rq.worker import SimpleWorker, WorkerStatus
 
 from core.metrics_http import MetricsPortError, serve_metrics
+from core.outages import Backoff, GaveUp, Link, tolerate, until_answered
 from core.queues import Keys, connect
 from core.settings import Settings
 from sdqueue.webhook_delivery import METRICS, DeliveryError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+SETTLE_HEARTBEATS = 3  # steady contact before RQ's cleanup may take a message for abandoned
+
 
 class WebhookWorker(SimpleWorker):
+    """RQ's in-process worker, sending one message at a time, through Redis outages of any length."""
+
+    def __init__(self, queues: list[str], *, connection: Redis, heartbeat_s: int) -> None:
+        # Set before RQ's __init__, which sizes the connection's socket timeout from dequeue_timeout and talks to
+        # Redis already (_set_ip_address).
+        self.heartbeat_s = heartbeat_s
+        self.redis_link = Link("Redis")
+        super().__init__(queues, connection=connection, maintenance_interval=heartbeat_s, log_job_description=False)
+
+    def wait_for_redis(self, call: Callable[[], T], doing: str, give_up: Callable[[], bool] | None = None) -> T:
+        return until_answered(call, doing, self.redis_link, cap_s=self.heartbeat_s, give_up=give_up)
+
+    def _tolerate(self, call: Callable[[], object], doing: str) -> None:
+        tolerate(call, doing, self.redis_link)
+
+    # one message -------------------------------------------------------------------------------------------
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self._start(job)
+        self.perform_job(job, queue)
+        self.set_state(WorkerStatus.IDLE)
+
+    def _start(self, job: Job) -> None:
+        """RQ's ``prepare_execution``, with one execution id for every try: a try whose answer was lost may have
+        registered it, and a second id would later look abandoned and send the message again."""
+        execution = Execution(id=uuid4().hex, job_id=job.id, connection=self.connection, worker_name=self.name)
+
+        def start() -> None:
+            ttl = self.get_heartbeat_ttl(job)
+            with self.connection.pipeline() as pipe:
+                execution.save(ttl=ttl, pipeline=pipe)
+                ExecutionRegistry(job_id=job.id, connection=self.connection).add(
+                    execution=execution, ttl=ttl, pipeline=pipe)
+                job.started_job_registry.add_execution(execution, pipeline=pipe, ttl=ttl, xx=False)
+                self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+                pipe.execute()
+
+        self.wait_for_redis(start, f"starting the delivery of {job.id}")
+        self.execution = execution
+
+    def perform_job(self, job: Job, queue: Queue) -> bool:
+        """One attempt at one message: recorded as started, sent, then recorded, each record waiting for Redis.
+        Unlike RQ's, a Redis error after the request never turns a delivered message into a failed one."""
+        self.wait_for_redis(lambda: self.prepare_job_execution(job, remove_from_intermediate_queue=True),
+                            f"starting the delivery of {job.id}")
+        job.started_at = now()
+        backoff = Backoff(self.heartbeat_s)
+        while True:
+            try:
+                with self.death_penalty_class(job.timeout or Queue.DEFAULT_TIMEOUT, JobTimeoutException,
+                                              job_id=job.id):
+                    value = job.perform()
+            except redis.exceptions.RedisError as exc:
+                # Job.perform's PERSIST of the message, before the request (the delivery itself uses no Redis):
+                # nothing was sent, so the attempt waits for Redis and starts again.
+                self.redis_link.failed(exc, f"starting the delivery of {job.id}")
+                backoff.wait()
+                continue
+            except Exception:
+                exc_info = sys.exc_info()
+                break
+            job.ended_at = now()
+            job._result = value
+            job._status = JobStatus.FINISHED
+            self._record(job, f"recording the delivery of {job.id}",
+                         lambda: self.handle_job_success(job, queue, queue.started_job_registry))
+            return True
+        job.ended_at = now()
+        job._status = JobStatus.FAILED
+        self.handle_exception(job, *exc_info)
+        exc_string = "".join(traceback.format_exception(*exc_info))
+        self._record(job, f"recording the failed attempt of {job.id}",
+                     lambda: self._record_failure(job, queue, exc_string))
+        return False
+
+    def _record(self, job: Job, doing: str, record: Callable[[], None]) -> None:
+        """``record()`` until Redis takes it; each try starts from the same execution and retry count (a failed try
+        may have cleared the one, RQ's Job.retry counts the other down in memory)."""
+        execution, retries_left = self.execution, job.retries_left
+
+        def attempt() -> None:
+            self.execution, job.retries_left = execution, retries_left
+            record()
+
+        self.wait_for_redis(attempt, doing)
+
+    def _record_failure(self, job: Job, queue: Queue, exc_string: str) -> None:
+        """RQ's ``handle_job_failure`` in one transaction that raises its Redis errors (RQ's logs and drops them, and
+        a message whose failure was dropped would come back through the cleanup and be sent again)."""
+        execution = self.execution
+        with self.connection.pipeline() as pipe:
+            if job.should_retry:  # the backoff interval, or the receiver's Retry-After (webhook_delivery)
+                job.retry(queue, pipe)
+            else:
+                job.set_status(JobStatus.FAILED, pipeline=pipe)
+                job._handle_failure(exc_string, pipeline=pipe, worker_name=self.name,
+                                    execution_id=execution.id if execution else None,
+                                    execution_started_at=execution.created_at if execution else None,
+                                    execution_ended_at=job.ended_at)
+            self.cleanup_execution(job, pipeline=pipe)
+            self.increment_failed_job_count(pipe)
+            pipe.execute()
+
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         # A failed attempt was logged in one line where it happened; RQ would add a traceback for each attempt.
         if isinstance(exc_info[1], DeliveryError):
             return
         super().handle_exception(job, *exc_info)
+
+    # RQ hooks: registration, heartbeat, commands ---------------------------------------------------------------
+    def _set_ip_address(self, connection: Redis) -> None:
+        set_ip_address = super()._set_ip_address
+        self.wait_for_redis(lambda: set_ip_address(connection), "naming the sender's connection")
+
+    def register_birth(self) -> None:
+        try:
+            self.wait_for_redis(self._register, "registering the webhook sender",
+                                give_up=lambda: self._stop_requested)
+        except GaveUp:
+            log.info("shutdown requested while waiting for Redis: the webhook sender never registered")
+
+    def _register(self) -> None:
+        # RQ's register_birth without its check for a live namesake: the name is this process's own, and a try
+        # whose answer was lost has registered it already.
+        self.birth_date = self.birth_date or now()
+        self.last_heartbeat = now()
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.key, mapping=self.serialize())
+            pipe.hset(self.key, "state", self._state)
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.worker_ttl + 60)
+            pipe.execute()
+
+    def register_death(self) -> None:
+        self._tolerate(super().register_death, "recording the sender's exit")
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        self._tolerate(self._beat, "sending the sender's heartbeat")
+
+    def _beat(self) -> None:
+        with self.connection.pipeline() as pipe:
+            super().heartbeat(pipeline=pipe)
+            created = pipe.execute()[0]  # HSET last_heartbeat: 1 = a new field, so the key had expired
+        if created:
+            log.warning("webhook sender %s: its registration lapsed while Redis was away: registering again",
+                        self.name)
+            self._register()
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        set_state = super().set_state
+        self._tolerate(lambda: set_state(state), "recording the sender's state")
+
+    def subscribe(self) -> None:
+        with contextlib.suppress(GaveUp):  # a shutdown while Redis is away: nothing to listen for
+            self.wait_for_redis(super().subscribe, "subscribing to worker commands",
+                                give_up=lambda: self._stop_requested)
+
+    def unsubscribe(self) -> None:
+        self._tolerate(super().unsubscribe, "unsubscribing from worker commands")
+
+    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
+        # RQ's handler ends the command thread on any error but a ConnectionError; keep it through any outage.
+        if not isinstance(exc, redis.exceptions.RedisError):
+            super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
+            return
+        self.redis_link.failed(exc, "listening for worker commands")
+        time.sleep(self.heartbeat_s)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        check = super().check_for_suspension
+        self._tolerate(lambda: check(burst), "checking whether workers are suspended")
+
+    # RQ hooks: maintenance and the scheduler -----------------------------------------------------------------
+    @property
+    def dequeue_timeout(self) -> int:
+        # The idle wait is cut into heartbeat-long slices, so maintenance (the scheduler's restart) runs that often.
+        return self.heartbeat_s
+
+    def run_maintenance_tasks(self) -> None:
+        self._tolerate(super().run_maintenance_tasks, "cleaning RQ's registries")
+
+    def clean_registries(self) -> None:
+        """RQ's registry maintenance, only after steady contact, under a lock that expires after a few heartbeats
+        (RQ's lasts 15 minutes: a sender killed while cleaning would stop the recovery of messages that long)."""
+        if self.redis_link.steady_for() < SETTLE_HEARTBEATS * self.heartbeat_s:
+            return  # last_cleaned_at stays: the next idle turn tries again
+        for queue in self.queues:
+            if self.connection.set(queue.registry_cleaning_key, self.name, nx=True,
+                                   ex=SETTLE_HEARTBEATS * self.heartbeat_s):
+                queue.started_job_registry.cleanup(exception_handlers=self._exc_handlers)
+                queue.finished_job_registry.cleanup()
+                queue.failed_job_registry.cleanup()
+                queue.deferred_job_registry.cleanup()
+                worker_registration.clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ's __init__ types it as None
+
+    def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO", *args: Any,
+                         **kwargs: Any) -> None:
+        scheduler = PatientScheduler(self.queues, connection=self.connection, interval=1,
+                                     logging_level=logging_level or "INFO", serializer=self.serializer)
+        self.scheduler = scheduler
+        try:
+            self.wait_for_redis(scheduler.acquire_locks, "taking the scheduler lock",
+                                give_up=lambda: self._stop_requested)
+        except GaveUp:
+            return
+        if scheduler.acquired_locks:
+            scheduler.start()  # otherwise another sender's scheduler runs; maintenance takes over if it stops
+
+    # idle ----------------------------------------------------------------------------------------------------
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's dequeue loop, waiting out Redis errors of every kind (RQ's waits out only a refused connection)."""
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("Listening on " + ",".join(self.queue_names()))
+        backoff = Backoff(self.heartbeat_s)
+        while True:
+            self.heartbeat()
+            if self.should_run_maintenance_tasks:
+                self.run_maintenance_tasks()
+            try:
+                result = self.queue_class.dequeue_any(
+                    self._ordered_queues, timeout, connection=self.connection, job_class=self.job_class,
+                    serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+                )
+            except DequeueTimeout:
+                self.redis_link.answered()
+                continue
+            except redis.exceptions.RedisError as exc:
+                self.redis_link.failed(exc, "waiting for webhooks to send")
+                backoff.wait()
+                continue
+            self.redis_link.answered()
+            if result is not None:
+                log.debug("webhook sender %s: message %s", self.name, result[0].id)
+            return result
+
+
+class PatientScheduler(RQScheduler):
+    """RQ's scheduler process (it moves due retries to the queue), whose loop rides out Redis outages; RQ's ends
+    at the first Redis error, and only a maintenance turn of its sender would start it again."""
+
+    def work(self) -> None:
+        self._install_signal_handlers()
+        link = Link("Redis")
+        try:
+            until_answered(self.register_birth, "registering the scheduler", link, cap_s=self.interval,
+                           give_up=lambda: self._stop_requested)
+        except GaveUp:
+            return
+        while not self._stop_requested:
+            try:
+                if self.should_reacquire_locks:
+                    self.acquire_locks()
+                self.heartbeat()
+                self.enqueue_scheduled_jobs()
+            except redis.exceptions.RedisError as exc:
+                link.failed(exc, "moving due webhook retries to their queue")
+            else:
+                link.answered()
+            time.sleep(self.interval)
+        tolerate(self.stop, "stopping the scheduler", link)
 
 
 def run(settings: Settings) -> int:
@@ -43,7 +339,12 @@ def run(settings: Settings) -> int:
         log.error("%s", exc)
         return 2
     queue = Keys(settings.queue_prefix).webhooks()
-    worker = WebhookWorker([queue], connection=connect(settings.redis_url), log_job_description=False)
+    worker = WebhookWorker([queue], connection=connect(settings.redis_url), heartbeat_s=settings.heartbeat_s)
     log.info("webhook sender %s on queue %s", worker.name, queue)
     worker.work(with_scheduler=True, logging_level=settings.log_level)
+    if not worker._stop_requested:
+        # RQ's loop also ends on an error nobody expected (Redis errors are waited out); a non-zero exit lets the
+        # supervisor restart the sender. The message it was sending comes back through RQ's registry cleanup.
+        log.error("webhook sender %s stopped without a shutdown request (see the errors above)", worker.name)
+        return 1
     return 0

@@ -23,7 +23,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 
-from core import jobstore
+from core import jobstore, jobview
 from core.jobs import GenerationParams, Status
 from core.queues import Keys
 from core.settings import Settings, get_settings
@@ -71,11 +71,12 @@ def view(url: str, events: list[str] | None = None) -> Any:
     params = GenerationParams.model_validate(
         {"prompt": "a cat", "webhook": url, **({"webhook_events_filter": events} if events else {})}
     )
-    return jobstore.queued_view(jobstore.new_job_spec(params), queue_position=0)
+    return jobview.queued_view(jobstore.new_job_spec(params), queue_position=0)
 
 
 def run_sender(redis: Redis, settings: Settings) -> None:
-    WebhookWorker([Keys(settings.queue_prefix).webhooks()], connection=redis).work(burst=True)
+    WebhookWorker([Keys(settings.queue_prefix).webhooks()], connection=redis,
+                  heartbeat_s=settings.heartbeat_s).work(burst=True)
 
 
 def count(event: str, outcome: str) -> float:
