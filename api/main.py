@@ -15,7 +15,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import deps, docs, errors
+from api import deps, docs, errors, openai_images
 from api.auth import Authenticator
 from api.durability import Durability
 from api.instrumentation import ApiMetrics, HttpMetricsMiddleware
@@ -108,6 +108,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, errors.internal_error_handler)
     for module in PROTECTED:
         app.include_router(module.router, dependencies=[deps.AUTHENTICATED], responses=_PROTECTED_ERRORS)
+    # OpenAI's Images API (/v1/images/generations, edits, variations): its errors in the shape OpenAI's clients parse.
+    app.include_router(openai_images.router, dependencies=[deps.AUTHENTICATED])
+    errors.add_error_shape(app, openai_images.PATHS, openai_images.openai_error)
     for module in (health, metrics):
         app.include_router(module.router)
     docs.add_docs(app)  # also open: the pages, their files and /openapi.json

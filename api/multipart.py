@@ -64,7 +64,7 @@ def field_kinds(model: type[BaseModel]) -> dict[str, FieldKind]:
                 kind = "list"
             elif isinstance(option, type) and issubclass(option, BaseModel):
                 kind = "json"
-        kinds[name] = kind
+        kinds[field.alias or name] = kind  # a form part is named as the JSON key (`image[]` for OpenAI's arrays)
     return kinds
 
 

@@ -1,0 +1,102 @@
+"""A synchronous answer over the queue: enqueue through the native intake, then wait for the job to end.
+
+The wait has no limit of its own: it ends when the job does, or when the client goes away. A client that goes away
+cancels its job (queued: it never runs; running: the worker drops it after the current step), unless the request
+carried an `Idempotency-Key`: such a client comes back for the job with the same key (OpenAI's clients resend a
+request whose answer timed out), and a resend is answered with the job the first request made, not a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from anyio import to_thread
+from fastapi import Request, Response
+from pydantic import BaseModel
+from starlette.types import Receive
+
+from api.errors import ApiError
+from api.intake import Intake, Services, wait_for_end
+from api.multipart import MultipartAsJsonRoute
+from core import eventlog, jobstore
+from core.jobs import JobPublic, JobSpec, Status
+
+log = logging.getLogger(__name__)
+
+_RECEIVE = "sdq_client_receive"
+# The answer for a client that has gone: nobody reads it (499: nginx's "client closed request", for the metrics).
+CLIENT_GONE = 499
+
+
+class SyncRoute(MultipartAsJsonRoute):
+    """A route that keeps the client connection's ASGI `receive`, so that its handler notices the client leave
+    while it waits (the request a multipart route hands on is a copy that carries only the form)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            request.scope.setdefault("state", {})[_RECEIVE] = request.receive
+            return await handler(request)
+
+        return route
+
+
+async def submit_and_wait(
+    request: Request, intake: Intake, response: Response, spec: JobSpec, native: BaseModel,
+    on_refused: Callable[[], Awaitable[None]] | None = None,
+) -> JobPublic | None:
+    """Queue `spec` (made from the validated native request `native`) as the native API does, and return the job
+    once it has ended; None if the client went away first."""
+    queued = await intake.accept(spec, response, native, on_refused=on_refused)
+    services = intake.s
+    ended = asyncio.ensure_future(_ended(services, queued.id))
+    gone = asyncio.ensure_future(_client_gone(request.scope["state"][_RECEIVE]))
+    try:
+        await asyncio.wait((ended, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (ended, gone):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if ended.done() and not ended.cancelled():
+        return ended.result()
+    if intake.idempotency_key is None:
+        outcome = await to_thread.run_sync(jobstore.cancel_job, services.redis, services.keys, queued.id)
+        log.info("client went away: job %s canceled (%s)", queued.id, outcome.value if outcome else "gone")
+    else:
+        log.info("client went away: job %s kept for a retry with its Idempotency-Key", queued.id)
+    return None
+
+
+def finished(job: JobPublic) -> JobPublic:
+    """`job` if it succeeded; else the error its client gets (no resend helps: `x-should-retry: false`)."""
+    if job.status is Status.succeeded:
+        return job
+    no_retry = {"x-should-retry": "false"}
+    if job.status is Status.canceled:
+        raise ApiError(409, "conflict", f"job {job.id} was canceled before it finished", headers=no_retry)
+    reason = f"{job.error.type}: {job.error.message}" if job.error else "no reason recorded"
+    raise ApiError(500, "internal_error", f"job {job.id} failed ({reason})", headers=no_retry)
+
+
+async def _ended(services: Services, job_id: str) -> JobPublic:
+    while True:
+        job = await to_thread.run_sync(jobstore.get_job, services.redis, services.keys, services.storage, job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"job {job_id} expired before it ended")
+        if job.status.is_terminal():
+            return job
+        # Returns at the terminal event; between blocks the job itself is read again, so a job that ends without
+        # an event (RQ gave up on it) ends the wait too.
+        await wait_for_end(services.aredis, services.keys, job_id, eventlog.READ_BLOCK_S)
+
+
+async def _client_gone(receive: Receive) -> None:
+    """Return when the client disconnects (its body has been read, so the next message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
