@@ -19,7 +19,7 @@ from api.openai_images.translation import (
     ImageGenerationRequest,
     ImageVariationRequest,
 )
-from core.jobs import GenerationParams, ImageRecord, InpaintRequest, JobPublic, Status
+from core.jobs import GenerationParams, InpaintRequest, JobPublic, Status
 from tests.images import encode, noise_image, png_b64
 
 LIMITS = ImageLimits(max_bytes=10_000_000, max_pixels=16_000_000)
@@ -38,7 +38,7 @@ def refused(call: object, *args: object) -> ApiError:
 
 def test_a_bare_prompt_is_a_native_default_txt2img_at_512() -> None:
     native = translation.txt2img(generation())
-    assert native.model_dump() == GenerationParams(prompt="a photo of a cat").model_dump()
+    assert native.model_dump() == GenerationParams.model_validate({"prompt": "a photo of a cat"}).model_dump()
     assert (native.width, native.height, native.steps, native.n, native.seed) == (512, 512, 30, 1, None)
 
 
@@ -110,12 +110,13 @@ def test_a_variation_is_img2img_with_the_neutral_prompt() -> None:
 
 
 def test_the_answer_carries_each_image_once_as_asked() -> None:
-    job = JobPublic(
-        id="j1", status=Status.succeeded, task="txt2img", created_at=datetime(2026, 1, 2, tzinfo=timezone.utc),
-        params=GenerationParams(prompt="a cat", width=64, height=128, output_format="jpeg"), seeds=[1, 2],
-        images=[ImageRecord(url=f"http://h/v1/images/j1/{i}.jpg", key=f"j1/{i}.jpg", seed=1 + i, width=64,
-                            height=128, content_type="image/jpeg") for i in range(2)],
-    )
+    job = JobPublic.model_validate({
+        "id": "j1", "status": Status.succeeded, "task": "txt2img",
+        "created_at": datetime(2026, 1, 2, tzinfo=timezone.utc),
+        "params": {"prompt": "a cat", "width": 64, "height": 128, "output_format": "jpeg"}, "seeds": [1, 2],
+        "images": [{"url": f"http://h/v1/images/j1/{i}.jpg", "key": f"j1/{i}.jpg", "seed": 1 + i, "width": 64,
+                    "height": 128, "content_type": "image/jpeg"} for i in range(2)],
+    })
     as_b64 = translation.images_response(job, ["QQ==", "Qg=="]).model_dump(exclude_none=True)
     assert as_b64 == {
         "created": 1767312000, "output_format": "jpeg", "size": "64x128", "background": "opaque",
