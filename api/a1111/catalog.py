@@ -1,0 +1,191 @@
+"""What A1111 clients ask about before they generate: options, models, samplers, schedulers, and the lists of
+extras sdqueue does not have (upscalers, VAEs, LoRAs, embeddings, scripts), which answer in A1111's shapes, empty.
+
+Models are the live workers' (`core.catalog`), so they follow the workers that run, as `GET /v1/models` does.
+Options are fixed (`api.a1111.translate.FIXED_OPTIONS`): a POST may "set" an option to the value it has, and
+`sd_model_checkpoint` to a model a live worker holds; anything else is a 422 naming the option.
+"""
+
+from __future__ import annotations
+
+import binascii
+from typing import Any
+
+from anyio import to_thread
+from fastapi import APIRouter
+from PIL import UnidentifiedImageError
+
+from api import errors
+from api.a1111 import translate
+from api.a1111.models import (
+    EmbeddingsResponse,
+    PNGInfoRequest,
+    PNGInfoResponse,
+    SamplerItem,
+    SchedulerItem,
+    ScriptsList,
+    SDModelItem,
+    UpscalerItem,
+)
+from api.auth import AuthenticatedRoute
+from api.deps import KeysDep, RedisDep, SettingsDep
+from api.errors import ApiError
+from api.imageinput import ImageInputError, ImageLimits, decode_base64
+from core.catalog import ModelInfo, loaded_models
+from core.imagefile import read_parameters
+from core.rules import SAMPLERS
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], route_class=AuthenticatedRoute)
+
+_INVALID = errors.responses(422, described={422: "An option sdqueue does not have, or not at its value; the "
+                                                 "message names it."})
+
+
+@router.get("/options")
+def a1111_get_options(redis: RedisDep, keys: KeysDep) -> dict[str, Any]:
+    """sdqueue's options under A1111's names; `sd_model_checkpoint` is a live worker's model (null when none)."""
+    models = loaded_models(redis, keys).models
+    first = models[0] if models else None
+    return {
+        **translate.FIXED_OPTIONS,
+        "sd_model_checkpoint": translate.model_title(first) if first else None,
+        "sd_checkpoint_hash": first.sha256 if first else None,
+    }
+
+
+@router.post("/options", responses=_INVALID)
+def a1111_set_options(values: dict[str, Any], redis: RedisDep, keys: KeysDep) -> None:
+    """Accepted when every option is at sdqueue's value, and `sd_model_checkpoint` names a model a live worker
+    holds (nothing is switched: each worker keeps its model); 422 naming the first option that is not."""
+    models = loaded_models(redis, keys).models if any(k in values for k in translate.MODEL_OPTIONS) else []
+    translate.check_options(values, models)
+
+
+@router.get("/sd-models")
+def a1111_sd_models(redis: RedisDep, keys: KeysDep) -> list[SDModelItem]:
+    """The models the live workers hold (empty while no worker is up)."""
+    return [_model_item(m) for m in loaded_models(redis, keys).models]
+
+
+@router.post("/refresh-checkpoints")
+async def a1111_refresh_checkpoints() -> None:
+    """Nothing to refresh: the model list follows the live workers."""
+
+
+@router.get("/samplers")
+async def a1111_samplers() -> list[SamplerItem]:
+    return [
+        SamplerItem(
+            name=traits.a1111_name, aliases=list(translate.SAMPLER_ALIASES[sampler]),
+            options={"scheduler": translate.OWN_SCHEDULE[sampler]} if sampler in translate.OWN_SCHEDULE else {},
+        )
+        for sampler, traits in SAMPLERS.items()
+    ]
+
+
+@router.get("/schedulers")
+async def a1111_schedulers() -> list[SchedulerItem]:
+    return [
+        SchedulerItem(name=s.name, label=s.label, aliases=None, default_rho=7.0 if s.karras else -1.0,
+                      need_inner_model=False)
+        for s in translate.SCHEDULERS
+    ]
+
+
+@router.get("/upscalers")
+async def a1111_upscalers() -> list[UpscalerItem]:
+    """Only "None": sdqueue has no upscalers (hires fix is refused)."""
+    return [UpscalerItem(name="None")]
+
+
+@router.get("/latent-upscale-modes")
+async def a1111_latent_upscale_modes() -> list[dict[str, str]]:
+    return []
+
+
+@router.get("/sd-vae")
+async def a1111_sd_vae() -> list[dict[str, str]]:
+    """Empty: each checkpoint uses its own VAE (A1111's "Automatic")."""
+    return []
+
+
+@router.get("/loras")
+async def a1111_loras() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/hypernetworks")
+async def a1111_hypernetworks() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/face-restorers")
+async def a1111_face_restorers() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/realesrgan-models")
+async def a1111_realesrgan_models() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/prompt-styles")
+async def a1111_prompt_styles() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/embeddings")
+async def a1111_embeddings() -> EmbeddingsResponse:
+    return EmbeddingsResponse()
+
+
+@router.get("/scripts")
+async def a1111_scripts() -> ScriptsList:
+    return ScriptsList()
+
+
+@router.get("/script-info")
+async def a1111_script_info() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/extensions")
+async def a1111_extensions() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/cmd-flags")
+async def a1111_cmd_flags() -> dict[str, Any]:
+    """The flags an A1111 started as this server would have: the API only, no web UI."""
+    return {"api": True, "nowebui": True}
+
+
+@router.post("/png-info", responses=errors.responses(413, 422, described={422: "The image cannot be read."}))
+async def a1111_png_info(request: PNGInfoRequest, settings: SettingsDep) -> PNGInfoResponse:
+    """The generation parameters an image carries (PNG `parameters` chunk, or JPEG / WebP EXIF comment)."""
+    return await to_thread.run_sync(_png_info, request.image.strip(), ImageLimits.from_settings(settings))
+
+
+def _png_info(image: str, limits: ImageLimits) -> PNGInfoResponse:
+    try:
+        found = read_parameters(decode_base64("image", image, limits))
+    except ImageInputError as exc:  # the field is called `image` in A1111 too
+        if exc.too_large:
+            raise ApiError(413, "payload_too_large", exc.message, exc.field) from None
+        raise translate.invalid(exc.field, exc.message) from None
+    except (UnidentifiedImageError, OSError, binascii.Error, ValueError) as exc:
+        raise translate.invalid("image", f"image: not a PNG, JPEG or WebP image ({exc})") from None
+    text = found["parameters"] or ""
+    parameters: dict[str, Any] = {}
+    if text:
+        parameters = {"Prompt": found["prompt"], "Negative prompt": found["negative_prompt"], **found["settings"]}
+        width, _, height = str(found["settings"].get("Size", "")).partition("x")
+        if height:  # as A1111's parser: Size-1 and Size-2
+            parameters.update({"Size-1": width, "Size-2": height})
+    items = {"sdqueue": found["sdqueue"]} if found["sdqueue"] is not None else {}
+    return PNGInfoResponse(info=text, items=items, parameters=parameters)
+
+
+def _model_item(model: ModelInfo) -> SDModelItem:
+    return SDModelItem(title=translate.model_title(model), model_name=model.name, hash=model.hash,
+                       sha256=model.sha256, filename=model.name, config=None)
