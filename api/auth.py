@@ -1,5 +1,8 @@
 """Who is calling: the API key in `Authorization: Bearer <key>`, checked when auth is on.
 
+HTTP Basic with the key as the password (any user name) works too, since that is what AUTOMATIC1111's clients
+send (`--api-auth`).
+
 Auth is on with SDQ_AUTH=on, or with SDQ_AUTH=auto (the default) as soon as SDQ_API_KEYS lists a key. Keys are
 looked up by their SHA-256 digest: first among SDQ_API_KEYS (read once at start), then in the Redis hash that
 `sdqueue apikey create --store` fills, so keys added there work without a restart and revoked ones stop at once.
@@ -11,6 +14,8 @@ a valid key gets 401 whatever it sends (no 413, 422 or 400 that would tell it ab
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -61,7 +66,8 @@ class Authenticator:
         if not self.enabled:
             return ANONYMOUS
         if credentials is None or not credentials.credentials.strip():
-            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'", "")
+            raise _unauthorized("missing API key: send 'Authorization: Bearer <key>' (or HTTP Basic, the key as "
+                                "the password)", "")
         digest = apikeys.digest(credentials.credentials.strip())
         key = self.configured.get(digest) or await self._stored(digest)
         if key is None:
@@ -82,7 +88,7 @@ async def authenticate(request: Request, credentials: HTTPAuthorizationCredentia
     caller = state.get("sdq_caller")
     if caller is None:
         if credentials is None:
-            credentials = await bearer_scheme(request)
+            credentials = await bearer_scheme(request) or basic_password(request)
         authenticator = cast(Authenticator, request.app.state.authenticator)
         caller = state["sdq_caller"] = await authenticator.caller(credentials)
     return cast(Caller, caller)
@@ -104,6 +110,18 @@ class AuthenticatedRoute(APIRoute):
     def body_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         """What runs once the caller is known: FastAPI's own handler, which reads and validates the body."""
         return super().get_route_handler()
+
+
+def basic_password(request: Request) -> HTTPAuthorizationCredentials | None:
+    """The password of `Authorization: Basic base64(user:password)`, as the API key; None without Basic auth."""
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user_password = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        user_password = ""  # malformed: no key, so a 401 when auth is on
+    return HTTPAuthorizationCredentials(scheme="Basic", credentials=user_password.partition(":")[2])
 
 
 def _unauthorized(message: str, challenge_params: str) -> ApiError:

@@ -222,11 +222,12 @@ def describe(err: Mapping[str, Any]) -> tuple[str, str]:
     if err["type"] == "json_invalid":
         msg += f" ({err.get('ctx', {}).get('error', 'not valid JSON')})"
     elif err["type"] not in ("missing", "value_error") and "input" in err:
-        msg += f", got {_summary(err['input'])}"
+        msg += f", got {summarize(err['input'])}"
     return field, msg
 
 
-def _summary(value: object) -> str:
+def summarize(value: object) -> str:
+    """A short description of a refused input for an error message (it may be 20,000 chars, or NaN)."""
     if isinstance(value, str):
         return repr(value) if len(value) <= 40 else f"a {len(value):,}-character string"
     if isinstance(value, dict):

@@ -36,11 +36,12 @@ class ApiMetrics:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
-            "sdq_http_requests", "HTTP requests by route template and status.", ["method", "route", "status"],
+            "sdq_http_requests", "HTTP requests by API layer, route template and status.",
+            ["layer", "method", "route", "status"],
             registry=self.registry,
         )
         self.http_latency = Histogram(
-            "sdq_http_request_duration_seconds", "HTTP request handling time.", ["method", "route"],
+            "sdq_http_request_duration_seconds", "HTTP request handling time.", ["layer", "method", "route"],
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self.jobs_submitted = Counter(
@@ -104,8 +105,21 @@ class _QueueCollector(Collector):
         return family
 
 
+# The API layers, by path prefix: AUTOMATIC1111's and OpenAI's compatibility layers, and the native API (the rest).
+LAYER_PREFIXES = (("/sdapi/", "a1111"), ("/v1/images/", "openai"))
+NATIVE_TEMPLATES = frozenset({"/v1/images/{key}"})  # the native image download, under OpenAI's prefix
+
+
+def layer_of(path: str, template: str) -> str:
+    """`native`, `a1111` or `openai`: the API layer a request was made to."""
+    if template in NATIVE_TEMPLATES:
+        return "native"
+    return next((layer for prefix, layer in LAYER_PREFIXES if path.startswith(prefix)), "native")
+
+
 class HttpMetricsMiddleware:
-    """Counts requests and their latency, labelled by route template (`/v1/jobs/{job_id}`) to bound cardinality."""
+    """Counts requests and their latency, labelled by API layer and route template (`/v1/jobs/{job_id}`, which
+    bounds cardinality)."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
@@ -130,5 +144,6 @@ class HttpMetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.http_requests.labels(method, template, str(status)).inc()
-            self.metrics.http_latency.labels(method, template).observe(time.perf_counter() - start)
+            layer = layer_of(scope["path"], template)
+            self.metrics.http_requests.labels(layer, method, template, str(status)).inc()
+            self.metrics.http_latency.labels(layer, method, template).observe(time.perf_counter() - start)

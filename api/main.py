@@ -15,7 +15,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import deps, docs, errors, openai_images
+from api import a1111, deps, docs, errors, openai_images
 from api.auth import Authenticator
 from api.durability import Durability
 from api.instrumentation import ApiMetrics, HttpMetricsMiddleware
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 _PROTECTED_ERRORS = errors.responses(401, 503, described={503: "Redis is unreachable; retry after `Retry-After`."})
 # Routes that need an API key when auth is on; health, readiness and metrics stay open for probes and scrapers.
 # A route with a body among them is an `api.auth.AuthenticatedRoute`, so that the key is checked before the body.
-PROTECTED = (jobs, events, img2img, images, models)
+PROTECTED = (jobs, events, img2img, images, models, a1111)
 
 
 def operation_id(route: APIRoute) -> str:

@@ -22,12 +22,13 @@ def test_metrics_count_requests_jobs_and_queue_depth(client: TestClient) -> None
 
     m = samples(client)
 
-    post = (("method", "POST"), ("route", "/v1/txt2img"))
+    post = (("layer", "native"), ("method", "POST"), ("route", "/v1/txt2img"))
     assert m[("sdq_http_requests_total", (*post, ("status", "202")))] == 2
     assert m[("sdq_http_requests_total", (*post, ("status", "422")))] == 1
-    get_job = (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200"))
+    get_job = (("layer", "native"), ("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200"))
     assert m[("sdq_http_requests_total", get_job)] == 1  # labelled by template, not by id
-    assert m[("sdq_http_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1
+    unmatched = (("layer", "native"), ("method", "GET"), ("route", "unmatched"), ("status", "404"))
+    assert m[("sdq_http_requests_total", unmatched)] == 1
     assert m[("sdq_http_request_duration_seconds_count", post)] == 3
     assert m[("sdq_jobs_submitted_total", (("priority", "normal"), ("task", "txt2img")))] == 1
     assert m[("sdq_jobs_submitted_total", (("priority", "high"), ("task", "txt2img")))] == 1
@@ -53,5 +54,5 @@ def test_metrics_count_errors_by_type_and_jobs_by_status(client: TestClient) -> 
     assert m[("sdq_jobs_by_status", (("queue", "sdq-normal"), ("status", "canceled")))] == 1
     assert m[("sdq_jobs_by_status", (("queue", "sdq-normal"), ("status", "running")))] == 0
     assert m[("sdq_event_streams", ())] == 0  # opened and closed again
-    events = (("method", "GET"), ("route", "/v1/jobs/{job_id}/events"), ("status", "200"))
+    events = (("layer", "native"), ("method", "GET"), ("route", "/v1/jobs/{job_id}/events"), ("status", "200"))
     assert m[("sdq_http_requests_total", events)] == 1

@@ -36,7 +36,7 @@ def test_every_error_answer_is_documented_with_the_one_error_shape(client: TestC
 def test_routes_document_auth_and_the_statuses_they_answer(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     for method, path, op in operations(spec):
-        protected = path.startswith("/v1/")
+        protected = path.startswith(("/v1/", "/sdapi/v1/"))
         assert ("401" in op["responses"]) is protected, (method, path)
         assert ("security" in op) is protected, (method, path)
     submit = spec["paths"]["/v1/txt2img"]["post"]
