@@ -17,10 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import a1111, deps, docs, errors, openai_images
 from api.auth import Authenticator
+from api.cors import add_cors
 from api.durability import Durability
 from api.instrumentation import ApiMetrics, HttpMetricsMiddleware
 from api.intake import Services
 from api.limits import BodyLimitMiddleware, KeyLimits
+from api.request_id import RequestIdMiddleware
 from api.routes import events, health, images, img2img, jobs, metrics, models
 from api.submitter import Submitter
 from core import eventlog
@@ -101,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The last middleware added runs first: metrics see every answer, the 413s of the body limit included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
+    add_cors(app, settings.cors_origin_list())  # outside the metrics: preflights are answered here, uncounted
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a 413 or a preflight too, has X-Request-ID
     app.add_exception_handler(errors.ApiError, errors.api_error_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
     app.add_exception_handler(RequestValidationError, errors.validation_error_handler)

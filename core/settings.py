@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,9 @@ class Settings(BaseSettings):
     )
     queue_prefix: str = Field("sdq", pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="Redis key/queue prefix.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="Log lines as text, or one JSON object per line with request_id and job_id where known."
+    )
 
     # --- model / worker ---
     checkpoint: Path | None = Field(None, description="SD 1.x .safetensors file or diffusers folder.")
@@ -83,6 +87,10 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest request body (images come base64); beyond it 413."
+    )
+    cors_origins: str = Field(
+        "", description="Comma-separated origins (https://app.example.com, or * for any) whose browser pages may call "
+        "the API; empty = no cross-origin access."
     )
 
     # --- image inputs of img2img / inpaint (docs/image-inputs.md) ---
@@ -152,6 +160,14 @@ class Settings(BaseSettings):
         AllowList.parse(v)
         return v
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, v: str) -> str:
+        for origin in _split(v):
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port], no path (or *)")
+        return v
+
     @field_validator("api_keys")
     @classmethod
     def _check_api_keys(cls, v: str) -> str:
@@ -160,6 +176,16 @@ class Settings(BaseSettings):
 
     def auth_enabled(self) -> bool:
         return self.auth == "on" or (self.auth == "auto" and bool(apikeys.parse_list(self.api_keys)))
+
+    def cors_origin_list(self) -> list[str]:
+        return _split(self.cors_origins)
+
+
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -181,6 +207,12 @@ COMPOSE_VARIABLES = frozenset({
 })
 
 
+# Variables of the client side (`sdqueue submit`, `sdqueue.client`): the server a client talks to and its API key.
+SERVER_VARIABLE = "SDQ_SERVER"
+API_KEY_VARIABLE = "SDQ_API_KEY"
+CLIENT_VARIABLES = frozenset({SERVER_VARIABLE, API_KEY_VARIABLE})
+
+
 def unknown_variables(environ: Mapping[str, str] | None = None, env_file: Path | None = None) -> list[str]:
     """One warning per ``SDQ_`` variable, in the environment or the .env file, that is no setting: pydantic would
     ignore a misspelt one in silence. Names the setting it is closest to, when one is close."""
@@ -193,7 +225,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None, env_file: Path |
     for where, variables in sources:
         for name in variables:
             upper = name.upper()  # settings are read case-insensitively
-            if not upper.startswith("SDQ_") or upper in known or upper in COMPOSE_VARIABLES:
+            if not upper.startswith("SDQ_") or upper in known or upper in COMPOSE_VARIABLES | CLIENT_VARIABLES:
                 continue
             # Compared without the prefix, which every name shares and which would make any two names look alike.
             close = difflib.get_close_matches(upper[4:], sorted(k[4:] for k in known), n=1, cutoff=0.7)

@@ -1,5 +1,5 @@
-"""The `sdqueue` command: `api`, `worker`, `webhooks`, `dev`, `generate`, `info`, `cleanup` and `apikey` sub-commands
-sharing one validated `Settings`, and `--version`.
+"""The `sdqueue` command: `api`, `worker`, `webhooks`, `dev`, `generate`, `submit`, `info`, `cleanup` and `apikey`
+sub-commands sharing one validated `Settings`, and `--version`.
 
 Each sub-command imports what it needs when it runs, so `sdqueue api` never loads torch.
 """
@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from core import logs
 from core.settings import Settings, SettingsError, load_settings, unknown_variables
 from core.version import __version__
 
@@ -48,11 +49,16 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     apikey.configure_parser(sub.add_parser("apikey", help="create API keys; list and revoke those stored in Redis"))
 
     generate = sub.add_parser("generate", help="generate images locally, without a server")
+    submit_parser = sub.add_parser("submit", help="send a job to a running API, follow it, write its images")
     # Configured only when chosen: the generator's options come from a module that is cheap to skip otherwise.
     if argv[:1] == ["generate"]:
         from sdqueue import generate as generate_cmd
 
         generate_cmd.configure_parser(generate)
+    if argv[:1] == ["submit"]:
+        from sdqueue import submit as submit_cmd
+
+        submit_cmd.configure_parser(submit_parser)
     return parser
 
 
@@ -64,8 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"sdqueue: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call (dev's readiness probe) is noise
+    logs.configure(settings.log_level, settings.log_format)
     for warning in unknown_variables():
         log.warning("%s", warning)
     if args.command == "api":
@@ -90,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sdqueue import maintenance
 
         return maintenance.run(args, settings)
+    if args.command == "submit":
+        from sdqueue import submit as submit_cmd
+
+        return submit_cmd.run(args)
     if args.command == "dev":
         from sdqueue.dev import run_dev
 
@@ -125,6 +134,7 @@ def run_api(settings: Settings, args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
+        log_config=logs.dict_config(settings.log_level, settings.log_format),  # applied again in each process
         access_log=args.access_log,
     )
     return 0

@@ -8,38 +8,57 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
+from core.jobs import GenerationParams
 from core.rules import SAMPLER_NAMES
+from sdqueue.progress import StepBar
 
 log = logging.getLogger(__name__)
 
+# Options of both `generate` and `submit`, by their GenerationParams field names. Left unset they are None: `submit`
+# then lets the server apply its defaults, and `generate` takes the same ones from `core.jobs` (`_DEFAULTS`).
+_FIELDS = {"negative_prompt": str, "steps": int, "eta": float, "seed": int, "width": int, "height": int,
+           "guidance_scale": float, "n": int}
+_DEFAULTS = {name: field.default for name, field in GenerationParams.model_fields.items()}
 
 
-
-def configure_parser(p: argparse.ArgumentParser) -> None:
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """The prompt, the generation options, the init image and mask, and the output path."""
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("--checkpoint", default=os.environ.get("SDQ_CHECKPOINT"),
-                   help="SD 1.x .safetensors file or diffusers folder (default: $SDQ_CHECKPOINT)")
-    p.add_argument("-o", "--output", default="out.png", help="output PNG; with --n > 1 files are numbered")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="euler_a")
-    p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_a, dpmpp_2m)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")
-    p.add_argument("--width", type=int, default=None, help="default: the init image's width, else 512")
-    p.add_argument("--height", type=int, default=None, help="default: the init image's height, else 512")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--n", type=int, default=1, help="number of images")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                   default=os.environ.get("SDQ_DTYPE", "auto"))
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=os.environ.get("SDQ_DEVICE", "auto"))
+    p.add_argument("-o", "--output", default=None,
+                   help="output file (default out.png); with --n > 1 files are numbered: out-0.png, out-1.png, ...")
+    helps = {"seed": "image i uses seed + i (default: random)", "eta": "DDIM eta (default 0)",
+             "n": "number of images (default 1)"}
+    for side in ("width", "height"):
+        helps[side] = f"default: the init image's {side}, else {_DEFAULTS[side]}"
+    for name, kind in _FIELDS.items():
+        default = _DEFAULTS[name]
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=helps.get(name, f"default {default!r}" if default != "" else "default: none"))
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help=f"default {_DEFAULTS['sampler'].value}")
+    p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (euler, euler_a, dpmpp_2m)")
     p.add_argument("--init-image", type=Path, default=None, help="img2img / inpaint source image")
     p.add_argument("--strength", type=float, default=None,
                    help="how much of the init image is re-drawn (default 0.75 img2img, 1.0 inpaint)")
     p.add_argument("--mask", type=Path, default=None, help="inpaint mask: white = repaint")
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation options set on the command line, by field name."""
+    names = [*_FIELDS, "sampler", "karras"]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    add_generation_options(p)
+    p.add_argument("--checkpoint", default=os.environ.get("SDQ_CHECKPOINT"),
+                   help="SD 1.x .safetensors file or diffusers folder (default: $SDQ_CHECKPOINT)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   default=os.environ.get("SDQ_DTYPE", "auto"))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=os.environ.get("SDQ_DEVICE", "auto"))
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickles (loaded with weights_only)")
 
 
@@ -48,20 +67,6 @@ def output_paths(output: Path, n: int) -> list[Path]:
     if n == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(n)]
-
-
-class ProgressBar:
-    """A one-line text progress bar on stderr."""
-
-    def __init__(self, width: int = 30) -> None:
-        self.width = width
-
-    def __call__(self, step: int, total: int) -> None:
-        done = int(self.width * step / max(total, 1))
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (self.width - done)}] {step}/{total} steps")
-        if step >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,19 +81,20 @@ def run(args: argparse.Namespace) -> int:
     if mask is not None and init is None:
         log.error("--mask needs --init-image")
         return 2
-    width = args.width or (init.width // 8 * 8 if init else 512)
-    height = args.height or (init.height // 8 * 8 if init else 512)
+    width = args.width or (init.width // 8 * 8 if init else _DEFAULTS["width"])
+    height = args.height or (init.height // 8 * 8 if init else _DEFAULTS["height"])
     if init is not None and init.size != (width, height):
         init = init.resize((width, height), Image.Resampling.LANCZOS)
     if mask is not None and mask.size != (width, height):
         mask = mask.resize((width, height), Image.Resampling.LANCZOS)
     task: Task = "inpaint" if mask is not None else "img2img" if init is not None else "txt2img"
     strength = args.strength if args.strength is not None else (1.0 if task == "inpaint" else 0.75)
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    o = {**_DEFAULTS, "sampler": _DEFAULTS["sampler"].value, **given_options(args)}
+    seed = o["seed"] if o["seed"] is not None else random.randrange(2**32)
     request = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, task=task, width=width, height=height,
-        steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, karras=args.karras,
-        eta=args.eta, seed=seed, n=args.n, strength=strength, init_image=init, mask=mask,
+        prompt=args.prompt, negative_prompt=o["negative_prompt"], task=task, width=width, height=height,
+        steps=o["steps"], guidance_scale=o["guidance_scale"], sampler=o["sampler"], karras=o["karras"], eta=o["eta"],
+        seed=seed, n=o["n"], strength=strength, init_image=init, mask=mask,
     )
     try:
         pipe = Pipeline.load(args.checkpoint, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
@@ -96,18 +102,21 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2
-    bar = ProgressBar()
+    bar = StepBar(request.steps)
 
     def on_step(event: StepEvent) -> None:
-        bar(event.step, event.total)
+        bar.update(event.step, event.total)
 
-    result = pipe.generate([request], callback=on_step)[0]
+    try:
+        result = pipe.generate([request], callback=on_step)[0]
+    finally:
+        bar.close()
     assert result is not None  # nothing cancels a local run
     if result.prompt_truncated:
         log.warning("the prompt was longer than 77 CLIP tokens and was truncated")
-    for path, image, image_seed in zip(output_paths(Path(args.output), args.n), result.images, result.seeds,
-                                       strict=True):
+    for path, image, image_seed in zip(output_paths(Path(args.output or "out.png"), request.n), result.images,
+                                       result.seeds, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
-        print(f"{path}  seed={image_seed}")
+        sys.stdout.write(f"{path}  seed={image_seed}\n")
     return 0
