@@ -1,6 +1,7 @@
-"""Jobs in Redis as the API sees them: enqueue a `JobSpec` on RQ, read a `JobPublic` back, cancel, queue position.
+"""Jobs in Redis as the API writes them: enqueue a `JobSpec` on RQ, cancel, queue depths.
 
-Everything here works on the RQ job hash, its meta (written by the worker) and its result; nothing imports torch.
+The read side (`JobPublic` views, queue positions) lives in `core.jobview`; its functions are importable from here
+too. Everything here works on the RQ job hash and RQ's lists and registries; nothing imports torch.
 """
 
 from __future__ import annotations
@@ -8,56 +9,44 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import ConnectionError, TimeoutError, WatchError
-from rq import Queue, Retry, worker_registration
-from rq.exceptions import NoSuchJobError
+from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
 from rq.registry import CanceledJobRegistry, DeferredJobRegistry, ScheduledJobRegistry
-from rq.results import Result
 from rq.utils import current_timestamp, utcformat
 from rq.utils import now as rq_now
 
 from core import commit, eventlog
-from core.attempts import died_message, read_counts
-from core.jobs import (
-    MAX_SEED,
-    GenerationParams,
-    ImageRecord,
-    JobError,
-    JobPublic,
-    JobSpec,
-    Priority,
-    Progress,
-    Status,
-    TaskKind,
-    Timings,
+from core.jobs import MAX_SEED, GenerationParams, JobSpec, Priority, TaskKind
+from core.jobview import (  # the read side, re-exported for the callers that read and write jobs
+    fetch_job,
+    get_job,
+    job_owner,
+    job_view,
+    live_worker_count,
+    public_status,
+    queue_position,
+    queued_view,
 )
-from core.queue_stats import eta_seconds
 from core.queues import JOB_FUNC, PRIORITY_ORDER, Keys
 from core.settings import Settings
-from core.storage.base import Storage
+from core.webhook_queue import WebhookNotifier
+
+__all__ = [
+    "CancelOutcome", "cancel_job", "created_score", "enqueue", "enqueue_many", "fetch_job", "get_job", "job_owner",
+    "job_view", "jobs_ahead", "live_worker_count", "new_job_spec", "public_status", "queue_depths", "queue_position",
+    "queued_view",
+]
 
 log = logging.getLogger(__name__)
-
-_PUBLIC_STATUS = {
-    JobStatus.CREATED: Status.queued,
-    JobStatus.QUEUED: Status.queued,
-    JobStatus.DEFERRED: Status.queued,
-    JobStatus.SCHEDULED: Status.queued,
-    JobStatus.STARTED: Status.running,
-    JobStatus.FINISHED: Status.succeeded,
-    JobStatus.FAILED: Status.failed,
-    JobStatus.CANCELED: Status.canceled,
-    JobStatus.STOPPED: Status.canceled,
-}
-
 
 # How long an owner's index outlives the newest job in it, beyond the result TTL and the job timeout: a day for time
 # spent queued.
@@ -187,164 +176,22 @@ def queue_depths(redis: Redis, keys: Keys) -> dict[Priority, int]:
     return dict(zip(PRIORITY_ORDER, (int(n) for n in pipe.execute()), strict=True))
 
 
-def live_worker_count(redis: Redis, keys: Keys) -> int:
-    """Workers registered on sdqueue's queues whose registration has not expired (a killed worker's key lapses
-    after its TTL)."""
-    names: set[str] = set()
-    for name in keys.queues():
-        names |= worker_registration.get_keys(Queue(name, connection=redis))
-    if not names:
-        return 0
-    pipe = redis.pipeline(transaction=False)
-    for name in names:
-        pipe.exists(name)
-    return sum(int(n) for n in pipe.execute())
-
-
 def jobs_ahead(depths: dict[Priority, int], priority: Priority) -> int:
     """Jobs that run before a job entering `priority`'s queue now: its own queue plus all higher priorities."""
     upto = PRIORITY_ORDER.index(priority)
     return sum(depths[p] for p in PRIORITY_ORDER[: upto + 1])
 
 
-def queued_view(spec: JobSpec, queue_position: int | None) -> JobPublic:
-    """The public view of a job just enqueued (no Redis read needed)."""
-    return JobPublic(
-        id=spec.id,
-        status=Status.queued,
-        task=spec.task,
-        created_at=spec.created_at,
-        queue_position=queue_position,
-        params=spec.params,
-        strength=spec.strength,
-        seeds=spec.seeds(),
-    )
-
-
-def fetch_job(redis: Redis, keys: Keys, job_id: str) -> Job | None:
-    """The RQ job `job_id` if it exists and is an sdqueue job."""
-    try:
-        job = Job.fetch(job_id, connection=redis)
-    except (NoSuchJobError, ValueError):  # ValueError: not a valid RQ job id
-        return None
-    if job.func_name != JOB_FUNC or job.origin not in keys.queues():
-        return None
-    return job
-
-
-def job_owner(job: Job) -> str | None:
-    """The API key name that submitted `job` (None: submitted with auth off)."""
-    owner = job.kwargs["spec"].get("owner")
-    return str(owner) if owner is not None else None
-
-
-def public_status(job: Job) -> Status:
-    """The job's status as clients see it, from the RQ status already loaded."""
-    return _PUBLIC_STATUS[job.get_status(refresh=False)]
-
-
-def get_job(redis: Redis, keys: Keys, storage: Storage, job_id: str) -> JobPublic | None:
-    """The job as clients see it, or None when there is no such job (or it has expired)."""
-    job = fetch_job(redis, keys, job_id)
-    if job is None:
-        return None
-    return job_view(redis, keys, storage, job)
-
-
-def job_view(redis: Redis, keys: Keys, storage: Storage, job: Job) -> JobPublic:
-    """`JobPublic` from the RQ job hash, the meta the worker wrote and, once finished, its latest result."""
-    spec = JobSpec.model_validate(job.kwargs["spec"])
-    status = _PUBLIC_STATUS[job.get_status(refresh=False)]
-    meta = job.meta
-    view = queued_view(spec, queue_position=None)
-    view.status = status
-    view.warnings = list(meta.get("warnings", []))
-    if "progress" in meta:
-        view.progress = Progress.model_validate(meta["progress"])
-    view.started_at = _utc(meta["started_at"]) if "started_at" in meta else _utc(job.started_at)
-    attempts, given_back = read_counts(redis, job.key)
-    view.attempts = attempts or (1 if view.started_at else 0)  # a stock RQ worker keeps no count
-    if status is Status.queued:
-        view.queue_position = queue_position(redis, keys, job)
-        if view.queue_position is not None:
-            workers = live_worker_count(redis, keys)
-            view.progress.eta_seconds = eta_seconds(redis, keys, view.queue_position, spec.params.n, workers)
-    elif status in (Status.succeeded, Status.failed):
-        _add_outcome(view, job, storage, deaths=attempts - given_back)
-    elif status is Status.canceled:
-        view.finished_at = _utc(job.ended_at) or _canceled_at(redis, job, view.started_at or view.created_at)
-    view.timings = _timings(view, view.timings.run_seconds)
-    return view
-
-
-def _canceled_at(redis: Redis, job: Job, not_before: datetime) -> datetime | None:
-    """When RQ canceled a job that has no `ended_at` (one a worker dropped while running): the whole second RQ's
-    CanceledJobRegistry scored it with, but not before the job started, which it may have within that second."""
-    score = redis.zscore(CanceledJobRegistry(job.origin, connection=redis).key, job.id)
-    return max(datetime.fromtimestamp(score, timezone.utc), not_before) if score is not None else None
-
-
-def _add_outcome(view: JobPublic, job: Job, storage: Storage, deaths: int) -> None:
-    """Result (images, warnings, run time) or error of a finished job."""
-    result = job.latest_result()
-    view.finished_at = _utc(job.ended_at) or (_utc(result.created_at) if result else None)
-    if view.status is Status.succeeded:
-        value: dict[str, Any] = result.return_value if result and isinstance(result.return_value, dict) else {}
-        view.images = [
-            ImageRecord.model_validate({**img, "url": storage.url(img["key"])}) for img in value.get("images", [])
-        ]
-        view.warnings = list(value.get("warnings", view.warnings))
-        view.timings.run_seconds = value.get("timings", {}).get("run_seconds")
-        view.progress = Progress(step=view.params.steps, total=view.params.steps, percent=100.0)
-        return
-    if "error" in job.meta:
-        view.error = JobError.model_validate(job.meta["error"])
-    else:
-        # No reason recorded by a worker: the job timed out or its last worker died. RQ's text says which.
-        exc = (result.exc_string if result and result.type == Result.Type.FAILED else None) or job.exc_info or ""
-        last_line = exc.strip().splitlines()[-1] if exc.strip() else "the job failed without a recorded reason"
-        if "AbandonedJobError" in last_line and deaths > 0:  # RQ's cleanup gave up on it: its last worker died
-            last_line = died_message(deaths)
-        view.error = JobError(type="WorkerError", message=last_line)
-
-
-def _timings(view: JobPublic, run_seconds: float | None) -> Timings:
-    def seconds(a: datetime | None, b: datetime | None) -> float | None:
-        return round((b - a).total_seconds(), 4) if a and b else None
-
-    if run_seconds is None:
-        run_seconds = seconds(view.started_at, view.finished_at)
-    return Timings(
-        queue_seconds=seconds(view.created_at, view.started_at),
-        run_seconds=run_seconds,
-        total_seconds=seconds(view.created_at, view.finished_at),
-    )
-
-
-def queue_position(redis: Redis, keys: Keys, job: Job) -> int | None:
-    """Jobs ahead of a queued job: those before it in its queue plus every job in higher-priority queues.
-
-    0 when it has left the queue list but not yet started (a worker is taking it); None when it waits elsewhere
-    (a retry scheduled for later).
-    """
-    priority = Priority(job.origin.removeprefix(keys.prefix + "-"))
-    higher = PRIORITY_ORDER[: PRIORITY_ORDER.index(priority)]
-    pipe = redis.pipeline(transaction=False)
-    pipe.lpos(Queue(job.origin, connection=redis).key, job.id)
-    for p in higher:
-        pipe.llen(Queue(keys.queue(p), connection=redis).key)
-    own, *lengths = pipe.execute()
-    if job.get_status(refresh=False) in (JobStatus.DEFERRED, JobStatus.SCHEDULED):
-        return None
-    return (int(own) if own is not None else 0) + sum(int(n) for n in lengths)
-
-
 # The cancel of a waiting job in one step, so that nothing is left half done (a job `queued` on no list would never
-# run nor end): RQ's `Job.cancel` of a job that is not running (status; off its queue and deferred / scheduled
-# registry; into the canceled registry, scored with RQ's timestamp), plus the end time and the `canceled` event no
-# worker writes for a job it never saw. A queued job is waiting while LREM finds it, else a worker has it ("taken").
+# run nor end, a canceled one might miss its event or webhook): RQ's `Job.cancel` of a job that is not running
+# (status; off its queue and deferred / scheduled registry; into the canceled registry, scored with RQ's timestamp),
+# plus the end time, the `canceled` event no worker writes for a job it never saw, and the writes that queue its
+# completed webhook (`_recorded`), run only when the cancel lands. A queued job is waiting while LREM finds it, else a
+# worker has it ("taken").
 # KEYS: job hash, queue list, deferred registry, scheduled registry, canceled registry, event log.
-# ARGV: job id, RQ timestamp, ended_at, event message, event log maxlen, event log TTL.
+# ARGV: job id, RQ timestamp, ended_at, event message, event log maxlen, event log TTL, then the webhook's writes,
+# each as its word count followed by its words. Their keys (a delivery's RQ job and queue) are not among KEYS: a
+# standalone Redis, as sdqueue uses, runs a script's writes to any key.
 _CANCEL_WAITING = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
@@ -364,30 +211,42 @@ redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', ARGV[3])
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[5], '*', 'message', ARGV[4])
 redis.call('EXPIRE', KEYS[6], ARGV[6])
+local i = 7
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
 return 'canceled'
 """
 
 
-def cancel_job(redis: Redis, keys: Keys, job_id: str) -> CancelOutcome | None:
+def cancel_job(
+    redis: Redis, keys: Keys, job_id: str, *, webhooks: WebhookNotifier | None = None
+) -> CancelOutcome | None:
     """Cancel `job_id`; None when there is no such job.
 
     A waiting job is canceled in one atomic script (`_CANCEL_WAITING`), so no worker can take it halfway and no
-    crash can leave it half canceled. A job a worker has taken, or that runs, is asked to stop: the worker drops it
-    after the current denoising step.
+    crash can leave it half canceled; with `webhooks` (the API's), its completed webhook is queued in that same
+    script. A job a worker has taken, or that runs, is asked to stop: the worker drops it after the current
+    denoising step, and writes its end, event and webhook itself.
     """
     job = fetch_job(redis, keys, job_id)
     if job is None:
         return None
-    if _PUBLIC_STATUS[job.get_status(refresh=False)].is_terminal():
+    if public_status(job).is_terminal():
         return CancelOutcome.finished
     origin = job.origin
+    ended = rq_now()
+    writes = _recorded(redis, lambda pipe: _canceled_webhook(webhooks, job, ended, pipe)) if webhooks else []
     outcome: str = redis.eval(  # bytes: RQ's clients do not decode replies
         _CANCEL_WAITING, 6,
         job.key, Queue(origin, connection=redis).key, DeferredJobRegistry(origin, connection=redis).key,
         ScheduledJobRegistry(origin, connection=redis).key, CanceledJobRegistry(origin, connection=redis).key,
         keys.event_log(job.id),
-        job.id, current_timestamp(), utcformat(rq_now()), eventlog.message("canceled", job.id, {"reason": "canceled"}),
+        job.id, current_timestamp(), utcformat(ended), eventlog.message("canceled", job.id, {"reason": "canceled"}),
         eventlog.EVENT_LOG_MAXLEN, eventlog.EVENT_LOG_TTL_S,
+        *(word for command in writes for word in (len(command), *command)),
     ).decode()
     if outcome == "canceled":
         return CancelOutcome.canceled
@@ -399,9 +258,19 @@ def cancel_job(redis: Redis, keys: Keys, job_id: str) -> CancelOutcome | None:
     return CancelOutcome.requested
 
 
-def _utc(value: datetime | str | None) -> datetime | None:
-    """Timestamps as aware UTC datetimes (the worker writes ISO strings; naive ones are taken as UTC)."""
-    if value is None:
-        return None
-    dt = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+def _canceled_webhook(webhooks: WebhookNotifier, job: Job, ended: datetime, pipe: Pipeline) -> None:
+    """The completed webhook of `job` canceled while waiting, with the view GET answers once the script ran."""
+    job._status = JobStatus.CANCELED  # in memory, for the view: the script writes the status and the end time
+    job.ended_at = ended
+    webhooks.completed(job, pipe)
+
+
+def _recorded(redis: Redis, write: Callable[[Pipeline], None]) -> list[tuple[Any, ...]]:
+    """The commands `write` puts in a pipeline, recorded instead of sent: a script runs them where they must land
+    together with its own writes."""
+    pipe = redis.pipeline(transaction=False)
+    try:
+        write(pipe)
+        return [args for args, _options in pipe.command_stack]
+    finally:
+        pipe.reset()

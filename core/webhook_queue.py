@@ -2,9 +2,10 @@
 
 Queuing a delivery is one Redis write (joined to the caller's pipeline where it has one) and no network I/O to the
 receiver, so a GPU batch never waits on one; only jobs that asked for the event pay anything. The body is the job as
-``GET /v1/jobs/{id}`` shows it at the time of the event, built by ``core.jobstore`` (so image URLs are the API's):
-from the job object in memory for ``start`` and ``progress``, read back from Redis (two reads) for ``completed``. It
-stays the same on every retry of that message.
+``GET /v1/jobs/{id}`` shows it at the time of the event, built by ``core.jobview`` (so image URLs are the API's)
+from the job object in memory. A ``completed`` delivery is queued in the same transaction (or script) as the job's
+final record, so a job that ended always has it, and only once. The body stays the same on every retry of that
+message.
 
 Events (a job's ``webhook_events_filter`` picks among them):
 - ``start``: the job started running;
@@ -19,13 +20,13 @@ import time
 import weakref
 from typing import Any
 
-import redis.exceptions
 from redis import Redis
 from redis.client import Pipeline
 from rq import Queue, Retry
 from rq.job import Job
 
-from core import jobstore
+from core import jobview
+from core.attempts import read_counts
 from core.jobs import DEFAULT_WEBHOOK_EVENTS, JobPublic, WebhookEvent
 from core.queues import Keys
 from core.settings import Settings
@@ -84,8 +85,8 @@ def enqueue_delivery(
 class WebhookNotifier:
     """The worker's side: turns a running batch's job events into queued deliveries.
 
-    A webhook that cannot be queued is logged and the job goes on, except when Redis fails for ``completed``: that
-    error is raised, so that the worker queues the delivery once Redis answers again instead of losing it.
+    A ``start`` or ``progress`` webhook that cannot be queued is logged and the job goes on; ``completed`` goes into
+    the transaction of the job's final record, which the worker retries until Redis answers.
     """
 
     def __init__(self, connection: Redis, settings: Settings, storage: Storage) -> None:
@@ -110,25 +111,28 @@ class WebhookNotifier:
             self._progress_sent[job] = clock
             self._from_memory(job, "progress", pipeline)
 
-    def completed(self, job: Job) -> None:
-        """After the job was finalized: the view is read back, exactly as GET /v1/jobs/{id} now returns it.
+    def completed(self, job: Job, pipeline: Pipeline | None = None, *,
+                  return_value: dict[str, Any] | None = None) -> None:
+        """Into the transaction (`pipeline`) that writes the job's final record, whose status, ``ended_at`` and meta
+        are current in memory (and a success's `return_value`): the view is built from memory
+        (``jobview.final_view``), exactly as GET /v1/jobs/{id} returns it once the transaction landed. Its attempt
+        counts are read from the job hash, which nothing changes while a job ends.
 
-        Raises Redis errors (nothing was queued then: the caller tries again)."""
+        Raises Redis errors (of the read; nothing was queued then: the caller tries again)."""
         if not _asked(job, "completed"):
             return
+        attempts, given_back = read_counts(self.connection, job.key)
         try:
-            view = jobstore.get_job(self.connection, self.keys, self.storage, job.id)
-            if view is not None:
-                enqueue_delivery(self.connection, self.settings, view, "completed")
-        except redis.exceptions.RedisError:
-            raise
-        except Exception:
-            log.exception("could not queue the completed webhook of job %s", job.id)
+            view = jobview.final_view(job, self.storage, attempts, given_back, return_value)
+        except Exception:  # a view that cannot be built must not keep the job from ending
+            log.exception("could not build the completed webhook of job %s", job.id)
+            return
+        enqueue_delivery(self.connection, self.settings, view, "completed", pipeline=pipeline)
 
     def _from_memory(self, job: Job, event: WebhookEvent, pipeline: Pipeline) -> None:
         # A running job's view needs no Redis read: status, meta and spec are on the job object.
         try:
-            view = jobstore.job_view(self.connection, self.keys, self.storage, job)
+            view = jobview.job_view(self.connection, self.keys, self.storage, job)
             enqueue_delivery(self.connection, self.settings, view, event, pipeline=pipeline)
         except Exception:
             log.exception("could not queue the %s webhook of job %s", event, job.id)

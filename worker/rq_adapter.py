@@ -9,7 +9,8 @@ shutdown that never drops a job, and a loop that rides out Redis outages; its su
 - Every worker runs RQ's registry cleanup every heartbeat (under RQ's maintenance lock, held for at most one lease
   instead of RQ's 15 minutes), which re-enqueues the jobs of a dead worker (RQ ``Retry``) once their lease expired.
   So a SIGKILLed worker's jobs are queued again within about 4 heartbeats (20 s at the default 5 s). A job with no
-  retry left fails there, with ``meta.error`` saying how often its worker died while running it.
+  retry left fails there, with ``meta.error`` saying how often its worker died while running it, and with its
+  ``failed`` event and completed webhook in the same transaction (``_clean_started``, our version of RQ's cleanup).
 - SIGTERM (RQ's warm shutdown) finishes the running batch, claims no new job, and returns from ``work()``.
 
 Redis outages (down, unreachable, paused, or full under ``maxmemory`` + ``noeviction``) never end the loop. RQ's
@@ -29,23 +30,28 @@ import functools
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.exceptions
 from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import WatchError
 from rq import worker_registration
 from rq.command import handle_command, parse_payload
-from rq.exceptions import DequeueTimeout
-from rq.job import Job
+from rq.exceptions import AbandonedJobError, DequeueTimeout, NoSuchJobError
+from rq.job import Job, JobStatus
 from rq.queue import Queue
-from rq.utils import now
+from rq.utils import current_timestamp, now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from core.attempts import died_message, read_counts
 from core.jobs import JobError
 from core.queues import JOB_FUNC
+from worker.events import Failed
 from worker.outages import Backoff, GaveUp, Link, until_answered
+from worker.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,8 @@ class RQWorker(SimpleWorker):
         )
         self.batch_ids: set[str] = set()  # jobs of the running batch
         self.stop_ids: set[str] = set()  # RQ stop-job commands received for jobs of the running batch
+        # What leaves with the failure of an abandoned job: set by the Bookkeeper that records this worker's jobs.
+        self.outbox: Outbox | None = None
 
     @property
     def stop_requested(self) -> bool:
@@ -216,7 +224,7 @@ class RQWorker(SimpleWorker):
                 return  # last_cleaned_at stays: the next idle turn tries again
             if self.connection.set(queue.registry_cleaning_key, self.name, nx=True, ex=self.lease_s):
                 # The started registry first, right after the check (what rq.registry.clean_registries cleans).
-                queue.started_job_registry.cleanup(exception_handlers=[self._abandoned, *self._exc_handlers])
+                self._clean_started(queue)
                 queue.finished_job_registry.cleanup()
                 queue.failed_job_registry.cleanup()
                 queue.deferred_job_registry.cleanup()
@@ -226,15 +234,76 @@ class RQWorker(SimpleWorker):
         self.on_maintenance()
         self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ's __init__ types it as None
 
-    def _abandoned(self, job: Job, *exc_info: object) -> bool:
-        """RQ's started-registry cleanup found ``job``'s lease expired (its worker died): a job that has no retry
-        left fails, with the reason in ``meta.error``, as a worker writes it."""
-        if not job.retries_left:
-            attempts, given_back = read_counts(self.connection, job.key)
-            error = JobError(type="WorkerError", message=died_message(max(1, attempts - given_back)))
-            job.meta["error"] = error.model_dump()
-            job.save_meta()
-        return True  # RQ's handling goes on: the job fails
+    def _clean_started(self, queue: Queue) -> None:
+        """RQ's StartedJobRegistry cleanup, one expired entry (a run whose worker died) per transaction: the entry
+        goes, and its job goes back to its queue through RQ's ``Retry``, or, with no retry left, fails with the
+        reason in ``meta.error`` and its outbox (``failed`` event, completed webhook) in the same transaction. The
+        transaction WATCHes the registry, which a lease renewal and every worker's final record write, so a job
+        whose lease was renewed meanwhile stays, and a job ends once."""
+        registry = queue.started_job_registry
+        for member in self.connection.zrangebyscore(registry.key, 0, current_timestamp()):
+            self._abandon(queue, member)
+
+    def _abandon(self, queue: Queue, member: bytes) -> None:
+        registry = queue.started_job_registry
+        job_id = registry.parse_job_id(member)
+        reported = False
+        with self.connection.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(registry.key)
+                    score = cast(float | None, pipe.zscore(registry.key, member))
+                    if score is None or score > current_timestamp():
+                        return  # finalized, or renewed, meanwhile
+                    try:
+                        job: Job | None = self.job_class.fetch(job_id, connection=self.connection,
+                                                               serializer=self.serializer)
+                    except NoSuchJobError:
+                        job = None
+                    if job is not None and job.get_status(refresh=False) != JobStatus.STARTED:
+                        job = None  # a stale entry: only a started job can have been abandoned
+                    if job is not None and not reported:
+                        reported = True
+                        self._report_abandoned(job)
+                    error = self._died(job) if job is not None and not job.retries_left else None
+                    pipe.multi()
+                    pipe.zrem(registry.key, member)
+                    if job is not None and error is None:
+                        job.retry(queue, pipe)
+                    elif job is not None and error is not None:
+                        self._fail_abandoned(pipe, job, error)
+                    pipe.execute()
+                    if job is not None and error is not None:
+                        log.warning("job %s failed: %s", job_id, error.message)
+                        queue.enqueue_dependents(job, refresh_job_status=False)  # as RQ's cleanup does
+                    return
+                except WatchError:
+                    continue  # the registry changed: look at the lease again
+
+    def _report_abandoned(self, job: Job) -> None:
+        """What RQ's cleanup runs for an abandoned job: its failure callback, then the worker's exception handlers
+        (one that returns a false value other than None stops the others)."""
+        exc, stack = AbandonedJobError(), traceback.extract_stack()
+        job.execute_failure_callback(self.death_penalty_class, AbandonedJobError, exc, stack)
+        for handler in self._exc_handlers:
+            fallthrough = handler(job, AbandonedJobError, exc, stack)
+            if fallthrough is not None and not fallthrough:
+                break
+
+    def _died(self, job: Job) -> JobError:
+        attempts, given_back = read_counts(self.connection, job.key)
+        return JobError(type="WorkerError", message=died_message(max(1, attempts - given_back)))
+
+    def _fail_abandoned(self, pipe: Pipeline, job: Job, error: JobError) -> None:
+        """RQ's failure of an abandoned job, into ``pipe``, with an end time, the reason and the job's outbox."""
+        job.meta["error"] = error.model_dump()
+        job.ended_at = now()
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+        job._handle_failure(f"Moved to FailedJobRegistry, due to AbandonedJobError, at {job.ended_at}", pipe,
+                            worker_name="")
+        if self.outbox is not None and job.func_name == JOB_FUNC:
+            self.outbox.write(pipe, job, Failed(job.id, error=error))
 
     # RQ hooks: shutdown and commands -----------------------------------------------------------------------
     def _shutdown(self) -> None:

@@ -14,18 +14,20 @@ several jobs at once, so ``Bookkeeper`` does the same steps per job, with one RQ
 - finalize: success through RQ's ``handle_job_success`` (result, FinishedJobRegistry), failure with the job's own
   exception (FailedJobRegistry, exc info), cancel (``Job.cancel``: CanceledJobRegistry), stop (status stopped, as
   RQ's stop-job command leaves it), or give-back (``Job.retry``: back in its queue, one retry spent) for a job the
-  infrastructure kept from finishing. Each is one attempt that raises Redis errors; ``worker.finalizer`` retries.
+  infrastructure kept from finishing. Each is one transaction, with the job's outbox (``worker.outbox``: terminal
+  event, end of its cancel request, completed webhook) in it, and one attempt that raises Redis errors;
+  ``worker.finalizer`` retries.
 
 Failures are final: RQ's ``Retry`` budget is kept for jobs whose worker died (StartedJobRegistry cleanup
 re-enqueues those) or that storage kept from finishing, since re-running a job that raised on its own input gives
 the same error again.
 
-Exactly once: before a job is finalized its lease is renewed with ``ZADD XX CH``, which succeeds only if the
-registry entry is still there. If it is gone, the registry cleanup already gave the job to another worker (this
-worker was presumed dead) or it was canceled, and this worker drops its result. A success is recorded in one
-transaction with that check (``succeed``), so no stall between the check and the record can make it land twice.
-When a connection broke while an outcome was being written, ``landed`` tells whether that write took effect before
-the entry is taken for lost.
+Exactly once: every final record is one ``WATCH``ed transaction that checks, after the WATCH, that the run's
+registry entry is still there and the job still started by this worker (``_final``). If it is not, the registry
+cleanup already gave the job to another worker (this worker was presumed dead) or it was canceled, and this worker
+drops its outcome; a handover between the check and the EXEC aborts the transaction. When a connection broke while
+an outcome was being written, ``landed`` tells whether that write took effect before the entry is taken for lost,
+so that neither the record nor its event and webhook are written twice.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast
 from uuid import uuid4
 
 from redis.client import Pipeline
-from redis.exceptions import WatchError
+from redis.exceptions import ConnectionError, TimeoutError, WatchError
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -53,8 +55,9 @@ from core.jobs import JobError
 from core.queues import Keys
 from core.webhook_queue import WebhookNotifier
 from worker.batcher import Claim
-from worker.events import JobEvent, Running, publish
+from worker.events import Canceled, Failed, JobEvent, Running, Succeeded, publish
 from worker.outages import Link, until_answered
+from worker.outbox import Outbox
 from worker.rq_adapter import RQWorker
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,9 @@ class Bookkeeper:
         self.webhooks = webhooks
         self.redis = redis or Link("Redis")
         self.wait_cap_s = max(1.0, lease_s / 3)  # one heartbeat
+        self.outbox = Outbox(keys, webhooks)
+        if isinstance(worker, RQWorker):
+            worker.outbox = self.outbox  # the failure of an abandoned job carries the same outbox (RQ's cleanup)
 
     # start -------------------------------------------------------------------------------------------------
     def start(self, claims: Sequence[Claim], batch_images: int) -> list[RunningJob]:
@@ -161,10 +167,7 @@ class Bookkeeper:
     # finalize: one attempt each, Redis errors raised ------------------------------------------------------
     def succeed(self, run: RunningJob, result: dict[str, Any]) -> bool:
         """Store ``result`` as the job's return value, as RQ's ``handle_job_success`` does (result, finished
-        registry, counters), in one transaction that holds only while the job is this run's: the job hash is
-        WATCHed (the registry cleanup that hands the job to another worker writes it), then the run's registry
-        entry, the job's status and its worker are checked, so a worker presumed dead does not record a success.
-        False (nothing written): not ours."""
+        registry, counters), with its ``succeeded`` event and completed webhook (``_final``). False: not ours."""
         w, job = self.worker, run.job
         job.meta["warnings"] = result.get("warnings", [])
         job.ended_at = now()
@@ -173,6 +176,91 @@ class Bookkeeper:
         if not run.reported:
             run.reported = True
             job.execute_success_callback(w.death_penalty_class, result)
+
+        def write(pipe: Pipeline) -> None:
+            assert job.ended_at is not None
+            self._save_meta(pipe, job)
+            w.increment_successful_job_count(pipeline=pipe)
+            if job.started_at:
+                w.increment_total_working_time(job.ended_at - job.started_at, pipe)
+            result_ttl = job.get_result_ttl(w.default_result_ttl)
+            if result_ttl != 0:
+                job._handle_success(result_ttl, pipeline=pipe, worker_name=w.name, execution_id=run.execution.id,
+                                    execution_started_at=run.execution.created_at, execution_ended_at=job.ended_at)
+            job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+            run.execution.delete(job=job, pipeline=pipe)
+
+        return self._final(run, write, Succeeded(run.id, result=result), return_value=result)
+
+    def fail(self, run: RunningJob, exc_info: ExcInfo) -> bool:
+        """Fail the job with its own exception: status failed, FailedJobRegistry, exc info in its RQ result; its
+        ``failed`` event and completed webhook. False: not ours."""
+        w, job = self.worker, run.job
+        error = job_error(exc_info[1])
+        job.meta["error"] = error.model_dump()
+        job.ended_at = now()
+        job._status = JobStatus.FAILED
+        if not run.reported:
+            run.reported = True
+            try:
+                job.execute_failure_callback(w.death_penalty_class, *exc_info)
+            except Exception:
+                log.exception("failure callback of job %s raised", job.id)
+            w.handle_exception(job, *exc_info)
+        exc_string = "".join(traceback.format_exception(*exc_info))
+        return self._final(run, lambda pipe: self._finish_failed(pipe, run, JobStatus.FAILED, exc_string),
+                           Failed(run.id, error=error))
+
+    def cancel(self, run: RunningJob) -> bool:
+        """Canceled while running: status canceled, CanceledJobRegistry, no result; its ``canceled`` event and
+        completed webhook. False: not ours."""
+        job = run.job
+        job.ended_at = now()
+
+        def write(pipe: Pipeline) -> None:
+            assert job.ended_at is not None
+            job.cancel(pipeline=pipe)
+            job._status = JobStatus.CANCELED  # RQ's cancel reads the stored status back into memory
+            pipe.hset(job.key, "ended_at", utcformat(job.ended_at))  # RQ's cancel records no end
+            run.execution.delete(job=job, pipeline=pipe)
+
+        return self._final(run, write, Canceled(run.id, reason="canceled"))
+
+    def stop(self, run: RunningJob) -> bool:
+        """Stopped by RQ's stop-job command: status stopped, in the FailedJobRegistry, as RQ leaves such jobs; a
+        ``canceled`` event (reason ``stopped``) and its completed webhook. False: not ours."""
+        run.job.ended_at = now()
+        return self._final(run, lambda pipe: self._finish_failed(pipe, run, JobStatus.STOPPED, "Job stopped by user."),
+                           Canceled(run.id, reason="stopped"))
+
+    def give_back(self, run: RunningJob) -> bool:
+        """Back in its queue through RQ's ``Retry`` (one retry spent, status queued): the job could not be finished
+        here for the infrastructure's reasons. Needs a retry left (``job.retries_left``). False: not ours."""
+        job = run.job
+        retries_left = job.retries_left
+
+        def write(pipe: Pipeline) -> None:
+            job.retries_left = retries_left  # an aborted attempt spent nothing: this one spends the same retry
+            run.execution.delete(job=job, pipeline=pipe)
+            job.retry(run.queue, pipe)
+            pipe.hset(job.key, GIVEN_BACK_FIELD, run.given_back + 1)  # this run ended; its worker did not die
+
+        try:
+            return self._final(run, write, None)
+        except BaseException:
+            job.retries_left = retries_left  # nothing may have been written: the next attempt spends the same retry
+            raise
+
+    def _final(self, run: RunningJob, write: Callable[[Pipeline], None], event: JobEvent | None,
+               return_value: dict[str, Any] | None = None) -> bool:
+        """``write`` the job's final record and, with ``event``, its outbox (the event, the end of its cancel
+        request, its completed webhook; ``worker.outbox``), in one transaction that holds only while the job is this
+        run's: the job hash is WATCHed (the registry cleanup that hands the job to another worker writes it, as
+        does every final record), then the run's registry entry, the job's status and its worker are checked. So a
+        worker presumed dead records no outcome, and no stall between the check and the EXEC can make one land
+        twice. False (nothing written): not ours. A connection lost during the EXEC raises ``ConnectionError``: the
+        transaction may have landed (``landed`` tells)."""
+        w, job = self.worker, run.job
         registry = run.queue.started_job_registry
         with self.connection.pipeline() as pipe:
             while True:
@@ -192,101 +280,44 @@ class Bookkeeper:
                         time.sleep(self.wait_cap_s)
                         continue
                     pipe.multi()
-                    self._save_meta(pipe, job)
-                    w.increment_successful_job_count(pipeline=pipe)
-                    if job.started_at:
-                        w.increment_total_working_time(job.ended_at - job.started_at, pipe)
-                    result_ttl = job.get_result_ttl(w.default_result_ttl)
-                    if result_ttl != 0:
-                        job._handle_success(result_ttl, pipeline=pipe, worker_name=w.name,
-                                            execution_id=run.execution.id,
-                                            execution_started_at=run.execution.created_at,
-                                            execution_ended_at=job.ended_at)
-                    job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
-                    run.execution.delete(job=job, pipeline=pipe)
-                    pipe.execute()
+                    write(pipe)
+                    if event is not None:
+                        self.outbox.write(pipe, job, event, return_value)
+                    _execute(pipe)
                     return True
                 except WatchError:
                     continue  # the job hash changed: look at the lease again
 
-    def fail(self, run: RunningJob, exc_info: ExcInfo) -> None:
-        """Fail the job with its own exception: status failed, FailedJobRegistry, exc info in its RQ result."""
-        w, job = self.worker, run.job
-        job.meta["error"] = job_error(exc_info[1]).model_dump()
-        job.ended_at = now()
-        job._status = JobStatus.FAILED
-        if not run.reported:
-            run.reported = True
-            try:
-                job.execute_failure_callback(w.death_penalty_class, *exc_info)
-            except Exception:
-                log.exception("failure callback of job %s raised", job.id)
-            w.handle_exception(job, *exc_info)
-        self._finish_failed(run, JobStatus.FAILED, "".join(traceback.format_exception(*exc_info)))
-
-    def cancel(self, run: RunningJob) -> None:
-        """Canceled while running: status canceled, CanceledJobRegistry, no result."""
-        job = run.job
-        with self.connection.pipeline() as pipe:
-            if job.get_status() != JobStatus.CANCELED:  # the API may have canceled it through RQ already
-                job.cancel(pipeline=pipe)
-            pipe.hset(job.key, "ended_at", utcformat(now()))  # RQ's cancel records no end; finished_at reads it
-            run.execution.delete(job=job, pipeline=pipe)
-            pipe.execute()
-
-    def stop(self, run: RunningJob) -> None:
-        """Stopped by RQ's stop-job command: status stopped, in the FailedJobRegistry, as RQ leaves such jobs."""
-        run.job.ended_at = now()
-        self._finish_failed(run, JobStatus.STOPPED, "Job stopped by user.")
-
-    def give_back(self, run: RunningJob) -> None:
-        """Back in its queue through RQ's ``Retry`` (one retry spent, status queued): the job could not be finished
-        here for the infrastructure's reasons. Needs a retry left (``job.retries_left``)."""
-        job = run.job
-        retries_left = job.retries_left
-        try:
-            with self.connection.pipeline() as pipe:
-                run.execution.delete(job=job, pipeline=pipe)
-                job.retry(run.queue, pipe)
-                pipe.hset(job.key, GIVEN_BACK_FIELD, run.given_back + 1)  # this run ended; its worker did not die
-                pipe.execute()
-        except BaseException:
-            job.retries_left = retries_left  # nothing was written: the next attempt spends the same retry
-            raise
-
-    def announce(self, run: RunningJob, event: JobEvent) -> None:
-        """Publish the terminal event and forget any cancel request for the job."""
-        with self.connection.pipeline() as pipe:
-            pipe.srem(self.keys.cancel_requests(), run.id)
-            publish(pipe, self.keys, event)
-            pipe.execute()
-
-    def completed_webhook(self, run: RunningJob) -> None:
-        """Queue the job's completed webhook, if it asked for one."""
-        if self.webhooks is not None:
-            self.webhooks.completed(run.job)
-
     # helpers -----------------------------------------------------------------------------------------------
-    def _finish_failed(self, run: RunningJob, status: JobStatus, exc_string: str) -> None:
+    def _finish_failed(self, pipe: Pipeline, run: RunningJob, status: JobStatus, exc_string: str) -> None:
         w, job = self.worker, run.job
-        with self.connection.pipeline() as pipe:
-            job.set_status(status, pipeline=pipe)
-            self._save_meta(pipe, job)
-            run.execution.delete(job=job, pipeline=pipe)
-            job._handle_failure(
-                exc_string,
-                pipeline=pipe,
-                worker_name=w.name,
-                execution_id=run.execution.id,
-                execution_started_at=run.execution.created_at,
-                execution_ended_at=job.ended_at,
-            )
-            w.increment_failed_job_count(pipe)
-            if job.started_at and job.ended_at:
-                w.increment_total_working_time(job.ended_at - job.started_at, pipe)
-            pipe.execute()
+        job.set_status(status, pipeline=pipe)
+        self._save_meta(pipe, job)
+        run.execution.delete(job=job, pipeline=pipe)
+        job._handle_failure(
+            exc_string,
+            pipeline=pipe,
+            worker_name=w.name,
+            execution_id=run.execution.id,
+            execution_started_at=run.execution.created_at,
+            execution_ended_at=job.ended_at,
+        )
+        w.increment_failed_job_count(pipe)
+        if job.started_at and job.ended_at:
+            w.increment_total_working_time(job.ended_at - job.started_at, pipe)
 
     @staticmethod
     def _save_meta(pipe: Any, job: Job) -> None:
         # What Job.save_meta does, inside our pipeline.
         pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+
+
+def _execute(pipe: Pipeline) -> None:
+    """``pipe.execute()`` of a WATCHed transaction. redis-py reports a connection lost on the way as a WatchError,
+    as if the transaction had been aborted; but the EXEC may have run, so it is raised as a connection error."""
+    try:
+        pipe.execute()
+    except WatchError as exc:
+        if isinstance(exc.__context__, ConnectionError | TimeoutError):
+            raise ConnectionError(f"connection lost during a final record: {exc.__context__}") from exc.__context__
+        raise

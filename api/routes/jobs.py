@@ -19,7 +19,7 @@ from core import jobstore
 from core.jobs import JobPublic, Status, Txt2ImgRequest
 from core.jobstore import CancelOutcome
 from core.queues import Keys
-from core.webhook_queue import enqueue_delivery
+from core.webhook_queue import WebhookNotifier
 
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=AuthenticatedRoute)
 
@@ -99,13 +99,11 @@ def cancel_job(
     denoising step (202, status still `running`; its events end with `canceled`). Canceling a canceled job again
     is 200; a job that already succeeded or failed is 409."""
     owned_job(redis, keys, caller, job_id)
-    outcome = jobstore.cancel_job(redis, keys, job_id)
+    # A job canceled while queued never reaches a worker: its "completed" webhook is queued with the cancel.
+    outcome = jobstore.cancel_job(redis, keys, job_id, webhooks=WebhookNotifier(redis, settings, storage))
     job = jobstore.get_job(redis, keys, storage, job_id)
     if outcome is None or job is None:
         raise _not_found(job_id)
-    if outcome is CancelOutcome.canceled:
-        # A job canceled while queued never reaches a worker, so its "completed" webhook starts here.
-        enqueue_delivery(redis, settings, job, "completed")
     if outcome is CancelOutcome.requested:
         response.status_code = 202
     elif outcome is CancelOutcome.finished and job.status is not Status.canceled:
