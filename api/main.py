@@ -15,7 +15,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import a1111, deps, docs, errors, openai_images
+from api import a1111, deps, docs, errors, openai_images, playground
 from api.auth import Authenticator
 from api.cors import add_cors
 from api.durability import Durability
@@ -23,7 +23,7 @@ from api.instrumentation import ApiMetrics, HttpMetricsMiddleware
 from api.intake import Services
 from api.limits import BodyLimitMiddleware, KeyLimits
 from api.request_id import RequestIdMiddleware
-from api.routes import events, health, images, img2img, jobs, metrics, models
+from api.routes import events, health, images, img2img, jobs, limits, metrics, models
 from api.submitter import Submitter
 from core import eventlog
 from core.queues import Keys, connect
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 _PROTECTED_ERRORS = errors.responses(401, 503, described={503: "Redis is unreachable; retry after `Retry-After`."})
 # Routes that need an API key when auth is on; health, readiness and metrics stay open for probes and scrapers.
 # A route with a body among them is an `api.auth.AuthenticatedRoute`, so that the key is checked before the body.
-PROTECTED = (jobs, events, img2img, images, models, a1111)
+PROTECTED = (jobs, events, img2img, images, models, limits, a1111)
 
 
 def operation_id(route: APIRoute) -> str:
@@ -78,7 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Stable Diffusion 1.x jobs over HTTP: submit, follow, download.",
         description="Errors always have the shape `{\"error\": {\"type\", \"message\", \"field\"}}`. With auth on, "
-        "every route but /healthz, /readyz, /metrics and the docs needs `Authorization: Bearer <API key>`.",
+        "every route but /healthz, /readyz, /metrics, the docs and the playground page at / needs "
+        "`Authorization: Bearer <API key>`.",
         lifespan=lifespan,
         docs_url=None,  # served by `docs.add_docs` from local files instead of a CDN
         redoc_url=None,
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, metrics):
         app.include_router(module.router)
     docs.add_docs(app)  # also open: the pages, their files and /openapi.json
+    playground.add_playground(app)  # open: a static page at /; its API calls send the key
     return app
 
 

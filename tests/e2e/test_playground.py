@@ -1,0 +1,260 @@
+"""The web playground at `/`, driven in a real headless Chromium against real processes: redis-server,
+`sdqueue api` and `sdqueue worker` on the tiny random checkpoint.
+
+The browser is Debian's `chromium` with `chromium-driver`, as in tests/api/test_docs_browser.py (nothing downloads
+a browser). Screenshots of each run go to `artifacts/playground/` (git-ignored). Every wait is an explicit wait on
+what the page shows, with timeouts meant for two busy cores.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service as DriverService
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
+
+from core import apikeys
+from tests.api.test_docs_browser import CHROMEDRIVER, CHROMIUM, console_errors
+from tests.e2e.conftest import ROOT, Service
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = ROOT / "artifacts" / "playground"
+WAIT_S = 180  # a job on the tiny model takes a second; a loaded 2-core machine may take far longer
+KEY = "sdq_playground-test-key"
+# Long enough to be canceled while it runs on any machine: the tiny UNet at 64x64 latents, 150 steps.
+SLOW_JOB = {"width": "512", "height": "512", "steps": "150"}
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if shutil.which(path) is None]
+    if missing:
+        pytest.fail(f"browser tests need {' and '.join(missing)}: apt-get install chromium chromium-driver "
+                    "(`make test` does this itself when run as root)", pytrace=False)
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for a browser or driver online
+    monkeypatch.setenv("SE_AVOID_STATS", "true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--no-proxy-server",
+                 "--disable-dev-shm-usage", "--window-size=1280,1000", "--force-device-scale-factor=1",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=DriverService(
+        executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")))
+    driver.set_script_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+class Playground:
+    """The page, as a person uses it: fields by their ids, jobs by their cards."""
+
+    def __init__(self, driver: WebDriver, service: Service, name: str) -> None:
+        self.driver = driver
+        self.service = service
+        self.shots = ARTIFACTS / name
+        self.shots.mkdir(parents=True, exist_ok=True)
+
+    def open(self) -> None:
+        self.driver.get(f"{self.service.url}/")
+        self.wait(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true",
+                  "the page to load the schema and the server's state")
+
+    def wait(self, condition: Callable[[WebDriver], Any], what: str, timeout: float = WAIT_S) -> Any:
+        try:
+            return WebDriverWait(self.driver, timeout, poll_frequency=0.25).until(condition)
+        except TimeoutException:
+            self.screenshot("timeout")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\nbrowser console: "
+                                 f"{console_errors(self.driver)}\n{self.service.logs()}") from None
+
+    def screenshot(self, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        self.driver.save_screenshot(str(path))
+        log.info("screenshot: %s", path)
+        return path
+
+    def by_id(self, element_id: str) -> WebElement:
+        return self.driver.find_element(By.ID, element_id)
+
+    def fill(self, **fields: str) -> None:
+        for element_id, value in fields.items():
+            field = self.by_id(element_id)
+            field.clear()
+            field.send_keys(value)
+
+    def mode(self, mode: str) -> None:
+        self.driver.find_element(By.CSS_SELECTOR, f'input[name="mode"][value="{mode}"]').click()
+
+    def message(self, element_id: str) -> str:
+        element = self.by_id(element_id)
+        return element.text if element.is_displayed() else ""
+
+    def cards(self) -> list[WebElement]:
+        return self.driver.find_elements(By.CSS_SELECTOR, "#jobs > li.job")
+
+    def submit(self) -> str:
+        """Click Generate; the new job's id (its card comes first)."""
+        before = len(self.cards())
+        self.by_id("submit").click()
+        self.wait(lambda d: len(self.cards()) > before or self.message("form-message"), "a new job card")
+        assert not self.message("form-message"), self.message("form-message")
+        return str(self.cards()[0].get_attribute("data-job-id"))
+
+    def card(self, job_id: str) -> WebElement:
+        return self.driver.find_element(By.CSS_SELECTOR, f'li.job[data-job-id="{job_id}"]')
+
+    def wait_status(self, job_id: str, status: str) -> WebElement:
+        self.wait(lambda d: self.card(job_id).get_attribute("data-status") in (status, "failed", "unavailable"),
+                  f"job {job_id} to show {status}")
+        card = self.card(job_id)
+        assert card.get_attribute("data-status") == status, card.text
+        return card
+
+    def decoded_images(self, card: WebElement) -> list[tuple[int, int]]:
+        """Waits for the card's result images to decode; their natural sizes."""
+        script = ("return [...arguments[0].querySelectorAll('.job-images img')]"
+                  ".map(i => i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null)")
+        self.wait(lambda d: (sizes := d.execute_script(script, card)) and all(sizes), "the result images to decode")
+        return [tuple(size) for size in self.driver.execute_script(script, card)]
+
+
+def start(service: Service, *, api_keys: str | None = None) -> None:
+    if api_keys is not None:
+        service.env["SDQ_API_KEYS"] = api_keys
+    service.start_api()
+    service.start_worker()
+    service.wait_ready(WAIT_S)
+
+
+def stored_image(service: Service, key: str) -> Image.Image:
+    return Image.open(io.BytesIO((service.data_dir / "images" / key).read_bytes()))
+
+
+def test_txt2img_with_progress_then_cancel_then_inpaint_with_a_painted_mask(
+    service: Service, browser: WebDriver
+) -> None:
+    start(service)
+    page = Playground(browser, service, "session")
+    page.open()
+
+    # The form's defaults and ranges are the server's.
+    schema = service.http.get("/openapi.json").json()["components"]["schemas"]
+    txt2img = schema["Txt2ImgRequest"]["properties"]
+    assert page.by_id("steps").get_attribute("value") == str(txt2img["steps"]["default"])
+    assert page.by_id("steps").get_attribute("max") == str(int(txt2img["steps"]["maximum"]))
+    assert page.by_id("guidance_scale").get_attribute("value") == str(txt2img["guidance_scale"]["default"])
+    samplers = [o.get_attribute("value") for o in page.by_id("sampler").find_elements(By.TAG_NAME, "option")]
+    assert samplers == schema["Sampler"]["enum"]
+    assert page.by_id("sampler").get_attribute("value") == txt2img["sampler"]["default"]
+    assert page.by_id("width").get_attribute("step") == str(service.http.get("/v1/limits").json()["side_multiple"])
+    assert page.by_id("server-status").text == "Ready: 1 worker"
+
+    # txt2img: progress, a preview, then the image with its seed, a download and the command that makes it again.
+    page.fill(prompt="a lighthouse at dawn", width="64", height="64", steps="8", seed="1234")
+    first = page.submit()
+    card = page.wait_status(first, "succeeded")
+    assert card.find_element(By.TAG_NAME, "progress").get_attribute("value") == "100"
+    preview = card.find_element(By.CLASS_NAME, "job-preview").get_attribute("src") or ""
+    assert preview.startswith("data:image/jpeg;base64,")  # a preview event of the running job was shown
+    assert page.decoded_images(card) == [(64, 64)]
+    assert "seed 1234" in card.find_element(By.CLASS_NAME, "result-seed").text
+    download = card.find_element(By.CLASS_NAME, "result-download")
+    assert (download.get_attribute("href") or "").startswith("blob:")
+    assert download.get_attribute("download") == f"{first}-0.png"
+    job = service.job(first)
+    assert (job["status"], job["seeds"], job["params"]["steps"]) == ("succeeded", [1234], 8)
+    card.find_element(By.CLASS_NAME, "job-copy-curl").click()
+    curl = card.find_element(By.CLASS_NAME, "job-curl").get_attribute("value") or ""
+    assert f"'{service.url}/v1/txt2img'" in curl and '"seed":1234' in curl and "a lighthouse at dawn" in curl
+    page.screenshot("txt2img")
+
+    # A long job, canceled while it runs.
+    page.fill(**SLOW_JOB)
+    second = page.submit()
+    page.wait_status(second, "running")
+    page.card(second).find_element(By.CLASS_NAME, "job-cancel").click()
+    page.wait_status(second, "canceled")
+    assert service.job(second)["status"] == "canceled"
+    page.screenshot("canceled")
+
+    # Inpaint: the first result as init image, a stroke painted across its middle.
+    page.card(first).find_element(By.CLASS_NAME, "result-init").click()
+    page.wait(lambda d: page.by_id("init-info").text.endswith("64 × 64"), "the init image to load")
+    page.mode("inpaint")
+    canvas = page.by_id("mask-canvas")
+    width = canvas.size["width"]
+    assert width > 200, canvas.size  # shown larger than its 64 pixels, to paint on
+    (ActionChains(browser).move_to_element_with_offset(canvas, -width // 4, 0).click_and_hold()
+     .move_by_offset(width // 4, 0).move_by_offset(width // 4, 0).release().perform())
+    page.fill(prompt="a red apple", steps="6")
+    third = page.submit()
+    card = page.wait_status(third, "succeeded")
+    assert page.decoded_images(card) == [(64, 64)]
+    job = service.job(third)
+    assert (job["task"], job["params"]["width"], job["params"]["height"]) == ("inpaint", 64, 64)
+    mask = np.asarray(stored_image(service, f"{third}/mask.png").convert("L"))  # as the API prepared the upload
+    assert mask[32, 32] > 200  # painted: repaint
+    assert max(mask[y, x] for x, y in ((2, 2), (61, 2), (32, 2), (2, 61), (32, 61), (61, 61))) < 40  # kept
+    browser.execute_script("window.scrollTo(0, 0)")
+    page.screenshot("playground")  # docs/playground.png is one of these
+
+    # A phone's width: one column, nothing wider than the screen.
+    browser.set_window_size(390, 844)
+    overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, overflow
+    page.screenshot("phone")
+    assert console_errors(browser) == []
+
+
+def test_auth_on_a_wrong_key_shows_the_error_and_the_right_key_works(service: Service, browser: WebDriver) -> None:
+    start(service, api_keys=f"alice:{apikeys.digest(KEY)}")
+    page = Playground(browser, service, "auth")
+    page.open()  # the page itself needs no key
+    assert "API key" in page.message("key-message")  # the server's 401 for the limits, asked without a key
+
+    refused = service.http.get("/v1/limits", headers={"Authorization": "Bearer sdq_wrong"}).json()["error"]
+    page.fill(**{"api-key": "sdq_wrong"})
+    page.by_id("api-key").send_keys(Keys.ENTER)  # saved from the keyboard
+    page.wait(lambda d: refused["message"] in page.message("key-message"), "the wrong key's error")
+    page.fill(prompt="a lighthouse at dawn", width="64", height="64", steps="4")
+    page.by_id("submit").click()
+    page.wait(lambda d: refused["message"] in page.message("form-message"), "the refused submit's error")
+    assert page.cards() == []
+    page.screenshot("wrong-key")
+
+    page.fill(**{"api-key": KEY})
+    page.by_id("api-key").send_keys(Keys.ENTER)
+    page.wait(lambda d: not page.message("key-message"), "the key to be accepted")
+    job_id = page.submit()
+    card = page.wait_status(job_id, "succeeded")
+    assert page.decoded_images(card) == [(64, 64)]  # read with the key: <img src> alone would get a 401
+    assert browser.execute_script("return localStorage.getItem('sdqueue.apiKey')") == KEY
+
+    # The browser remembers its jobs and its key.
+    page.open()
+    card = page.wait_status(job_id, "succeeded")
+    assert page.decoded_images(card) == [(64, 64)]
+    page.screenshot("right-key")
+    errors = console_errors(browser)  # the browser logs each refused request; nothing else may have failed
+    assert all("401" in e for e in errors), errors
