@@ -46,8 +46,8 @@ _RESPONSES = errors.responses({
     503: "The queue is full or Redis is unreachable; retry after `Retry-After`, with the same Idempotency-Key.",
 })
 _SYNC = (
-    " The answer comes when the images are made; a client that disconnects cancels its job, unless it sent an "
-    "`Idempotency-Key`, in which case a resend with that key gets the same job's images."
+    " The answer comes when the images are made. A client that disconnects while its job is queued cancels it, "
+    "unless it sent an `Idempotency-Key`: a resend with that key is answered with the same job's images."
 )
 _GENERATION_EXAMPLES: dict[str, Any] = {
     "small": {"summary": "One 512x512 image", "value": {"prompt": "a photo of a cat", "size": "512x512"}},

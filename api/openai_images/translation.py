@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api.errors import ApiError, describe
+from api.errors import ApiError, describe, summarize
 from core.jobs import Img2ImgRequest, InpaintRequest, JobPublic, OutputFormat, Txt2ImgRequest
 
 Quality = Literal["low", "medium", "auto", "standard", "high", "hd", "xhigh", "max"]
@@ -185,9 +185,8 @@ def _size(size: str | None) -> tuple[int, int] | None:
         return None
     match = _SIZE.fullmatch(size.strip())
     if match is None:
-        shown = repr(size) if len(size) <= 40 else f"a {len(size):,}-character string"
         raise ApiError(422, "invalid_request", f"size must be 'WIDTHxHEIGHT' in pixels (e.g. '512x512') or 'auto', "
-                                               f"got {shown}", field="size")
+                                               f"got {summarize(size)}", field="size")
     return int(match[1]), int(match[2])
 
 

@@ -1,9 +1,10 @@
 """A synchronous answer over the queue: enqueue through the native intake, then wait for the job to end.
 
-The wait has no limit of its own: it ends when the job does, or when the client goes away. A client that goes away
-cancels its job (queued: it never runs; running: the worker drops it after the current step), unless the request
-carried an `Idempotency-Key`: such a client comes back for the job with the same key (OpenAI's clients resend a
-request whose answer timed out), and a resend is answered with the job the first request made, not a new one.
+The wait has no limit of its own (the job's own timeout, SDQ_JOB_TIMEOUT_S, bounds it): it ends when the job does,
+or when the client goes away. A client that goes away while its job is still queued gets the job canceled, as on
+`/sdapi/v1` (`api.a1111.sync`); a job already running finishes, and its images stay in `GET /v1/jobs`. A request
+that carried an `Idempotency-Key` keeps its queued job too: OpenAI's clients resend a request whose answer timed
+out, and the resend, with the same key, is answered with the job the first request made.
 """
 
 from __future__ import annotations
@@ -65,11 +66,11 @@ async def submit_and_wait(
                 await task
     if ended.done() and not ended.cancelled():
         return ended.result()
-    if intake.idempotency_key is None:
-        outcome = await to_thread.run_sync(jobstore.cancel_job, services.redis, services.keys, queued.id)
-        log.info("client went away: job %s canceled (%s)", queued.id, outcome.value if outcome else "gone")
+    if intake.idempotency_key is not None:
+        log.info("client of job %s went away; the job stays for a resend with its Idempotency-Key", queued.id)
     else:
-        log.info("client went away: job %s kept for a retry with its Idempotency-Key", queued.id)
+        canceled = await to_thread.run_sync(_cancel_if_queued, services, queued.id)
+        log.info("client of job %s went away%s", queued.id, "; the queued job is canceled" if canceled else "")
     return None
 
 
@@ -94,6 +95,13 @@ async def _ended(services: Services, job_id: str) -> JobPublic:
         # Returns at the terminal event; between blocks the job itself is read again, so a job that ends without
         # an event (RQ gave up on it) ends the wait too.
         await wait_for_end(services.aredis, services.keys, job_id, eventlog.READ_BLOCK_S)
+
+
+def _cancel_if_queued(s: Services, job_id: str) -> bool:
+    job = jobstore.get_job(s.redis, s.keys, s.storage, job_id)
+    if job is None or job.status is not Status.queued:
+        return False
+    return jobstore.cancel_job(s.redis, s.keys, job_id) is jobstore.CancelOutcome.canceled
 
 
 async def _client_gone(receive: Receive) -> None:
