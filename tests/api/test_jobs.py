@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,12 +15,16 @@ from rq import Queue
 from rq.job import Job
 
 from api.main import create_app
+from core import jobstore
 from core.queue_stats import record_pipeline_call
 from core.queues import Keys
 from core.settings import load_settings
 from tests.rq_worker_side import take
+from tests.worker.conftest import logged_events
 
 TINY = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 4, "seed": 7}
+HOOK = "https://93.184.216.34/hook"  # a public address: accepted at submit; nothing is sent in these tests
+SECRET = "whsec_" + "c2RxdWV1ZSB0ZXN0IHNpZ25pbmcga2V5IDMyIGJ5dGVz"
 
 
 @pytest.fixture
@@ -115,6 +122,61 @@ def test_cancel_running_job_asks_the_worker(client: TestClient, redis: Redis, ke
     assert r.json() == client.get(f"/v1/jobs/{job_id}").json()  # the job as GET shows it
     # The worker checks this set after every step.
     assert redis.smembers(keys.cancel_requests()) == {job_id.encode()}
+
+
+class Died(Exception):
+    """The API process dies here: nothing after this point runs."""
+
+
+def completed_deliveries(redis: Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
+    kwargs = [Job.fetch(i, connection=redis).kwargs for i in Queue(keys.webhooks(), connection=redis).job_ids]
+    return [k for k in kwargs if k["job_id"] == job_id and k["event"] == "completed"]
+
+
+@pytest.fixture
+def hooked(redis_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    """An API that sends webhooks (it has a signing secret)."""
+    settings = load_settings(redis_url=redis_url, data_dir=tmp_path / "data", public_url="http://api.example",
+                             webhook_secret=SECRET)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def test_a_queued_cancel_lands_with_its_event_and_webhook_even_if_the_api_dies_right_after(
+        hooked: TestClient, redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = hooked
+    job_id = client.post("/v1/txt2img", json={**TINY, "webhook": HOOK}).json()["id"]
+    run_script = Redis.eval
+
+    def script_then_die(self: Redis, script: str, *args: Any) -> Any:
+        reply = run_script(self, script, *args)
+        if script == jobstore._CANCEL_WAITING:
+            raise Died("killed right after the cancel script")
+        return reply
+
+    monkeypatch.setattr(Redis, "eval", script_then_die)
+    with contextlib.suppress(Died):
+        client.post(f"/v1/jobs/{job_id}/cancel")
+    monkeypatch.undo()
+
+    view = client.get(f"/v1/jobs/{job_id}").json()
+    assert view["status"] == "canceled"
+    assert [e["event"] for e in logged_events(redis, job_id, keys)] == ["canceled"]
+    [delivery] = completed_deliveries(redis, keys, job_id)
+    assert delivery["payload"] == view  # what GET answers once the cancel landed
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200  # a retried cancel adds nothing
+    assert len(completed_deliveries(redis, keys, job_id)) == 1
+    assert [e["event"] for e in logged_events(redis, job_id, keys)] == ["canceled"]
+
+
+def test_a_cancel_that_finds_the_job_taken_queues_no_webhook(hooked: TestClient, redis: Redis, keys: Keys) -> None:
+    client = hooked
+    job_id = client.post("/v1/txt2img", json={**TINY, "webhook": HOOK}).json()["id"]
+    take(redis, keys, job_id)
+
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    assert completed_deliveries(redis, keys, job_id) == []  # the worker queues it with the job's end
+    assert [e["event"] for e in logged_events(redis, job_id, keys)] == ["running"]
 
 
 def test_cancel_finished_job_is_409_and_unknown_is_404(client: TestClient, redis: Redis, keys: Keys,
