@@ -31,6 +31,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from core import apikeys
 from tests.api.test_docs_browser import CHROMEDRIVER, CHROMIUM, console_errors
 from tests.e2e.conftest import ROOT, Service
+from tests.images import noise_image
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def stored_image(service: Service, key: str) -> Image.Image:
 
 
 def test_txt2img_with_progress_then_cancel_then_inpaint_with_a_painted_mask(
-    service: Service, browser: WebDriver
+    service: Service, browser: WebDriver, tmp_path: Path
 ) -> None:
     start(service)
     page = Playground(browser, service, "session")
@@ -189,13 +190,18 @@ def test_txt2img_with_progress_then_cancel_then_inpaint_with_a_painted_mask(
     assert f"'{service.url}/v1/txt2img'" in curl and '"seed":1234' in curl and "a lighthouse at dawn" in curl
     page.screenshot("txt2img")
 
-    # A long job, canceled while it runs.
+    # A long job, canceled while it runs; a job queued behind it shows its place, then runs.
     page.fill(**SLOW_JOB)
     second = page.submit()
     page.wait_status(second, "running")
+    page.fill(width="64", height="64", steps="4")
+    queued = page.submit()
+    page.wait_status(queued, "queued")
+    assert page.card(queued).find_element(By.CLASS_NAME, "job-queue").text.startswith("next in the queue")
     page.card(second).find_element(By.CLASS_NAME, "job-cancel").click()
     page.wait_status(second, "canceled")
     assert service.job(second)["status"] == "canceled"
+    assert page.decoded_images(page.wait_status(queued, "succeeded")) == [(64, 64)]
     page.screenshot("canceled")
 
     # Inpaint: the first result as init image, a stroke painted across its middle.
@@ -219,11 +225,35 @@ def test_txt2img_with_progress_then_cancel_then_inpaint_with_a_painted_mask(
     browser.execute_script("window.scrollTo(0, 0)")
     page.screenshot("playground")  # docs/playground.png is one of these
 
+    # Outpaint a picked file 32 pixels to the right.
+    picked = tmp_path / "picked.png"
+    noise_image(64, 64).save(picked)
+    page.mode("outpaint")
+    page.by_id("init-file").send_keys(str(picked))
+    page.wait(lambda d: page.by_id("init-info").text == "picked.png: 64 × 64", "the picked image to load")
+    page.by_id("mask-clear").click()
+    page.fill(**{"outpaint-right": "32"})
+    fourth = page.submit()
+    assert page.decoded_images(page.wait_status(fourth, "succeeded")) == [(96, 64)]
+    assert service.job(fourth)["task"] == "inpaint"
+
     # A phone's width: one column, nothing wider than the screen.
     browser.set_window_size(390, 844)
+    browser.execute_script("window.scrollTo(0, 0)")
     overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, overflow
     page.screenshot("phone")
+
+    # The system's dark theme.
+    browser.set_window_size(1280, 1000)
+    browser.execute_script("window.scrollTo(0, 0)")
+    background = "return getComputedStyle(document.body).backgroundColor"
+    light = browser.execute_script(background)
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia",  # type: ignore[attr-defined]
+                            {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    dark = browser.execute_script(background)
+    assert (light, dark) == ("rgb(246, 247, 249)", "rgb(13, 17, 23)")
+    page.screenshot("dark")
     assert console_errors(browser) == []
 
 

@@ -17,7 +17,10 @@ function describe(err) {
 }
 
 const form = new JobForm($("generate"));
-const formMessage = (message) => show($("form-message"), message);
+const formMessage = (message) => {
+  show($("form-message"), message);
+  if (message) $("form-message").scrollIntoView({ block: "nearest" }); // below the fold on a phone
+};
 const images = new ImageInput({
   zone: $("drop-zone"), file: $("init-file"), stage: $("stage"), preview: $("init-preview"), canvas: $("mask-canvas"),
   info: $("init-info"), brush: $("brush"), brushValue: $("brush-value"), invert: $("mask-invert"),

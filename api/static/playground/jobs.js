@@ -8,17 +8,49 @@ import { followEvents } from "./events.js";
 
 const STORE = "sdqueue.jobs";
 const KEEP = 50; // jobs remembered; older ones leave the list (the server keeps them for SDQ_RESULT_TTL_S)
-const POSITION_POLL_MS = 3000;
+const POLL_MS = 3000;
+// A browser opens at most 6 HTTP/1.1 connections to one server: streams beyond these wait (their jobs polled
+// meanwhile), so that submits and downloads always find a connection.
+const MAX_STREAMS = 4;
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 
 function seconds(value) {
   return value < 10 ? `${value.toFixed(1)} s` : `${Math.round(value)} s`;
 }
 
+class Slots {
+  constructor(count) {
+    this.free = count;
+    this.waiting = [];
+  }
+
+  take(signal) {
+    if (this.free > 0) {
+      this.free -= 1;
+      return Promise.resolve();
+    }
+    return new Promise((resolve, reject) => {
+      const waiter = { resolve };
+      this.waiting.push(waiter);
+      signal.addEventListener("abort", () => {
+        this.waiting = this.waiting.filter((w) => w !== waiter);
+        reject(new DOMException("aborted", "AbortError"));
+      }, { once: true });
+    });
+  }
+
+  give() {
+    const next = this.waiting.shift();
+    if (next) next.resolve();
+    else this.free += 1;
+  }
+}
+
 export class JobList {
   constructor({ list, empty, jobTemplate, imageTemplate, onUseAsInit, onReuseSeed }) {
     Object.assign(this, { list, empty, jobTemplate, imageTemplate, onUseAsInit, onReuseSeed });
     this.cards = new Map();
+    this.streams = new Slots(MAX_STREAMS);
   }
 
   stored() {
@@ -76,6 +108,7 @@ class JobCard {
     this.entry = entry;
     this.owner = owner;
     this.job = null;
+    this.streaming = false;
     this.imagesShown = false;
     this.abort = new AbortController();
     this.poll = null;
@@ -106,8 +139,20 @@ class JobCard {
     this.error.textContent = message;
   }
 
+  ended() {
+    return this.job !== null && ["succeeded", "failed", "canceled"].includes(this.job.status);
+  }
+
   async follow() {
+    this.startPolling(); // until a stream is free
     try {
+      await this.owner.streams.take(this.abort.signal);
+    } catch {
+      return; // removed while it waited
+    }
+    try {
+      if (this.ended()) return;
+      this.streaming = true;
       await followEvents(`v1/jobs/${this.entry.id}/events`, (name, data) => this.onEvent(name, data),
         { signal: this.abort.signal });
     } catch (err) {
@@ -115,7 +160,9 @@ class JobCard {
       this.setStatus("unavailable");
       this.showError(err instanceof ApiError ? err.describe() : String(err));
     } finally {
+      this.streaming = false;
       this.stopPolling();
+      this.owner.streams.give();
     }
   }
 
@@ -162,12 +209,11 @@ class JobCard {
     if (job.status === "queued") {
       const ahead = job.queue_position ?? 0;
       const eta = job.progress.eta_seconds;
-      this.queue.textContent = `${ahead === 0 ? "next in the queue" : `${ahead} ${ahead === 1 ? "job" : "jobs"} ahead`}`
-        + (eta === null || eta === undefined ? "" : ` · starts in about ${seconds(eta)}`);
-      this.startPolling();
-    } else {
-      this.stopPolling();
+      const place = ahead === 0 ? "next in the queue" : `${ahead} ${ahead === 1 ? "job" : "jobs"} ahead`;
+      this.queue.textContent = eta === null || eta === undefined ? place : `${place} · starts in about ${seconds(eta)}`;
     }
+    if (job.status === "queued" || (!this.streaming && !ended)) this.startPolling();
+    else this.stopPolling();
     if (job.status === "running" || job.status === "succeeded") this.showProgress(job.progress);
     if (job.status === "succeeded") this.preview.hidden = true;
     const parameters = { task: job.task, ...job.params, strength: job.strength ?? undefined, seeds: job.seeds };
@@ -186,11 +232,12 @@ class JobCard {
     this.poll = setInterval(async () => {
       try {
         const job = await getJson(`v1/jobs/${this.entry.id}`, { signal: this.abort.signal });
-        if (job.status === "queued") this.render(job); // what comes after, the event stream shows
+        // Once streaming, only the queue position: what comes after, the event stream shows.
+        if (!this.streaming || job.status === "queued") this.render(job);
       } catch {
-        // the stream reports what matters; a missed update of the position is not worth a message
+        // the stream reports what matters; a missed update is not worth a message
       }
-    }, POSITION_POLL_MS);
+    }, POLL_MS);
   }
 
   stopPolling() {
