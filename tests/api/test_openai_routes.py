@@ -245,3 +245,35 @@ def test_an_edit_with_a_mask_queues_an_inpaint_job_with_the_converted_mask(
     assert stored.getpixel((8, 32)) == 255 and stored.getpixel((56, 32)) == 0  # white = repaint, after the blur
     succeed(live_server, redis, keys, job_id)
     assert answer.result(10).status_code == 200
+
+
+def test_a_rate_limited_request_is_resent_by_the_client_after_retry_after(
+    settings: Settings, redis: Redis, keys: Keys, pool: ThreadPoolExecutor
+) -> None:
+    limited = settings.model_copy(update={"api_keys": f"alice:{apikeys.digest(KEY)}", "rate_limit_per_min": 60,
+                                          "rate_limit_burst": 1})
+    server = LiveServer(create_app(limited))
+    server.start()
+    try:
+        spent = httpx.post(f"{server.url}/v1/txt2img", json={"prompt": "a cat", "width": 64, "height": 64},
+                           headers={"Authorization": f"Bearer {KEY}"})
+        assert spent.status_code == 202  # the key's one token
+        refused = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "a dog", "size": "64x64"},
+                             headers={"Authorization": f"Bearer {KEY}"})
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert refused.json()["error"]["code"] == "rate_limited"
+
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=2)
+        started = time.monotonic()
+        answer = pool.submit(lambda: client.images.generate(prompt="a dog", size="64x64"))
+        native_id, resent_id = queued(redis, keys, count=2)  # the native job, then the resend's
+        # Refused again at once, the client waited out Retry-After (its own first backoff is 0.5 s at most).
+        assert time.monotonic() - started >= 0.9
+        assert native_id == spent.json()["id"] and spec_of(redis, resent_id).params.prompt == "a dog"
+        take(redis, keys, native_id).succeed({"images": [], "warnings": [], "timings": {}})
+        succeed(server, redis, keys, resent_id)
+        assert answer.result(10).data is not None
+    finally:
+        server.stop()
