@@ -22,8 +22,10 @@ PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 request_id: ContextVar[str | None] = ContextVar("sdq_request_id", default=None)
 job_id: ContextVar[str | None] = ContextVar("sdq_job_id", default=None)
 _CONTEXT = {"request_id": request_id, "job_id": job_id}
-# LogRecord attributes that are not `extra=` fields, so that the JSON lines carry only what code added on purpose.
-_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# LogRecord attributes that are not `extra=` fields, so that the JSON lines carry only what code added on purpose
+# (and not uvicorn's `color_message`, its message with terminal colour codes).
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime",
+                                                                                   "color_message"}
 
 
 class ContextFilter(logging.Filter):

@@ -28,7 +28,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add_generation_options(p)
     p.add_argument("--server", default=None, help="the API's URL (default: $SDQ_SERVER, else http://127.0.0.1:8000)")
     p.add_argument("--api-key", default=None, help="API key, when the server requires one (default: $SDQ_API_KEY)")
-    p.add_argument("--priority", choices=[p.value for p in Priority], default=None, help="default normal")
+    p.add_argument("--priority", choices=[priority.value for priority in Priority], default=None,
+                   help="default normal")
     p.add_argument("--output-format", choices=sorted(EXTENSIONS), default=None, help="default png")
     p.add_argument("--no-wait", action="store_true", help="print the job's id once it is queued, and exit")
     p.add_argument("--cancel-on-interrupt", action="store_true", help="Ctrl-C cancels the job without asking")
@@ -46,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
             return _fail(_describe(exc), EXIT_REFUSED if 400 <= exc.status_code < 500 else EXIT_FAILED)
         except (SdqueueError, OSError) as exc:
             return _fail(str(exc), EXIT_FAILED)
+        except KeyboardInterrupt:
+            return _fail(f"interrupted while submitting; the job may be queued all the same ({client.server}/v1/jobs "
+                         "lists your jobs)", EXIT_INTERRUPTED)
         if args.no_wait:
             sys.stdout.write(f"{job.id}\n")
             return 0
@@ -79,7 +83,8 @@ def _submit(client: Client, args: argparse.Namespace) -> JobPublic:
 def _follow(client: Client, job: JobPublic, timeout: float | None) -> JobPublic:
     """Queue position while the job waits, a progress bar while it runs; the ended job."""
     bar: StepBar | None = None
-    shown: int | None = None
+    shown = job.queue_position
+    _say(f"job {job.id} queued{_ahead(shown)}")
     try:
         for event in client.events(job, timeout=timeout):
             if event.terminal:
@@ -88,7 +93,7 @@ def _follow(client: Client, job: JobPublic, timeout: float | None) -> JobPublic:
                 position = event.data.get("queue_position")
                 if position is not None and position != shown:
                     shown = position
-                    _say(f"job {job.id} queued: {position} job{'s' if position != 1 else ''} ahead")
+                    _say(f"job {job.id} queued{_ahead(position)}")
             elif event.event in ("running", "progress"):
                 if bar is None:
                     bar = StepBar(job.params.steps)
@@ -137,6 +142,10 @@ def _ask(question: str) -> bool:
         return sys.stdin.readline().strip().lower() in ("y", "yes")
     except (KeyboardInterrupt, EOFError):
         return False
+
+
+def _ahead(position: int | None) -> str:
+    return "" if position is None else f": {position} job{'' if position == 1 else 's'} ahead"
 
 
 def _describe(exc: APIError) -> str:
