@@ -40,7 +40,7 @@ from worker.patient_storage import StorageUnavailable
 from worker.rq_adapter import RQWorker
 from worker.rq_records import Bookkeeper
 from worker.runner import BatchItem, BatchRunner, CallStats, Error, GiveBack, current_exc_info, to_request
-from worker.sweeper import Sweeper
+from worker.sweeper import LeaseWatch, Sweeper, back_first
 from worker.tasks import Resident
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,11 @@ class BatchWorker(RQWorker):
         self.sweeper = Sweeper(connection, self.queues, worker_key_prefix=self.redis_worker_namespace_prefix,
                                stranded_after_s=self.lease_s)
         self.sweep_lock = f"{resident.keys.prefix}:sweep"
+        # A dead worker's jobs come back as soon as their leases lapse (idle or busy), first in line; after an
+        # outage, with the same steady contact that RQ's registry cleanup waits for (RQWorker.clean_registries).
+        self.push_exc_handler(back_first(connection))
+        self.lease_watch = LeaseWatch(connection, self.queues, self._clean_started, link=self.redis_link,
+                                      settle_s=self.lease_s + self.heartbeat_s, cap_s=self.heartbeat_s)
         self.runner = BatchRunner(
             resident.pipe,
             quick_client(connection, STEP_TIMEOUT_S),
@@ -97,6 +102,11 @@ class BatchWorker(RQWorker):
         # GET /v1/models reads the model from the worker's own hash, so the entry lives and dies with the worker
         # (and comes back with it when the worker registers again after an outage).
         publish_model(self.connection, self.key, self.model)
+        self.lease_watch.start()
+
+    def teardown(self) -> None:
+        self.lease_watch.stop()
+        super().teardown()
 
     def on_idle(self) -> None:
         self._enter(Phase.idle)

@@ -1,8 +1,14 @@
-"""Give back jobs that a worker took off their queue but died before it started them.
+"""Give back the jobs of workers that died: the runs whose lease lapsed, as soon as it lapses, and jobs taken off
+their queue by a worker that died before it started them.
 
-Two windows RQ leaves open, closed by sweeps every worker runs with its registry maintenance (one worker at a time,
-under a lock that expires, so a worker killed while sweeping blocks no one for long):
-
+- **Leases that lapsed** (``LeaseWatch``). A running job holds a lease of 3 heartbeats in RQ's started registry,
+  renewed every heartbeat; when its worker dies, the lease lapses at most 3 heartbeats after the death. A thread of
+  every worker reads the earliest lease of each queue and wakes when it lapses (at least once a heartbeat), then
+  runs the worker's started-registry cleanup (RQ ``Retry``), whatever the worker itself is doing: RQ's maintenance
+  runs only between batches, so a busy survivor would hand the jobs back only after its batch, and an idle one up to
+  a heartbeat late. A job whose worker died goes back to the front of its queue: it had waited its turn once (RQ's
+  ``Retry`` would put it at the back, behind every job queued since). Like the rest of the cleanup, it waits for
+  steady contact with Redis after an outage, and after the worker's start.
 - **Claimed, not started.** The claim scripts (``worker.batcher``) put a claimed id on RQ's intermediate list of its
   queue and write the claiming worker's name into the job hash (``sdq_claimed_by``); the start transaction
   (``worker.rq_records``) takes the id off the list and deletes the name. RQ's own intermediate-queue cleanup waits a
@@ -16,26 +22,34 @@ under a lock that expires, so a worker killed while sweeping blocks no one for l
   its intermediate list, and pushes each back to the front of its queue. Jobs that wait elsewhere (scheduled,
   deferred) have other statuses.
 
-Each give-back is one Lua script that checks again what it found, so a job that a live worker claims or starts in
-the meantime is left alone.
+The last two run with the worker's registry maintenance (one worker at a time, under a lock that expires, so a
+worker killed while sweeping blocks no one for long). Each give-back is one Lua script that checks again what it
+found, so a job that a live worker claims or starts in the meantime is left alone.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
+import redis.exceptions
 from redis import Redis
+from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.queue import Queue
-from rq.utils import now, utcparse
+from rq.utils import current_timestamp, now, utcparse
 
 from core.attempts import CLAIMED_BY_FIELD
+from core.outages import Link
 
 log = logging.getLogger(__name__)
 
 SCAN_COUNT = 1000
+LAPSE_MARGIN_S = 0.05  # wake this long after a lease's end, so that the cleanup finds it lapsed
+FRONT_FIELD = "enqueue_at_front_on_retry"  # RQ's job-hash field for Retry(enqueue_at_front=True)
 
 # KEYS: intermediate list, queue list, job hash. ARGV: job id, the claimed-by field, the worker-key prefix.
 # Returns 1 when the job went back to its queue.
@@ -116,3 +130,70 @@ class Sweeper:
                 batches.append(keys)
             if cursor == 0:
                 return batches
+
+
+class LeaseWatch:
+    """A thread that runs ``clean(queue)`` (the worker's started-registry cleanup) for each queue whose earliest
+    lease has lapsed, as soon as it lapses; it looks at least every ``cap_s``."""
+
+    def __init__(self, connection: Redis, queues: Sequence[Queue], clean: Callable[[Queue], None], *, link: Link,
+                 settle_s: float, cap_s: float) -> None:
+        self.connection = connection
+        self.queues = list(queues)
+        self.clean = clean
+        self.link = link
+        self.settle_s = settle_s
+        self.cap_s = cap_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sdq-lease-watch", daemon=True)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        wait = 0.0
+        while not self._stop.wait(wait):
+            try:
+                wait = self.watch()
+            except redis.exceptions.RedisError as exc:
+                self.link.failed(exc, "looking for runs whose worker died")
+                wait = self.cap_s
+            except Exception:
+                log.exception("looking for runs whose worker died failed")  # a bug; the next look may get through
+                wait = self.cap_s
+
+    def watch(self) -> float:
+        """Clean the queues with a lapsed lease; returns the seconds until the next lease lapses (at most ``cap_s``)."""
+        unsettled = self.settle_s - self.link.steady_for()
+        if unsettled > 0:  # right after an outage every lease looks lapsed: live workers renew theirs first
+            return min(unsettled, self.cap_s)
+        clock = current_timestamp()
+        wait = self.cap_s
+        for queue in self.queues:
+            earliest = self.connection.zrange(queue.started_job_registry.key, 0, 0, withscores=True)
+            if not earliest:
+                continue
+            lapses_in = float(earliest[0][1]) - clock
+            if lapses_in < 0:
+                self.clean(queue)
+            else:
+                wait = min(wait, lapses_in + LAPSE_MARGIN_S)
+        return wait
+
+
+def back_first(connection: Redis) -> Callable[..., None]:
+    """An exception handler for RQ's started-registry cleanup: a job whose worker died (``AbandonedJobError``) is
+    queued again at the front of its queue (in memory and in its hash, so a re-read job keeps it)."""
+
+    def handler(job: Job, exc_type: Any, *rest: Any) -> None:
+        if isinstance(exc_type, type) and issubclass(exc_type, AbandonedJobError):
+            job.enqueue_at_front_on_retry = True
+            connection.hset(job.key, FRONT_FIELD, 1)
+
+    return handler
