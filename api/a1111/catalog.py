@@ -30,7 +30,7 @@ from api.a1111.models import (
 from api.auth import AuthenticatedRoute
 from api.deps import KeysDep, RedisDep, SettingsDep
 from api.errors import ApiError
-from api.imageinput import ImageInputError, ImageLimits, decode_base64
+from api.imageinput import ImageInputError, ImageLimits, decode_base64, open_image
 from core.catalog import ModelInfo, loaded_models
 from core.imagefile import read_parameters
 from core.rules import SAMPLERS
@@ -168,7 +168,9 @@ async def a1111_png_info(request: PNGInfoRequest, settings: SettingsDep) -> PNGI
 
 def _png_info(image: str, limits: ImageLimits) -> PNGInfoResponse:
     try:
-        found = read_parameters(decode_base64("image", image, limits))
+        data = decode_base64("image", image, limits)
+        open_image("image", data, limits)  # the guards of every input image: format, bytes, pixels
+        found = read_parameters(data)
     except ImageInputError as exc:  # the field is called `image` in A1111 too
         if exc.too_large:
             raise ApiError(413, "payload_too_large", exc.message, exc.field) from None

@@ -4,7 +4,8 @@ gets a 5xx, an undocumented status, a body that breaks the documented schema, or
 A real `sdqueue api` process on a real Redis. No worker runs, but one is registered so that /readyz answers 200 (a
 503 there is by design and would count as a server error). The events stream is left out: without a worker its
 jobs never end, so the stream would not either; tests/api/test_events.py and tests/e2e cover it. So are the OpenAI
-Images routes, which answer when their job ends (tests/api/test_openai_routes.py, tests/e2e/test_openai_images.py).
+Images routes, which answer when their job ends (tests/api/test_openai_routes.py, tests/e2e/test_openai_images.py),
+and A1111's txt2img and img2img, for the same reason (tests/api/test_a1111_routes.py, tests/e2e/test_a1111.py).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def test_the_api_meets_its_openapi_spec(redis_url: str, tmp_path: Path) -> None:
              # can fail at ("AST constructor recursion depth mismatch").
              "--checks", CHECKS, "--max-examples", "20", "--workers", "1", "--request-timeout", "20",
              "--exclude-path", "/v1/jobs/{job_id}/events",
+             "--exclude-path", "/sdapi/v1/txt2img", "--exclude-path", "/sdapi/v1/img2img",
              "--exclude-path-regex", "^/v1/images/(generations|edits|variations)$",
              "--report-dir", str(tmp_path / "report"),
              "--no-color"],
