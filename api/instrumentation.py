@@ -107,7 +107,7 @@ class _QueueCollector(Collector):
 
 # The API layers, by path prefix: AUTOMATIC1111's and OpenAI's compatibility layers, and the native API (the rest).
 LAYER_PREFIXES = (("/sdapi/", "a1111"), ("/v1/images/", "openai"))
-NATIVE_TEMPLATES = frozenset({"/v1/images/{key}"})  # the native image download, under OpenAI's prefix
+NATIVE_TEMPLATES = frozenset({"/v1/images/{key:path}"})  # the native image download, under OpenAI's prefix
 
 
 def layer_of(path: str, template: str) -> str:

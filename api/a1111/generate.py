@@ -31,8 +31,7 @@ router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], route_class=Authenticated
 
 CLIENT_CLOSED = 499  # the status logged (and counted) for a request whose client hung up before the answer
 
-_RESPONSES: dict[int | str, dict[str, Any]] = errors.responses(403, 409, 413, 422, 429, 500, described={
-    403: "The API key may not submit jobs of the priority it would get.",
+_RESPONSES: dict[int | str, dict[str, Any]] = errors.responses(409, 413, 422, 429, 500, described={
     409: "The Idempotency-Key was used with a different body, or its first request is still being handled.",
     413: "The body, an image or the mask is too large.",
     422: "A field breaks a rule or asks for a feature sdqueue lacks; the message names the A1111 field. Nothing "

@@ -137,8 +137,15 @@ def test_requests_are_counted_by_layer(client: TestClient) -> None:
     client.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 0})
     client.get("/v1/samplers")
     client.get("/sdapi/v1/no-such-route")
+    client.post("/v1/images/generations", json={"prompt": "a", "size": "13x13"})
+    client.get("/v1/images/0123/0.png")  # the native download shares OpenAI's prefix
 
     m = samples(client)
+    by_layer: dict[tuple[str, str], float] = {}
+    for (name, labels), value in m.items():
+        if name == "sdq_http_requests_total":
+            key = (dict(labels)["layer"], dict(labels)["route"])
+            by_layer[key] = by_layer.get(key, 0) + value
 
     a1111 = (("layer", "a1111"), ("method", "GET"), ("route", "/sdapi/v1/samplers"), ("status", "200"))
     refused = (("layer", "a1111"), ("method", "POST"), ("route", "/sdapi/v1/txt2img"), ("status", "422"))
@@ -147,6 +154,8 @@ def test_requests_are_counted_by_layer(client: TestClient) -> None:
     for labels in (a1111, refused, native, unmatched):
         assert m[("sdq_http_requests_total", labels)] == 1, labels
     assert m[("sdq_http_request_duration_seconds_count", a1111[:3])] == 1
+    assert by_layer[("openai", "/v1/images/generations")] == 1
+    assert by_layer[("native", "/v1/images/{key:path}")] == 1
 
 
 def test_the_openapi_document_tags_the_layer(client: TestClient) -> None:
