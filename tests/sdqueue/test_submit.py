@@ -4,6 +4,7 @@ control characters when it does not write to a terminal."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -29,7 +30,7 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but tab and newlin
 
 @pytest.fixture(scope="module")
 def running(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with live.service(redis_server.url, tmp_path_factory.mktemp("submit")) as svc:
+    with live.service(redis_server.url, tmp_path_factory.mktemp("submit"), SDQ_LOG_FORMAT="json") as svc:
         yield svc
 
 
@@ -136,3 +137,14 @@ def test_ctrl_c_without_a_terminal_to_ask_leaves_the_job_running(running: Servic
         assert client.get(job_id).status is Status.running
         client.cancel(job_id)  # so that the worker is free for the next test
         assert client.wait(job_id, timeout=60).status is Status.canceled
+
+
+def test_the_api_and_the_worker_log_json_lines(running: Service, tmp_path: Path) -> None:
+    """SDQ_LOG_FORMAT=json (set for this module's service): every line either process wrote is one JSON object."""
+    assert submit("a logged cat", "--server", running.url, *QUICK, cwd=tmp_path).returncode == 0
+    for name in ("api", "worker"):
+        [log] = running.workdir.glob(f"{name}-*.log")
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines), name
+    worker_lines = [line["message"] for line in lines]
+    assert any("batch of 1 jobs" in message for message in worker_lines), worker_lines
