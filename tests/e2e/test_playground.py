@@ -40,6 +40,23 @@ WAIT_S = 180  # a job on the tiny model takes a second; a loaded 2-core machine 
 KEY = "sdq_playground-test-key"
 # Long enough to be canceled while it runs on any machine: the tiny UNet at 64x64 latents, 150 steps.
 SLOW_JOB = {"width": "512", "height": "512", "steps": "150"}
+# What a person's drop of a file does (Selenium cannot drag files from outside the browser): a drop event whose
+# DataTransfer holds a PNG of the given size.
+DROP_FILE = """
+const [zone, name, width, height, done] = arguments;
+const canvas = document.createElement("canvas");
+canvas.width = width;
+canvas.height = height;
+const context = canvas.getContext("2d");
+context.fillStyle = "#3a6";
+context.fillRect(0, 0, width, height);
+canvas.toBlob((blob) => {
+  const transfer = new DataTransfer();
+  transfer.items.add(new File([blob], name, { type: "image/png" }));
+  zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+  done();
+}, "image/png");
+"""
 QUEUED = 6  # jobs followed at once beside the slow one: more than the 6 connections Chromium opens to one host
 
 
@@ -241,6 +258,20 @@ def test_txt2img_with_progress_then_cancel_then_inpaint_with_a_painted_mask(
     assert page.decoded_images(page.wait_status(fourth, "succeeded")) == [(96, 64)]
     assert service.job(fourth)["task"] == "inpaint"
 
+    # img2img of a dropped file, at its own size, with a random seed; then that seed reused.
+    page.mode("img2img")
+    browser.execute_async_script(DROP_FILE, page.by_id("drop-zone"), "dropped.png", 80, 72)
+    page.wait(lambda d: page.by_id("init-info").text == "dropped.png: 80 × 72", "the dropped image to load")
+    page.by_id("seed-random").click()
+    assert page.by_id("seed").get_attribute("value") == ""
+    page.fill(strength="0.5")
+    fifth = page.submit()
+    assert page.decoded_images(page.wait_status(fifth, "succeeded")) == [(80, 72)]
+    job = service.job(fifth)
+    assert (job["task"], job["strength"]) == ("img2img", 0.5)
+    page.by_id("seed-reuse").click()
+    assert page.by_id("seed").get_attribute("value") == str(job["seeds"][0])
+
     # A phone's width: one column, nothing wider than the screen.
     browser.set_window_size(390, 844)
     browser.execute_script("window.scrollTo(0, 0)")
@@ -270,6 +301,9 @@ def test_auth_on_a_wrong_key_shows_the_error_and_the_right_key_works(service: Se
     refused = service.http.get("/v1/limits", headers={"Authorization": "Bearer sdq_wrong"}).json()["error"]
     page.fill(**{"api-key": "sdq_wrong"})
     page.by_id("api-key").send_keys(Keys.ENTER)  # saved from the keyboard
+    ActionChains(browser).send_keys(Keys.TAB).perform()  # the focus, moved by the keyboard, shows
+    focused = browser.switch_to.active_element
+    assert focused.text == "Save key" and focused.value_of_css_property("outline-style") == "solid"
     page.wait(lambda d: refused["message"] in page.message("key-message"), "the wrong key's error")
     page.fill(prompt="a lighthouse at dawn", width="64", height="64", steps="4")
     page.by_id("submit").click()
