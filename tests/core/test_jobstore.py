@@ -22,6 +22,7 @@ from core.jobs import JobSpec, Priority, Txt2ImgRequest
 from core.queues import JOB_FUNC, Keys
 from core.settings import load_settings
 from core.storage.local import LocalStorage
+from core.webhook_queue import WebhookNotifier
 
 
 def test_enqueue_records_the_spec_retry_timeout_and_ttls(redis_url: str, tmp_path: Path) -> None:
@@ -151,6 +152,41 @@ def test_a_cancel_cut_short_anywhere_leaves_the_job_waiting_on_its_queue_or_whol
         assert outcome is jobstore.CancelOutcome.canceled
         assert cancel_effects(redis, keys, job) == canceled
         break
+    else:
+        pytest.fail("the cancel never completed")
+    assert kill_at > 1
+
+
+def test_a_cancel_cut_short_anywhere_has_queued_its_completed_webhook_exactly_when_it_canceled(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The completed webhook of a job canceled while queued is written by the cancel script itself: killed after any
+    round trip, the job is canceled with one delivery queued (its body what GET answers), or waiting with none."""
+    settings = load_settings(redis_url=redis_url, data_dir=tmp_path)
+    redis, keys = Redis.from_url(redis_url), Keys()
+    storage = LocalStorage(tmp_path, "http://api.example")
+    webhooks = WebhookNotifier(redis, settings, storage)
+    deliveries = Queue(keys.webhooks(), connection=redis)
+    for kill_at in range(1, 30):
+        spec = jobstore.new_job_spec(Txt2ImgRequest(prompt="a cat", webhook="https://93.184.216.34/h"))
+        jobstore.enqueue(redis, settings, spec)
+        killed = False
+        try:
+            with dies_after(kill_at):
+                jobstore.cancel_job(redis, keys, spec.id, webhooks=webhooks)
+        except Killed:
+            killed = True
+        ours = [Job.fetch(i, connection=redis).kwargs for i in deliveries.job_ids]
+        ours = [k for k in ours if k["job_id"] == spec.id]
+        if Job.fetch(spec.id, connection=redis).get_status() == JobStatus.CANCELED:
+            [delivery] = ours
+            view = jobstore.get_job(redis, keys, storage, spec.id)
+            assert view is not None and delivery["event"] == "completed"
+            assert delivery["payload"] == view.model_dump(mode="json"), f"killed after round trip {kill_at}"
+        else:
+            assert ours == [], f"killed after round trip {kill_at}"
+        if not killed:
+            break
     else:
         pytest.fail("the cancel never completed")
     assert kill_at > 1
