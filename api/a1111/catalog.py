@@ -9,6 +9,7 @@ Options are fixed (`api.a1111.translate.FIXED_OPTIONS`): a POST may "set" an opt
 from __future__ import annotations
 
 import binascii
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from anyio import to_thread
@@ -164,6 +165,29 @@ async def a1111_cmd_flags() -> dict[str, Any]:
 async def a1111_png_info(request: PNGInfoRequest, settings: SettingsDep) -> PNGInfoResponse:
     """The generation parameters an image carries (PNG `parameters` chunk, or JPEG / WebP EXIF comment)."""
     return await to_thread.run_sync(_png_info, request.image.strip(), ImageLimits.from_settings(settings))
+
+
+# A1111 routes of features sdqueue lacks: a 404 that says so, rather than "Not Found".
+LACKING = {
+    "extra-single-image": "upscaling and face restoration (extras)",
+    "extra-batch-images": "upscaling and face restoration (extras)",
+    "interrogate": "prompts from images (interrogate)",
+    "create/embedding": "training", "create/hypernetwork": "training", "train/embedding": "training",
+    "train/hypernetwork": "training",
+    "unload-checkpoint": "loading and unloading models (each worker holds its model)",
+    "reload-checkpoint": "loading and unloading models (each worker holds its model)",
+}
+
+
+def _lacking(feature: str) -> Callable[[], Coroutine[Any, Any, None]]:
+    async def route() -> None:
+        raise ApiError(404, "not_found", f"{feature} is not supported by sdqueue")
+
+    return route
+
+
+for _path, _feature in LACKING.items():
+    router.add_api_route(f"/{_path}", _lacking(_feature), methods=["POST"], include_in_schema=False)
 
 
 def _png_info(image: str, limits: ImageLimits) -> PNGInfoResponse:

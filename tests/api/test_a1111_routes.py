@@ -215,3 +215,12 @@ def test_a_client_that_hangs_up_gets_its_queued_job_canceled(
     wait_for(lambda: Job.fetch(job_id, connection=redis).get_status() == "canceled")
 
     assert queued_job_ids(redis, keys) == []
+
+
+def test_routes_of_features_sdqueue_lacks_say_so(client: TestClient) -> None:
+    r = client.post("/sdapi/v1/interrogate", json={"image": png_b64(noise_image(8, 8)), "model": "clip"})
+    extras = client.post("/sdapi/v1/extra-single-image", json={})
+
+    assert r.status_code == 404 and r.json()["error"]["message"] == (
+        "prompts from images (interrogate) is not supported by sdqueue")
+    assert extras.status_code == 404 and "upscaling" in extras.json()["error"]["message"]
