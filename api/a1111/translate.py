@@ -197,6 +197,7 @@ def resolve_sampler(name: str, scheduler: str | None, field: str = "sampler_name
         for option in (s.label, s.name):
             if name.lower().endswith(" " + option.lower()):
                 named_scheduler, name = s, name[: -len(option) - 1]
+                break
     sampler = _SAMPLER_NAMES.get(name.lower())
     if sampler is None:
         names = ", ".join(repr(t.a1111_name) for t in SAMPLERS.values())
