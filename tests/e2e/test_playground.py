@@ -324,5 +324,17 @@ def test_auth_on_a_wrong_key_shows_the_error_and_the_right_key_works(service: Se
     card = page.wait_status(job_id, "succeeded")
     assert page.decoded_images(card) == [(64, 64)]
     page.screenshot("right-key")
+
+    # Without the key the page still opens, and its jobs say why they cannot be read; with it, they come back.
+    missing = service.http.get("/v1/limits").json()["error"]["message"]
+    page.fill(**{"api-key": ""})
+    page.by_id("api-key").send_keys(Keys.ENTER)
+    page.open()
+    assert missing in page.message("key-message")
+    card = page.wait_status(job_id, "unavailable")
+    assert missing in card.find_element(By.CLASS_NAME, "job-error").text
+    page.fill(**{"api-key": KEY})
+    page.by_id("api-key").send_keys(Keys.ENTER)
+    assert page.decoded_images(page.wait_status(job_id, "succeeded")) == [(64, 64)]
     errors = console_errors(browser)  # the browser logs each refused request; nothing else may have failed
     assert all("401" in e for e in errors), errors

@@ -77,6 +77,7 @@ async function submit(event) {
     return;
   }
   const button = $("submit");
+  if (button.disabled) return; // still sending the previous one
   button.disabled = true;
   try {
     const job = await postJson(form.endpoint(), body);
@@ -94,10 +95,14 @@ async function start() {
     event.preventDefault();
     setApiKey($("api-key").value.trim());
     const accepted = await loadLimits();
+    if (accepted) jobs.retryUnavailable();
     $("key-help").textContent = !accepted ? "Kept in this browser's local storage."
       : apiKey() ? "Key accepted; kept in this browser's local storage." : "No key: fine while the server asks for none.";
   });
   $("generate").addEventListener("submit", submit);
+  $("generate").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("generate").requestSubmit(); // from the prompt
+  });
   $("seed-random").addEventListener("click", () => form.setSeed(null));
   $("seed-reuse").addEventListener("click", () => {
     const seed = jobs.lastSeed();

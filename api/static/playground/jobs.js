@@ -89,10 +89,22 @@ export class JobList {
 
   remove(card) {
     card.stop();
+    for (const url of card.objectUrls) URL.revokeObjectURL(url);
     card.root.remove();
     this.cards.delete(card.entry.id);
     this.empty.hidden = this.cards.size > 0;
     this.save();
+  }
+
+  // Follows again the jobs that could not be read (e.g. with no key or a wrong one, before the right key).
+  retryUnavailable() {
+    for (const card of this.cards.values()) {
+      if (card.root.dataset.status === "unavailable") {
+        card.showError("");
+        card.setStatus("connecting");
+        card.follow();
+      }
+    }
   }
 
   // The first seed of the newest job that has one.
@@ -110,6 +122,7 @@ class JobCard {
     this.job = null;
     this.streaming = false;
     this.imagesShown = false;
+    this.objectUrls = [];
     this.abort = new AbortController();
     this.poll = null;
     this.root = owner.jobTemplate.content.firstElementChild.cloneNode(true);
@@ -265,6 +278,7 @@ class JobCard {
       }
     }
     const src = blob ? URL.createObjectURL(blob) : record.url; // a bucket without CORS: shown, not read
+    if (blob) this.objectUrls.push(src);
     img.src = src;
     download.href = src;
     figure.querySelector(".result-init").addEventListener("click", async () => {
