@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from anyio import to_thread
 from fastapi import APIRouter, Body, Request, Response
 
+from api.a1111.generate import priority_for
 from api.deps import IntakeDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.imageinput import ImageInputError, ImageLimits, prepare_img2img, prepare_inpaint
@@ -62,7 +63,7 @@ async def create_image(
     body: Annotated[ImageGenerationRequest, Body(openapi_examples=_GENERATION_EXAMPLES)], request: Request,
     response: Response, intake: IntakeDep, storage: StorageDep,
 ) -> ImagesResponse | Response:
-    native = translation.txt2img(body)
+    native = translation.txt2img(body, priority_for(intake.caller))
     job = await submit_and_wait(request, intake, response, jobstore.new_job_spec(native, "txt2img"), native)
     return await _answer(job, body.response_format, storage)
 
@@ -82,9 +83,9 @@ async def create_image_edit(
     native: Img2ImgRequest
     if body.mask is not None:
         mask = await _inputs(native_mask, body.mask, limits)
-        native = translation.inpaint(body, image, mask)
+        native = translation.inpaint(body, image, mask, priority_for(intake.caller))
     else:
-        native = translation.img2img(body, image)
+        native = translation.img2img(body, image, priority_for(intake.caller))
     job = await _with_inputs(native, limits, request, intake, response, storage)
     return await _answer(job, body.response_format, storage)
 
@@ -99,7 +100,7 @@ async def create_image_variation(
     body: ImageVariationRequest, request: Request, response: Response, intake: IntakeDep, settings: SettingsDep,
     storage: StorageDep,
 ) -> ImagesResponse | Response:
-    native = translation.variation(body)
+    native = translation.variation(body, priority_for(intake.caller))
     job = await _with_inputs(native, ImageLimits.from_settings(settings), request, intake, response, storage)
     return await _answer(job, body.response_format, storage)
 

@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.errors import ApiError, describe, summarize
-from core.jobs import Img2ImgRequest, InpaintRequest, JobPublic, OutputFormat, Txt2ImgRequest
+from core.jobs import Img2ImgRequest, InpaintRequest, JobPublic, OutputFormat, Priority, Txt2ImgRequest
 
 Quality = Literal["low", "medium", "auto", "standard", "high", "hd", "xhigh", "max"]
 # OpenAI's quality names as denoising steps; "auto" (the default) is the native default of 30.
@@ -113,11 +113,12 @@ class ImagesResponse(BaseModel):
 
 
 # requests -----------------------------------------------------------------------------------------------------------
-def txt2img(request: ImageGenerationRequest) -> Txt2ImgRequest:
+def txt2img(request: ImageGenerationRequest, priority: Priority = Priority.normal) -> Txt2ImgRequest:
     _check_rendering(request)
     width, height = _size(request.size) or DEFAULT_SIZE
     return _native(Txt2ImgRequest, request, {
-        "prompt": request.prompt, "width": width, "height": height, **_rendering(request), **_common(request),
+        "prompt": request.prompt, "width": width, "height": height, **_rendering(request),
+        **_common(request, priority),
     })
 
 
@@ -131,31 +132,35 @@ def edit_image(request: ImageEditRequest) -> str:
     return images[0]
 
 
-def img2img(request: ImageEditRequest, image: str) -> Img2ImgRequest:
+def img2img(request: ImageEditRequest, image: str, priority: Priority = Priority.normal) -> Img2ImgRequest:
     """An edit without a mask: the whole image redrawn towards the prompt (native img2img defaults)."""
     _check_rendering(request)
     return _native(Img2ImgRequest, request, {
-        "prompt": request.prompt, "image": image, **_sides(request.size), **_rendering(request), **_common(request),
+        "prompt": request.prompt, "image": image, **_sides(request.size), **_rendering(request),
+        **_common(request, priority),
     })
 
 
-def inpaint(request: ImageEditRequest, image: str, mask: str) -> InpaintRequest:
+def inpaint(
+    request: ImageEditRequest, image: str, mask: str, priority: Priority = Priority.normal
+) -> InpaintRequest:
     """An edit with a mask; `mask` is already native (white = repaint, see `api.openai_images.mask`)."""
     _check_rendering(request)
     return _native(InpaintRequest, request, {
         "prompt": request.prompt, "image": image, "mask": mask, **_sides(request.size), **_rendering(request),
-        **_common(request),
+        **_common(request, priority),
     })
 
 
-def variation(request: ImageVariationRequest) -> Img2ImgRequest:
+def variation(request: ImageVariationRequest, priority: Priority = Priority.normal) -> Img2ImgRequest:
     return _native(Img2ImgRequest, request, {
-        "prompt": VARIATION_PROMPT, "image": request.image, **_sides(request.size), **_common(request),
+        "prompt": VARIATION_PROMPT, "image": request.image, **_sides(request.size), **_common(request, priority),
     })
 
 
-def _common(request: _ImagesRequest) -> dict[str, Any]:
-    fields: dict[str, Any] = {"seed": request.seed}
+def _common(request: _ImagesRequest, priority: Priority) -> dict[str, Any]:
+    """`priority`: OpenAI's requests have none; the caller's (`api.a1111.generate.priority_for`)."""
+    fields: dict[str, Any] = {"seed": request.seed, "priority": priority}
     if request.n is not None:
         fields["n"] = request.n
     return fields

@@ -21,7 +21,7 @@ from rq.job import Job
 
 from api.main import create_app
 from core import apikeys, jobstore
-from core.jobs import JobSpec, Status
+from core.jobs import JobSpec, Priority, Status
 from core.queues import Keys
 from core.settings import Settings
 from tests.api.conftest import LiveServer
@@ -277,3 +277,16 @@ def test_a_rate_limited_request_is_resent_by_the_client_after_retry_after(
         assert answer.result(10).data is not None
     finally:
         server.stop()
+
+
+def test_a_key_limited_to_low_priority_gets_its_images_at_low(settings: Settings, redis: Redis) -> None:
+    server = LiveServer(create_app(settings.model_copy(update={"api_keys": f"bob:{apikeys.digest(KEY)}:low"})))
+    server.start()
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # queued (not 403): OpenAI's requests carry no priority
+            httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "a cat", "size": "64x64"},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+    finally:
+        server.stop()
+    [job_key] = all_jobs(redis)
+    assert spec_of(redis, job_key.decode().removeprefix("rq:job:")).params.priority is Priority.low
