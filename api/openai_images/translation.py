@@ -8,6 +8,8 @@ OpenAI field (`size '1001x512': width must be a multiple of 8, got 1001`).
 |---|---|---|
 | `prompt` | `prompt` | variations have none: `VARIATION_PROMPT` |
 | `n` | `n` | 1..8 (OpenAI allows 10) |
+| `image` or `image[]` (one), `mask` (edits) | `InpaintRequest` | mask: fully transparent = repaint (`mask.py`) |
+| `image` (edits without a mask, variations) | `Img2ImgRequest` | native strength 0.75 |
 | `size` | `width`, `height` | `"WIDTHxHEIGHT"`; `"auto"`/absent: 512x512 (generations), the image's size (edits) |
 | `quality` | `steps` | `QUALITY_STEPS` |
 | `output_format` | `output_format` | png, jpeg, webp |
@@ -15,6 +17,8 @@ OpenAI field (`size '1001x512': width must be a multiple of 8, got 1001`).
 | `seed` (sdqueue's own) | `seed` | absent, null or -1: random |
 | `response_format` | | b64_json (default) or url: how the answer carries the images |
 | `background` | | auto or opaque; transparent is refused |
+| `stream` | | false only; true is refused |
+| | `priority` | normal, or the API key's highest when that is lower (OpenAI has no priorities) |
 | `model`, `style`, `user` and any other field | | accepted, no effect |
 """
 
@@ -159,7 +163,6 @@ def variation(request: ImageVariationRequest, priority: Priority = Priority.norm
 
 
 def _common(request: _ImagesRequest, priority: Priority) -> dict[str, Any]:
-    """`priority`: OpenAI's requests have none; the caller's (`api.a1111.generate.priority_for`)."""
     fields: dict[str, Any] = {"seed": request.seed, "priority": priority}
     if request.n is not None:
         fields["n"] = request.n
