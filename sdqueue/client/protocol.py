@@ -1,4 +1,4 @@
-"""Everything `Client` and `AsyncClient` share, free of I/O: what each call sends, how answers are read, when to
+"""Everything `Client` and `AsyncClient` share, free of network I/O: what each call sends, how answers are read, when to
 retry, how Server-Sent Events are decoded and how an event stream falls back to polling. The two clients only send
 the `Call`s built here, the one with httpx's sync API, the other with its async API."""
 
@@ -178,7 +178,17 @@ def image_calls(job: JobPublic, server: str) -> list[Call]:
         if job.status.is_terminal():
             raise JobFailedError(job)
         raise SdqueueError(f"job {job.id} is still {job.status.value}: wait for it first")
-    return [Call("GET", record.url, auth=_same_origin(record.url, server)) for record in job.images]
+    return [_image_call(record.url, server) for record in job.images]
+
+
+def _image_call(url: str, server: str) -> Call:
+    """An image of the API's own route (local storage) is fetched from the server this client talks to, with the
+    key, whatever origin SDQ_PUBLIC_URL gave its URL; any other URL (a presigned S3 URL) as it is, and without the
+    key unless it is the server's origin: S3 refuses a request with two kinds of authentication."""
+    parsed = httpx.URL(url)
+    if parsed.path.startswith("/v1/images/") and not parsed.query:
+        return Call("GET", parsed.raw_path.decode("ascii"))
+    return Call("GET", url, auth=parsed.join("/") == httpx.URL(server).join("/"))
 
 
 def job_id_of(job: JobPublic | str) -> str:
@@ -210,12 +220,6 @@ def decode_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
-
-
-def _same_origin(url: str, server: str) -> bool:
-    """Whether an image URL is the API's own (local storage), which wants the API key; a presigned S3 URL must get
-    no Authorization header, or S3 refuses it."""
-    return httpx.URL(url).join("/") == httpx.URL(server).join("/")
 
 
 class Retry:

@@ -13,10 +13,17 @@ import pytest
 
 from api.main import create_app
 from core import apikeys
-from core.jobs import GenerationParams, Img2ImgRequest, InpaintRequest
+from core.jobs import GenerationParams, Img2ImgRequest, InpaintRequest, JobPublic, Status
 from core.settings import load_settings
-from sdqueue.client import AuthenticationError, Client, RateLimitedError
-from sdqueue.client.protocol import GenerateOptions, Img2ImgOptions, InpaintOptions, SSEDecoder, parse_retry_after
+from sdqueue.client import AuthenticationError, Client, JobFailedError, RateLimitedError
+from sdqueue.client.protocol import (
+    GenerateOptions,
+    Img2ImgOptions,
+    InpaintOptions,
+    SSEDecoder,
+    image_calls,
+    parse_retry_after,
+)
 from tests.api.conftest import LiveServer
 from tests.sdqueue import live
 
@@ -84,3 +91,24 @@ def test_the_api_key_comes_from_the_environment_and_a_wrong_one_raises(
     with Client(api_key="sdq_wrong") as wrong, pytest.raises(AuthenticationError) as info:
         wrong.list_jobs()
     assert info.value.status_code == 401 and info.value.type == "unauthorized"
+
+
+def test_images_of_the_api_come_from_the_server_with_the_key_and_presigned_ones_without() -> None:
+    job = JobPublic.model_validate({
+        "id": "j", "status": "succeeded", "task": "txt2img", "created_at": "2026-01-01T00:00:00Z",
+        "params": {"prompt": "a cat"}, "seeds": [1, 2, 3],
+        "images": [{"url": url, "key": f"j/{i}.png", "seed": 1 + i, "width": 64, "height": 64}
+                   for i, url in enumerate([
+                       "http://public.example:8000/v1/images/j/0.png",  # SDQ_PUBLIC_URL is not the client's URL
+                       "https://bucket.s3.example/j/1.png?X-Amz-Signature=abc",
+                       "http://127.0.0.1:9/elsewhere/j/2.png",
+                   ])],
+    })
+    calls = image_calls(job, "http://127.0.0.1:9")
+    assert [(c.path, c.auth) for c in calls] == [
+        ("/v1/images/j/0.png", True),
+        ("https://bucket.s3.example/j/1.png?X-Amz-Signature=abc", False),
+        ("http://127.0.0.1:9/elsewhere/j/2.png", True),
+    ]
+    with pytest.raises(JobFailedError):
+        image_calls(job.model_copy(update={"status": Status.failed}), "http://127.0.0.1:9")
