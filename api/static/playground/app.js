@@ -31,7 +31,7 @@ const jobs = new JobList({
   onUseAsInit: async (blob, name) => {
     if (form.mode === "txt2img") form.mode = "img2img";
     await images.load(blob, name);
-    $("generate").scrollIntoView({ behavior: "smooth", block: "start" });
+    $("generate").scrollIntoView({ block: "start" });
     $("init-file").focus({ preventScroll: true });
   },
   onReuseSeed: (seed) => form.setSeed(seed),
@@ -81,7 +81,9 @@ async function submit(event) {
   button.disabled = true;
   try {
     const job = await postJson(form.endpoint(), body);
-    jobs.add({ id: job.id, endpoint: form.endpoint(), request, hasMask: "mask" in body }, job);
+    const card = jobs.add({ id: job.id, endpoint: form.endpoint(), request, hasMask: "mask" in body }, job);
+    // One column (a phone): the job list is below the form, so bring the new job into view.
+    if (card.getBoundingClientRect().top > window.innerHeight) card.scrollIntoView({ block: "nearest" });
   } catch (err) {
     formMessage(describe(err));
   } finally {
@@ -94,10 +96,10 @@ async function start() {
   $("key-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     setApiKey($("api-key").value.trim());
-    const accepted = await loadLimits();
-    if (accepted) jobs.retryUnavailable();
-    $("key-help").textContent = !accepted ? "Kept in this browser's local storage."
-      : apiKey() ? "Key accepted; kept in this browser's local storage." : "No key: fine while the server asks for none.";
+    if (!(await loadLimits())) return;
+    jobs.retryUnavailable();
+    $("key-help").textContent = apiKey() ? "Key accepted; kept in this browser's local storage."
+      : "No key: fine while the server asks for none.";
   });
   $("generate").addEventListener("submit", submit);
   $("generate").addEventListener("keydown", (event) => {

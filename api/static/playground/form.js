@@ -33,12 +33,13 @@ export class JobForm {
   // The OpenAPI document's component schemas: each field gets its range and enum, and its default as value.
   applySchema(openapi) {
     this.schemas = openapi.components.schemas;
-    for (const input of this.fields) this.describe(input, this.property(SCHEMAS.txt2img, input.dataset.field));
-    for (const input of this.margins) {
-      this.describe(input, this.property("Outpaint", input.dataset.outpaint));
-      this.setDefault(input, this.property("Outpaint", input.dataset.outpaint));
+    const inputs = [...this.fields.map((i) => [i, SCHEMAS.txt2img, i.dataset.field]),
+      ...this.margins.map((i) => [i, "Outpaint", i.dataset.outpaint])];
+    for (const [input, model, name] of inputs) {
+      const schema = this.property(model, name); // fields of the image modes only: set by showMode
+      this.describe(input, schema);
+      this.setDefault(input, schema);
     }
-    for (const input of this.fields) this.setDefault(input, this.property(SCHEMAS.txt2img, input.dataset.field));
     this.showMode();
   }
 

@@ -73,9 +73,11 @@ export class JobList {
   }
 
   // `entry`: {id, endpoint, request (the body without images), hasMask}; `job`: the submit answer.
+  // The new card's element.
   add(entry, job) {
-    this.show(entry, job);
+    const card = this.show(entry, job);
     this.save();
+    return card.root;
   }
 
   show(entry, job) {
@@ -85,6 +87,7 @@ export class JobList {
     this.empty.hidden = true;
     if (job) card.render(job);
     card.follow();
+    return card;
   }
 
   remove(card) {
