@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 ARTIFACTS = ROOT / "artifacts" / "playground"
 WAIT_S = 180  # a job on the tiny model takes a second; a loaded 2-core machine may take far longer
 KEY = "sdq_playground-test-key"
-# Long enough to be canceled while it runs on any machine: the tiny UNet at 64x64 latents, 150 steps.
-SLOW_JOB = {"width": "512", "height": "512", "steps": "150"}
+# Long enough to be canceled while it runs, even on a fast machine: the tiny UNet at 96x96 latents, 150 steps (about
+# 0.3 s a step on two cores; a canceled job stops after its current step).
+SLOW_JOB = {"width": "768", "height": "768", "steps": "150"}
 # What a person's drop of a file does (Selenium cannot drag files from outside the browser): a drop event whose
 # DataTransfer holds a PNG of the given size.
 DROP_FILE = """
