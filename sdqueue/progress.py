@@ -4,6 +4,8 @@ carriage returns or escape codes."""
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import time
 from typing import TextIO
@@ -20,8 +22,12 @@ class StepBar:
         self.desc = desc
         self.step = 0
         self.tty = self.stream.isatty()
-        self._bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True) if self.tty \
-            else None
+        self._bar = None
+        if self.tty:
+            # A terminal that reports no width (a fresh pty, some CI runners) would get an empty bar.
+            sized = _columns(self.stream) > 0
+            self._bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=sized,
+                             ncols=None if sized else 80)
         self._start = time.monotonic()
         self._last_line = -LINE_EVERY_S
 
@@ -49,3 +55,10 @@ class StepBar:
     def _line(self, step: int, now: float) -> str:
         return tqdm.format_meter(step, self.total, now - self._start, prefix=self.desc, ascii=True,
                                  ncols=80)
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return 0

@@ -4,6 +4,8 @@ control characters, anywhere else (a CI log, a pipe)."""
 from __future__ import annotations
 
 import io
+import os
+import pty
 import re
 import subprocess
 import sys
@@ -40,6 +42,20 @@ def test_on_a_terminal_it_is_tqdm_redrawing_one_line() -> None:
         bar.update(step)
     bar.close()
     assert "\r" in out.getvalue() and "4/4" in out.getvalue() and "it/s" in out.getvalue()
+
+
+def test_a_terminal_that_reports_no_width_still_gets_a_bar() -> None:
+    master, slave = pty.openpty()  # a new pty is 0 x 0 until someone sets its size
+    try:
+        with os.fdopen(slave, "w", closefd=False) as out:
+            bar = StepBar(4, stream=out)
+            bar.update(4)
+            bar.close()
+        written = os.read(master, 4096).decode()
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert "4/4" in written and "it/s" in written
 
 
 def test_a_total_that_changes_is_followed() -> None:

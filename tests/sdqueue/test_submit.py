@@ -4,12 +4,17 @@ control characters when it does not write to a terminal."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +153,36 @@ def test_the_api_and_the_worker_log_json_lines(running: Service, tmp_path: Path)
         assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines), name
     worker_lines = [line["message"] for line in lines]
     assert any("batch of 1 jobs" in message for message in worker_lines), worker_lines
+
+
+def test_ctrl_c_on_a_terminal_asks_and_a_yes_cancels_the_job(running: Service, tmp_path: Path) -> None:
+    """On a terminal: tqdm's bar, then, after Ctrl-C, the question; "y" cancels."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows, 100 columns
+    proc = subprocess.Popen([sys.executable, "-m", "sdqueue", "submit", "an asked cat", "--server", running.url,
+                             *SLOW], cwd=tmp_path, env=environment(), stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen = ""
+
+    def read_until(pattern: str) -> re.Match[str]:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while not (found := re.search(pattern, seen)):
+            assert time.monotonic() < deadline and proc.poll() is None, f"no {pattern!r} in {seen!r}"
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096).decode(errors="replace")
+        return found
+
+    try:
+        job_id = read_until(r"job ([0-9a-f]{32}) queued").group(1)
+        read_until(r"\r.*steps: +[0-9]+%")  # tqdm redrawing its line
+        proc.send_signal(signal.SIGINT)
+        read_until(rf"cancel job {job_id}\? \[y/N\]")
+        os.write(master, b"y\n")
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    with Client(running.url) as client:
+        assert client.wait(job_id, timeout=60).status is Status.canceled
