@@ -15,11 +15,20 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 
-from core.jobstore import get_job
+from core.jobview import get_job
 from core.queues import Keys
 from core.storage import LocalStorage
 from tests.redis_server import RedisServer
-from tests.worker.conftest import Pool, WorkerProcess, make_settings, status, submit, wait_for, wait_terminal
+from tests.worker.conftest import (
+    Pool,
+    WorkerProcess,
+    logged_events,
+    make_settings,
+    status,
+    submit,
+    wait_for,
+    wait_terminal,
+)
 
 RETRIES = 2  # a poison job runs 3 times
 
@@ -42,7 +51,7 @@ def pool(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory, ti
 def running_on(pool: Pool, job_id: str) -> str | None:
     """The worker that holds ``job_id`` in the started registry, if one does."""
     registry = StartedJobRegistry(Keys().queue("normal"), connection=pool.redis)
-    if job_id not in registry.get_job_ids():
+    if job_id not in registry.get_job_ids(cleanup=False):  # a look, not RQ's own cleanup (a worker's job)
         return None
     return Job.fetch(job_id, connection=pool.redis).worker_name or None
 
@@ -85,6 +94,8 @@ def test_a_job_that_kills_its_worker_fails_alone_and_its_batch_mates_succeed(poo
     assert failed.error.type == "WorkerError"
     assert failed.error.message == f"the worker died {RETRIES + 1} times while running this job"
     assert failed.attempts == RETRIES + 1
+    # failed by the registry cleanup, with its event in its log as a worker would write it
+    assert [e["event"] for e in logged_events(pool.redis, poison.id)][-1:] == ["failed"]
     for spec in mates:  # the first run died with the poison job; the second ran alone
         view = get_job(pool.redis, Keys(), storage, spec.id)
         assert view is not None and view.attempts == 2, view
