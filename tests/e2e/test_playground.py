@@ -231,6 +231,7 @@ def test_txt2img_with_progress_then_cancel_then_inpaint_with_a_painted_mask(
     page.wait(lambda d: page.by_id("init-info").text.endswith("64 × 64"), "the init image to load")
     page.mode("inpaint")
     canvas = page.by_id("mask-canvas")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)  # actions do not scroll
     width = canvas.size["width"]
     assert width > 200, canvas.size  # shown larger than its 64 pixels, to paint on
     (ActionChains(browser).move_to_element_with_offset(canvas, -width // 4, 0).click_and_hold()
