@@ -1,8 +1,9 @@
 """The processes a drill runs and breaks: a redis-server with an append-only file, `sdqueue api`, `sdqueue worker`
 processes on the tiny checkpoint, `sdqueue webhooks`, and a loopback webhook receiver.
 
-Redis runs as operators run it (``appendonly yes``, ``appendfsync everysec``) in its own directory on its own port,
-so a drill can SIGKILL it and start it again on the same port, where it replays its append-only file. Every other
+Redis runs as operators run it (``appendonly yes``, ``appendfsync everysec``) in its own directory on its own port
+(``tests.redis_server.RedisServer``), so a drill can SIGKILL it and start it again on the same port, where it
+replays its append-only file, or fill it up. Every other
 process is the real entry point (``python -m sdqueue ...``) with its log in a file. A process the drill kills on
 purpose is marked ``killed``; any other process found dead at the end is a failure of the drill.
 """
@@ -22,10 +23,9 @@ from pathlib import Path
 
 import httpx
 import redis.exceptions
-from redis import Redis
 from rq.worker import Worker
 
-from tests.redis_server import free_port, redis_binary
+from tests.redis_server import RedisServer, free_port
 from tests.webhook_receiver import WebhookReceiver
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 # A whsec_ secret (base64 of a 32-byte key), so that receivers verify with the Standard Webhooks library.
 SECRET = "whsec_" + base64.b64encode(b"sdqueue chaos drills signing key").decode()
-FILLER = "chaos:filler"
 QUEUES = ("sdq-high", "sdq-normal", "sdq-low")
 
 
@@ -49,107 +48,6 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, every: 
         if time.monotonic() - start > timeout:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
-
-
-class ChaosRedis:
-    """redis-server with an append-only file (fsynced every second) on a free loopback port and in its own
-    directory: ``kill()`` is a SIGKILL, ``start()`` brings it back on the same port with its data, ``fill()`` makes
-    it refuse writes (``maxmemory`` + ``noeviction`` at run time and a filler key), ``free()`` undoes that."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def client(self) -> Redis:
-        return Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> None:
-        """Start it and wait until it answers (after replaying its append-only file)."""
-        with open(self.dir / "redis.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-        client = self.client()
-        try:
-            wait_until(lambda: bool(client.ping()), 30, f"redis-server on port {self.port}")
-        finally:
-            client.close()
-
-    def persist(self) -> None:
-        """Put everything written so far on disk: an append-only file rewrite (as Redis starts by itself when the
-        file grows), waited for. Writes after it are as safe as ``appendfsync everysec`` makes them."""
-        client = self.client()
-        try:
-            done = int(client.info("persistence")["aof_rewrites"])
-            client.bgrewriteaof()
-
-            def rewritten() -> bool:
-                info = client.info("persistence")
-                assert info["aof_last_bgrewrite_status"] == "ok", info
-                return int(info["aof_rewrites"]) > done and not info["aof_rewrite_in_progress"]
-
-            wait_until(rewritten, 30, "the append-only file rewrite", every=0.005)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def fill(self, headroom: int = 4 * 2**20) -> None:
-        """Refuse writes from now on: a ``maxmemory`` just above what is used, ``noeviction``, and a filler key grown
-        until Redis answers a write with its OOM error (in pieces: one big write would count its own query buffer
-        against the limit and be refused before it lands)."""
-        client = self.client()
-        try:
-            client.config_set("maxmemory-policy", "noeviction")
-            used = int(client.info("memory")["used_memory"])
-            client.config_set("maxmemory", str(used + headroom))
-            for _ in range(4 * headroom // 2**18):
-                try:
-                    client.append(FILLER, b"x" * 2**18)
-                except redis.exceptions.ResponseError as exc:  # OutOfMemoryError, which the type stubs lack
-                    if "maxmemory" in str(exc):
-                        return
-                    raise
-            raise AssertionError(f"Redis still takes writes with {4 * headroom} bytes of filler")
-        finally:
-            client.close()
-
-    def free(self) -> None:
-        client = self.client()
-        try:
-            client.delete(FILLER)
-            client.config_set("maxmemory", "0")
-        finally:
-            client.close()
-
-    def full(self) -> bool:
-        client = self.client()
-        try:
-            return bool(client.exists(FILLER))
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @dataclass
@@ -190,7 +88,8 @@ class Cluster:
     def __init__(self, workdir: Path, checkpoint: Path, config: Config | None = None) -> None:
         self.workdir = workdir
         self.config = config or Config()
-        self.redis_server = ChaosRedis(workdir / "redis")
+        # As operators run it: an append-only file, fsynced every second (RedisServer.persist() for what must last).
+        self.redis_server = RedisServer(workdir / "redis", appendfsync="everysec")
         self.redis = self.redis_server.client()
         self.receiver = WebhookReceiver()
         self.port = free_port()

@@ -30,7 +30,7 @@ from core.jobs import GenerationParams
 from core.queues import Keys
 from core.settings import load_settings
 from core.webhook_queue import enqueue_delivery
-from tests.worker.outage_redis import OutageRedis
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "a webhook signing secret of 32 bytes"
@@ -91,14 +91,14 @@ class Sender:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[OutageRedis]:
-    server = OutageRedis(tmp_path / "redis")
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis", appendfsync="always", maxmemory_mb=32)
     yield server
     server.stop()
 
 
 @pytest.fixture
-def redis(server: OutageRedis) -> Iterator[Redis]:
+def redis(server: RedisServer) -> Iterator[Redis]:
     client = server.client()
     yield client
     client.close()
@@ -112,7 +112,7 @@ def receiver() -> Iterator[HeldReceiver]:
 
 
 @pytest.fixture
-def sender(server: OutageRedis, redis: Redis, tmp_path: Path) -> Iterator[Sender]:
+def sender(server: RedisServer, redis: Redis, tmp_path: Path) -> Iterator[Sender]:
     env = {
         **os.environ,
         "SDQ_REDIS_URL": server.url,
@@ -184,13 +184,13 @@ def deliver_through(redis: Redis, receiver: HeldReceiver, sender: Sender, begin:
 
 
 def test_the_sender_rides_out_a_redis_restart_during_a_delivery(
-    server: OutageRedis, redis: Redis, receiver: HeldReceiver, sender: Sender
+    server: RedisServer, redis: Redis, receiver: HeldReceiver, sender: Sender
 ) -> None:
     deliver_through(redis, receiver, sender, server.kill, server.start)
 
 
 def test_the_sender_rides_out_a_full_redis_during_a_delivery(
-    server: OutageRedis, redis: Redis, receiver: HeldReceiver, sender: Sender
+    server: RedisServer, redis: Redis, receiver: HeldReceiver, sender: Sender
 ) -> None:
     deliver_through(redis, receiver, sender, server.fill, server.free)
 

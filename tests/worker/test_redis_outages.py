@@ -2,7 +2,7 @@
 batch runs or while a worker starts. Nothing may be lost or stuck: the workers live on, every job succeeds exactly
 once without spending a retry, and the workers are registered (with their model) once Redis is back.
 
-The module has its own redis-server (``OutageRedis``), since the tests take it away; two workers share it, so that
+The module has its own redis-server (``RedisServer``), since the tests take it away; two workers share it, so that
 one idle worker's registry cleanup meets the other's expired leases right after each outage.
 """
 
@@ -20,6 +20,7 @@ from rq.worker import Worker
 
 from core.catalog import MODEL_FIELD
 from core.jobs import JobSpec
+from tests.redis_server import RedisServer
 from tests.worker.conftest import (
     Pool,
     WorkerProcess,
@@ -30,7 +31,6 @@ from tests.worker.conftest import (
     wait_running,
     wait_terminal,
 )
-from tests.worker.outage_redis import OutageRedis
 
 # Longer than a lease (3 heartbeats of 1 s): every lease and registration expires meanwhile.
 OUTAGE_S = 5
@@ -38,14 +38,14 @@ STEPS = 60  # a batch of a few seconds on the tiny checkpoint, so the outage beg
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageRedis]:
-    server = OutageRedis(tmp_path_factory.mktemp("outage-redis"))
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("outage-redis"), appendfsync="always", maxmemory_mb=32)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def pool(server: OutageRedis, tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[Pool]:
+def pool(server: RedisServer, tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[Pool]:
     redis = server.client()
     workdir = tmp_path_factory.mktemp("outage-workers")
     settings = make_settings(server.url, workdir / "data", tiny_checkpoint, batch_window_ms=200)
@@ -90,7 +90,7 @@ def assert_registered(redis: Redis, workers: list[WorkerProcess]) -> None:
     wait_for(listed, 10, "the workers to be registered with their model")
 
 
-def test_redis_killed_mid_batch_and_restarted_with_its_data(server: OutageRedis, pool: Pool) -> None:
+def test_redis_killed_mid_batch_and_restarted_with_its_data(server: RedisServer, pool: Pool) -> None:
     def outage() -> None:
         server.kill()
         time.sleep(OUTAGE_S)
@@ -99,7 +99,7 @@ def test_redis_killed_mid_batch_and_restarted_with_its_data(server: OutageRedis,
     run_batch_through(pool, outage)
 
 
-def test_redis_paused_mid_batch(server: OutageRedis, pool: Pool) -> None:
+def test_redis_paused_mid_batch(server: RedisServer, pool: Pool) -> None:
     def outage() -> None:
         server.pause()
         time.sleep(OUTAGE_S)
@@ -108,7 +108,7 @@ def test_redis_paused_mid_batch(server: OutageRedis, pool: Pool) -> None:
     run_batch_through(pool, outage)
 
 
-def test_redis_full_mid_batch(server: OutageRedis, pool: Pool) -> None:
+def test_redis_full_mid_batch(server: RedisServer, pool: Pool) -> None:
     def outage() -> None:
         server.fill()
         time.sleep(OUTAGE_S)
@@ -118,7 +118,7 @@ def test_redis_full_mid_batch(server: OutageRedis, pool: Pool) -> None:
 
 
 @pytest.mark.parametrize("kind", ["down", "full"])
-def test_a_worker_started_during_an_outage_waits_for_redis_then_registers(server: OutageRedis, pool: Pool,
+def test_a_worker_started_during_an_outage_waits_for_redis_then_registers(server: RedisServer, pool: Pool,
                                                                            kind: str) -> None:
     pool.ensure(2)
     if kind == "down":
