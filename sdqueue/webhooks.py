@@ -259,7 +259,7 @@ class WebhookWorker(SimpleWorker):
 
     def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO", *args: Any,
                          **kwargs: Any) -> None:
-        scheduler = PatientScheduler(self.queues, connection=self.connection, interval=1,
+        scheduler = PatientScheduler(self.queues, connection=self.connection,
                                      logging_level=logging_level or "INFO", serializer=self.serializer)
         self.scheduler = scheduler
         try:
@@ -274,9 +274,11 @@ class WebhookWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        """RQ's dequeue loop, waiting out Redis errors of every kind (RQ's waits out only a refused connection)."""
+        """RQ's dequeue loop, waiting out Redis errors of every kind (RQ's waits out only a refused connection);
+        None once idle for ``max_idle_time``, or (burst mode) when the queue is empty."""
         self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + ",".join(self.queue_names()))
+        idle_until = None if max_idle_time is None else time.monotonic() + max_idle_time
         backoff = Backoff(self.heartbeat_s)
         while True:
             self.heartbeat()
@@ -289,15 +291,14 @@ class WebhookWorker(SimpleWorker):
                 )
             except DequeueTimeout:
                 self.redis_link.answered()
-                continue
+                if idle_until is not None and time.monotonic() >= idle_until:
+                    return None
             except redis.exceptions.RedisError as exc:
                 self.redis_link.failed(exc, "waiting for webhooks to send")
                 backoff.wait()
-                continue
-            self.redis_link.answered()
-            if result is not None:
-                log.debug("webhook sender %s: message %s", self.name, result[0].id)
-            return result
+            else:
+                self.redis_link.answered()
+                return result
 
 
 class PatientScheduler(RQScheduler):
