@@ -20,6 +20,9 @@ from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.request_id import HEADER as REQUEST_ID_HEADER
+from core import logs
+
 # Locations FastAPI puts before the field path; the field path alone is what a client recognises.
 _SOURCES = ("body", "query", "path", "header", "cookie")
 
@@ -206,8 +209,13 @@ async def redis_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette logs the traceback after this handler answers; the client gets the shape, not the trace.
-    return _answer(request, 500, ErrorInfo(type="internal_error", message="internal error; the API log has details"))
+    # Starlette logs the traceback after this handler answers; the client gets the shape, not the trace. This answer
+    # is sent by Starlette's outermost error middleware, around `api.request_id`, so it adds the request id itself.
+    answer = _answer(request, 500, ErrorInfo(type="internal_error", message="internal error; the API log has details"))
+    request_id = logs.request_id.get()
+    if request_id is not None:
+        answer.headers[REQUEST_ID_HEADER] = request_id
+    return answer
 
 
 def describe(err: Mapping[str, Any]) -> tuple[str, str]:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from api.main import create_app
 from core import logs
 from tests.ports import wait_for_line
 from tests.redis_server import free_port
@@ -39,6 +40,20 @@ def test_a_body_over_the_limit_gets_one_too(client: TestClient, settings: Any) -
     r = client.post("/v1/txt2img", content=b"x" * (settings.max_body_bytes + 1),
                     headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.headers["x-request-id"]
+
+
+def test_an_internal_error_answer_carries_the_request_id_too(settings: Any) -> None:
+    # A 500 is sent by Starlette's outermost error middleware, outside the request-id middleware.
+    app = create_app(settings)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom", headers={"X-Request-ID": "trace-500"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+    assert r.headers["x-request-id"] == "trace-500"
 
 
 def test_a_sane_client_id_is_kept_and_anything_else_replaced(client: TestClient) -> None:
