@@ -49,7 +49,13 @@ class Caller:
         return self.name is None or owner == self.name
 
     def allows(self, priority: Priority) -> bool:
+        """Whether this key may submit at `priority` (the native API answers 403 when it may not)."""
         return PRIORITY_ORDER.index(priority) >= PRIORITY_ORDER.index(self.max_priority)
+
+    def default_priority(self) -> Priority:
+        """The priority of a job whose API has no priorities (`/sdapi/v1`, `/v1/images`): normal, or the highest
+        this key may use when that is lower, so such a key's jobs run instead of being refused."""
+        return Priority.normal if self.allows(Priority.normal) else self.max_priority
 
 
 ANONYMOUS = Caller(None, Priority.high)

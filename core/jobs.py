@@ -46,7 +46,12 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, examples=["a photo of a cat"])
+    # An image task's prompt may be empty: the image conditions it, and "" is encoded as diffusers encodes it (BOS,
+    # EOS, padding). A txt2img request has nothing else to draw from, so it must have text (`Txt2ImgRequest`).
+    prompt: str = Field(
+        max_length=MAX_PROMPT_CHARS, examples=["a photo of a cat"],
+        description="May be empty for img2img and inpaint: the image alone then steers the result.",
+    )
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     width: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     height: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8.")
@@ -107,16 +112,20 @@ class GenerationParams(BaseModel):
             split_webhook_url(v)
         return v
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt must contain non-whitespace text")
-        return v
-
 
 class Txt2ImgRequest(GenerationParams):
-    pass
+    prompt: str = Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS, examples=["a photo of a cat"], description="Not blank."
+    )
+
+    # "before": an empty prompt gets this message too, rather than pydantic's "at least 1 character".
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _not_blank(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("prompt must contain non-whitespace text (txt2img draws from the prompt alone; "
+                             "img2img and inpaint may leave it empty)")
+        return v
 
 
 _IMAGE_DOC = (

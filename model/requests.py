@@ -20,7 +20,7 @@ Task = Literal["txt2img", "img2img", "inpaint"]
 class GenerationRequest:
     """One user request: ``n`` images of one prompt (image seeds: ``core.rules.image_seeds``)."""
 
-    prompt: str
+    prompt: str  # may be empty (the image tasks): then BOS, EOS and padding, as diffusers encodes ""
     negative_prompt: str = ""
     task: Task = "txt2img"
     width: int = 512

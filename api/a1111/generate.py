@@ -2,7 +2,8 @@
 
 Each request is translated onto the native request model (`api.a1111.translate`), submitted through the native
 intake (auth, priority, Idempotency-Key, per-key limits, the group commit, metrics), input images prepared and
-stored as for `/v1/img2img`, and answered once the job has ended (`api.a1111.sync`). So a job made here is an
+stored as for `/v1/img2img`, and answered once the job has ended (`api.sync_jobs`: no limit of its own; a client
+that hangs up cancels its queued job, unless it sent an Idempotency-Key). So a job made here is an
 ordinary job: it batches with native jobs, shows in `GET /v1/jobs`, and the same seed gives the same pixels.
 """
 
@@ -14,22 +15,20 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Header, Request, Response
 
 from api import errors
-from api.a1111 import info, sync, translate
+from api.a1111 import info, translate
 from api.a1111.models import GenerationFields, GenerationResponse, Img2ImgFields, Txt2ImgFields
-from api.auth import AuthenticatedRoute, Caller
 from api.deps import CallerDep, ServicesDep
 from api.errors import ApiError
 from api.imageinput import ImageInputError, ImageLimits, prepare_img2img, prepare_inpaint
 from api.intake import Intake, Services
 from api.routes.img2img import delete_inputs, job_spec, store_inputs
+from api.sync_jobs import CLIENT_GONE, SyncRoute, submit_and_wait
 from core import jobstore
 from core.catalog import ModelInfo, loaded_models
-from core.jobs import InpaintRequest, JobPublic, Priority, Status, TaskKind
+from core.jobs import InpaintRequest, JobPublic, Status, TaskKind
 from core.storage import Storage
 
-router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], route_class=AuthenticatedRoute)
-
-CLIENT_CLOSED = 499  # the status logged (and counted) for a request whose client hung up before the answer
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], route_class=SyncRoute)
 
 _RESPONSES: dict[int | str, dict[str, Any]] = errors.responses(409, 413, 422, 429, 500, described={
     409: "The Idempotency-Key was used with a different body, or its first request is still being handled.",
@@ -45,7 +44,8 @@ async def _intake(
     idempotency_key: Annotated[str | None, Header(
         min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
         description="As on the native API: a repeat with the same key and body within 24 h answers with the "
-        "first request's job instead of queuing another.",
+        "first request's job instead of queuing another. A client that hangs up cancels its queued job unless it "
+        "sent this key: the job then stays for the resend.",
     )] = None,
 ) -> Intake:
     return Intake(services, caller, None, idempotency_key)  # never `Prefer: wait`: this layer always waits
@@ -59,9 +59,9 @@ async def a1111_txt2img(
     fields: Txt2ImgFields, request: Request, response: Response, intake: IntakeDep
 ) -> GenerationResponse | Response:
     """AUTOMATIC1111's txt2img: queue the job, answer when it has ended with its images as raw base64 PNG."""
-    native = translate.txt2img_request(fields, priority_for(intake.caller), await _models(intake.s, fields))
-    view = await intake.accept(jobstore.new_job_spec(native, "txt2img"), response, native)
-    return await _answer(intake.s, request, fields, view, fields.model_dump())
+    native = translate.txt2img_request(fields, intake.caller.default_priority(), await _models(intake.s, fields))
+    job = await submit_and_wait(request, intake, response, jobstore.new_job_spec(native, "txt2img"), native)
+    return await _answer(intake.s, fields, job, fields.model_dump())
 
 
 @router.post("/img2img", response_model=GenerationResponse, responses=_RESPONSES)
@@ -70,7 +70,7 @@ async def a1111_img2img(
 ) -> GenerationResponse | Response:
     """AUTOMATIC1111's img2img; with `mask`, an inpaint (white repainted, the rest pasted back)."""
     s = intake.s
-    native = translate.img2img_request(fields, priority_for(intake.caller), await _models(s, fields))
+    native = translate.img2img_request(fields, intake.caller.default_priority(), await _models(s, fields))
     limits = ImageLimits.from_settings(s.settings)
     task: TaskKind
     try:
@@ -86,16 +86,11 @@ async def a1111_img2img(
     async def delete() -> None:
         await to_thread.run_sync(delete_inputs, s.storage, spec)
 
-    view = await intake.accept(spec, response, native, on_refused=delete)
+    job = await submit_and_wait(request, intake, response, spec, native, on_refused=delete)
     parameters = fields.model_dump()
     if not fields.include_init_images:  # as A1111: the inputs are echoed only when asked for
         parameters.update(init_images=None, mask=None)
-    return await _answer(s, request, fields, view, parameters)
-
-
-def priority_for(caller: Caller) -> Priority:
-    """A1111 has no priorities: normal, or the highest the API key may use when that is lower."""
-    return Priority.normal if caller.allows(Priority.normal) else caller.max_priority
+    return await _answer(s, fields, job, parameters)
 
 
 async def _models(s: Services, fields: GenerationFields) -> list[ModelInfo] | None:
@@ -106,11 +101,10 @@ async def _models(s: Services, fields: GenerationFields) -> list[ModelInfo] | No
 
 
 async def _answer(
-    s: Services, request: Request, fields: GenerationFields, view: JobPublic, parameters: dict[str, Any]
+    s: Services, fields: GenerationFields, ended: JobPublic | None, parameters: dict[str, Any]
 ) -> GenerationResponse | Response:
-    ended = await sync.wait_for_job(s, request, view.id)
     if ended is None:
-        return Response(status_code=CLIENT_CLOSED)
+        return Response(status_code=CLIENT_GONE)
     if ended.status is Status.failed:
         error = ended.error
         reason = f"{error.type}: {error.message}" if error else "no reason recorded"

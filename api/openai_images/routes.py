@@ -1,8 +1,8 @@
 """`POST /v1/images/generations`, `/edits` and `/variations`: OpenAI's Images API, answered synchronously.
 
 Each route translates its request onto a native one (`translation`), queues it through the native intake (auth,
-priority, Idempotency-Key, limits, group commit), waits for the job (`waiting`) and answers with its images. Input
-images are prepared and stored as the native img2img / inpaint routes do (`api.routes.img2img`).
+priority, Idempotency-Key, limits, group commit), waits for the job (`api.sync_jobs`) and answers with its images.
+Input images are prepared and stored as the native img2img / inpaint routes do (`api.routes.img2img`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Annotated, Any
 from anyio import to_thread
 from fastapi import APIRouter, Body, Request, Response
 
-from api.a1111.generate import priority_for
 from api.deps import IntakeDep, SettingsDep, StorageDep
 from api.errors import ApiError
 from api.imageinput import ImageInputError, ImageLimits, prepare_img2img, prepare_inpaint
@@ -27,13 +26,13 @@ from api.openai_images.translation import (
     ImagesResponse,
     ImageVariationRequest,
 )
-from api.openai_images.waiting import CLIENT_GONE, SyncRoute, finished, submit_and_wait
 from api.routes.img2img import delete_inputs, job_spec, store_inputs
+from api.sync_jobs import CLIENT_GONE, SyncMultipartRoute, submit_and_wait
 from core import jobstore
-from core.jobs import Img2ImgRequest, InpaintRequest, JobPublic
+from core.jobs import Img2ImgRequest, InpaintRequest, JobPublic, Status
 from core.storage import Storage
 
-router = APIRouter(prefix="/v1/images", tags=["OpenAI Images"], route_class=SyncRoute)
+router = APIRouter(prefix="/v1/images", tags=["OpenAI Images"], route_class=SyncMultipartRoute)
 PATHS = ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations")
 
 _RESPONSES = errors.responses({
@@ -63,7 +62,7 @@ async def create_image(
     body: Annotated[ImageGenerationRequest, Body(openapi_examples=_GENERATION_EXAMPLES)], request: Request,
     response: Response, intake: IntakeDep, storage: StorageDep,
 ) -> ImagesResponse | Response:
-    native = translation.txt2img(body, priority_for(intake.caller))
+    native = translation.txt2img(body, intake.caller.default_priority())
     job = await submit_and_wait(request, intake, response, jobstore.new_job_spec(native, "txt2img"), native)
     return await _answer(job, body.response_format, storage)
 
@@ -83,9 +82,9 @@ async def create_image_edit(
     native: Img2ImgRequest
     if body.mask is not None:
         mask = await _inputs(native_mask, body.mask, limits)
-        native = translation.inpaint(body, image, mask, priority_for(intake.caller))
+        native = translation.inpaint(body, image, mask, intake.caller.default_priority())
     else:
-        native = translation.img2img(body, image, priority_for(intake.caller))
+        native = translation.img2img(body, image, intake.caller.default_priority())
     job = await _with_inputs(native, limits, request, intake, response, storage)
     return await _answer(job, body.response_format, storage)
 
@@ -100,7 +99,7 @@ async def create_image_variation(
     body: ImageVariationRequest, request: Request, response: Response, intake: IntakeDep, settings: SettingsDep,
     storage: StorageDep,
 ) -> ImagesResponse | Response:
-    native = translation.variation(body, priority_for(intake.caller))
+    native = translation.variation(body, intake.caller.default_priority())
     job = await _with_inputs(native, ImageLimits.from_settings(settings), request, intake, response, storage)
     return await _answer(job, body.response_format, storage)
 
@@ -136,8 +135,19 @@ async def _inputs(prepare: Any, *args: Any) -> Any:
 async def _answer(job: JobPublic | None, response_format: str | None, storage: Storage) -> ImagesResponse | Response:
     if job is None:
         return Response(status_code=CLIENT_GONE)
-    job = finished(job)
+    job = _succeeded(job)
     if response_format == "url":
         return translation.images_response(job, None)
     files = [await to_thread.run_sync(storage.get, record.key) for record in job.images]
     return translation.images_response(job, [base64.b64encode(data).decode("ascii") for data in files])
+
+
+def _succeeded(job: JobPublic) -> JobPublic:
+    """`job` if it succeeded; else the error its client gets (no resend helps: `x-should-retry: false`)."""
+    if job.status is Status.succeeded:
+        return job
+    no_retry = {"x-should-retry": "false"}
+    if job.status is Status.canceled:
+        raise ApiError(409, "conflict", f"job {job.id} was canceled before it finished", headers=no_retry)
+    reason = f"{job.error.type}: {job.error.message}" if job.error else "no reason recorded"
+    raise ApiError(500, "internal_error", f"job {job.id} failed ({reason})", headers=no_retry)

@@ -6,7 +6,7 @@ OpenAI field (`size '1001x512': width must be a multiple of 8, got 1001`).
 
 | OpenAI | native | |
 |---|---|---|
-| `prompt` | `prompt` | variations have none: `VARIATION_PROMPT` |
+| `prompt` | `prompt` | variations have none: the empty prompt, so the image alone steers them |
 | `n` | `n` | 1..8 (OpenAI allows 10) |
 | `image` or `image[]` (one), `mask` (edits) | `InpaintRequest` | mask: fully transparent = repaint (`mask.py`) |
 | `image` (edits without a mask, variations) | `Img2ImgRequest` | native strength 0.75 |
@@ -18,7 +18,7 @@ OpenAI field (`size '1001x512': width must be a multiple of 8, got 1001`).
 | `response_format` | | b64_json (default) or url: how the answer carries the images |
 | `background` | | auto or opaque; transparent is refused |
 | `stream` | | false only; true is refused |
-| | `priority` | normal, or the API key's highest when that is lower (OpenAI has no priorities) |
+| | `priority` | `Caller.default_priority`: normal, or the API key's highest when lower (OpenAI has none) |
 | `model`, `style`, `user` and any other field | | accepted, no effect |
 """
 
@@ -39,9 +39,6 @@ QUALITY_STEPS: dict[str, int] = {
     "low": 15, "medium": 25, "auto": 30, "standard": 30, "high": 40, "hd": 40, "xhigh": 50, "max": 75,
 }
 DEFAULT_SIZE = (512, 512)  # "auto" for generations: what SD 1.x models were trained at
-# OpenAI's variations take no prompt, and native prompts may not be blank: one period, which CLIP reads as
-# (almost) no text, so the image alone steers the result.
-VARIATION_PROMPT = "."
 ResponseFormat = Literal["b64_json", "url"]
 # Native field -> the OpenAI field it came from, for error messages.
 _OPENAI_FIELD = {"width": "size", "height": "size", "steps": "quality", "output_quality": "output_compression"}
@@ -158,7 +155,7 @@ def inpaint(
 
 def variation(request: ImageVariationRequest, priority: Priority = Priority.normal) -> Img2ImgRequest:
     return _native(Img2ImgRequest, request, {
-        "prompt": VARIATION_PROMPT, "image": request.image, **_sides(request.size), **_common(request, priority),
+        "prompt": "", "image": request.image, **_sides(request.size), **_common(request, priority),
     })
 
 

@@ -217,6 +217,24 @@ def test_a_client_that_hangs_up_gets_its_queued_job_canceled(
     assert queued_job_ids(redis, keys) == []
 
 
+def test_with_an_idempotency_key_the_queued_job_outlives_the_client_for_its_resend(
+    live_server: LiveServer, redis: Redis, keys: Keys
+) -> None:
+    url, keyed = f"{live_server.url}/sdapi/v1/txt2img", {"Idempotency-Key": "a1111-order-1"}
+    for _ in range(2):  # the request and its resend both give up: one job, still queued
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=SMALL, headers=keyed, timeout=1.0)
+    [job_id] = queued_job_ids(redis, keys)
+    with pytest.raises(httpx.ReadTimeout):  # the same without a key: that job is canceled
+        httpx.post(url, json={**SMALL, "seed": 2}, timeout=1.0)
+    [other_id] = [k.decode().removeprefix("rq:job:") for k in redis.keys("rq:job:*") if job_id not in k.decode()]
+
+    wait_for(lambda: Job.fetch(other_id, connection=redis).get_status() == "canceled")
+
+    assert queued_job_ids(redis, keys) == [job_id]
+    assert Job.fetch(job_id, connection=redis).get_status() == "queued"
+
+
 def test_routes_of_features_sdqueue_lacks_say_so(client: TestClient) -> None:
     r = client.post("/sdapi/v1/interrogate", json={"image": png_b64(noise_image(8, 8)), "model": "clip"})
     extras = client.post("/sdapi/v1/extra-single-image", json={})

@@ -74,6 +74,17 @@ def test_webuiapis_img2img_and_inpaint_defaults_are_accepted() -> None:
     assert (inpaint.invert_mask, inpaint.mask_blur, inpaint.mask_overlay, inpaint.strength) == (False, 4, True, 0.75)
 
 
+def test_img2img_takes_webuiapis_default_empty_prompt_and_txt2img_refuses_it() -> None:
+    image = Image.new("RGB", (8, 8))
+    plain = webuiapi_payload("img2img", images=[image])
+    masked = webuiapi_payload("img2img", images=[image], mask_image=image)
+
+    assert plain["prompt"] == ""
+    assert translate.img2img_request(Img2ImgFields.model_validate(plain), Priority.normal, None).prompt == ""
+    assert translate.img2img_request(Img2ImgFields.model_validate(masked), Priority.normal, None).prompt == ""
+    assert refused(txt2img, prompt="").info.field == "prompt"
+
+
 def test_a1111s_own_defaults_apply_to_what_is_left_out_or_null() -> None:
     native = txt2img(steps=None, cfg_scale=None, sampler_name=None)
 
@@ -233,7 +244,8 @@ def test_img2img_refusals_name_the_a1111_field(fields: dict[str, Any], field: st
     ({"batch_size": 4, "n_iter": 3}, "batch_size",
      "batch_size x n_iter: Input should be less than or equal to 8, got 12"),
     ({"width": 500}, "width", "width must be a multiple of 8, got 500"),
-    ({"prompt": "   "}, "prompt", "prompt must contain non-whitespace text"),
+    ({"prompt": "   "}, "prompt", "prompt must contain non-whitespace text (txt2img draws from the prompt alone; "
+                               "img2img and inpaint may leave it empty)"),
     ({"seed": -2}, "seed", "seed: Input should be greater than or equal to -1, got -2"),
 ])
 def test_native_validation_messages_come_back_with_the_a1111_field_names(fields: dict[str, Any], field: str,

@@ -95,6 +95,21 @@ def test_outpaint_queues_the_grown_canvas_and_its_mask(client: TestClient, redis
     assert mask.crop((16, 8, 80, 72)).getbbox() is None and mask.crop((0, 0, 16, 72)).getextrema() == (255, 255)
 
 
+def test_image_tasks_take_an_empty_prompt_and_txt2img_does_not(client: TestClient, redis: Redis) -> None:
+    image, mask = png_b64(noise_image(64, 64)), png_b64(white_box(64, 64, (0, 0, 32, 32)))
+    empty = {**BASE, "prompt": ""}
+    answers = [client.post("/v1/img2img", json={**empty, "image": image}),
+               client.post("/v1/inpaint", json={**empty, "image": image, "mask": mask}),
+               client.post("/v1/inpaint", json={**empty, "image": image, "outpaint": {"left": 8}}),
+               client.post("/v1/img2img", data={**empty, "steps": "4"},
+                           files={"image": ("a.png", encode(noise_image(64, 64)), "image/png")})]
+    txt2img = client.post("/v1/txt2img", json={**empty, "width": 64, "height": 64})
+
+    assert [r.status_code for r in answers] == [202] * 4, [r.text for r in answers]
+    assert [queued_spec(redis, r.json()["id"]).params.prompt for r in answers] == [""] * 4
+    assert txt2img.status_code == 422 and txt2img.json()["error"]["field"] == "prompt"
+
+
 def test_multipart_upload_queues_the_same_job_as_json(client: TestClient, redis: Redis, settings: Settings) -> None:
     source, box = noise_image(72, 64), white_box(72, 64, (0, 0, 32, 32))
     fields = {**BASE, "seed": 11, "strength": 0.8, "mask_blur": 2, "guidance_scale": 6.5,

@@ -19,7 +19,7 @@ from api.openai_images.translation import (
     ImageGenerationRequest,
     ImageVariationRequest,
 )
-from core.jobs import GenerationParams, InpaintRequest, JobPublic, Status
+from core.jobs import GenerationParams, Img2ImgRequest, InpaintRequest, JobPublic, Status
 from tests.images import encode, noise_image, png_b64
 
 LIMITS = ImageLimits(max_bytes=10_000_000, max_pixels=16_000_000)
@@ -104,9 +104,10 @@ def test_edits_keep_the_image_size_unless_size_is_given() -> None:
     assert (sized.width, sized.height, sized.mask, sized.strength) == (64, 128, "MMM", 1.0)
 
 
-def test_a_variation_is_img2img_with_the_neutral_prompt() -> None:
+def test_a_variation_is_img2img_with_the_empty_prompt() -> None:
     native = translation.variation(ImageVariationRequest.model_validate({"image": "AAA", "n": 2, "seed": 5}))
-    assert (native.prompt, native.image, native.n, native.seed) == (translation.VARIATION_PROMPT, "AAA", 2, 5)
+    assert type(native) is Img2ImgRequest
+    assert (native.prompt, native.image, native.n, native.seed) == ("", "AAA", 2, 5)
 
 
 def test_the_answer_carries_each_image_once_as_asked() -> None:

@@ -66,6 +66,8 @@ def test_priority_picks_the_queue_and_position_counts_higher_queues(
 
 BAD_REQUESTS: list[tuple[str, Any, str, str]] = [
     ("missing prompt", {"width": 64}, "prompt", "Field required"),
+    ("empty prompt", {**TINY, "prompt": ""}, "prompt", "non-whitespace text (txt2img draws from the prompt alone"),
+    ("blank prompt", {**TINY, "prompt": " \n"}, "prompt", "non-whitespace text"),
     ("width 513", {**TINY, "width": 513}, "width", "width must be a multiple of 8, got 513"),
     ("steps 0", {**TINY, "steps": 0}, "steps", "greater than or equal to 1, got 0"),
     ("steps 10000", {**TINY, "steps": 10000}, "steps", "less than or equal to 150, got 10000"),

@@ -105,6 +105,18 @@ def test_img2img_and_inpaint_give_the_native_apis_pixels(running: Service, api: 
     assert "Denoising strength: 0.5" in plain.info["infotexts"][0]
 
 
+def test_img2img_without_a_prompt_gives_the_native_empty_prompt_pixels(running: Service,
+                                                                        api: webuiapi.WebUIApi) -> None:
+    source = noise_image(64, 64, seed=4)
+    unprompted = {k: v for k, v in SMALL.items() if k != "prompt"}  # webuiapi then sends its default, ""
+
+    result = api.img2img(images=[source], denoising_strength=0.6, seed=9, **unprompted)
+
+    [expected] = native(running, "/v1/img2img", prompt="", image=png_b64(source), strength=0.6, seed=9)
+    assert result.info["prompt"] == "" and np.array_equal(pixels(result.image), expected)
+    assert np.abs(pixels(result.image) - pixels(source)).mean() > 1  # denoised, not the input returned
+
+
 def test_progress_while_a_job_runs_then_interrupt_ends_it(running: Service, api: webuiapi.WebUIApi) -> None:
     answer: list[webuiapi.WebUIApiResult] = []
     slow = {**SMALL, "steps": 150, "width": 256, "height": 256, "batch_size": 2}  # seconds on any CPU

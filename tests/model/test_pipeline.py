@@ -98,9 +98,10 @@ def test_odd_latent_size_matches_diffusers(ref: Reference, pipe: Pipeline) -> No
     assert np.abs(pixels(result.images) - theirs).max() <= 2
 
 
-def test_img2img_matches_diffusers(ref: Reference, pipe: Pipeline) -> None:
+@pytest.mark.parametrize("prompt", ["a painting", ""])  # "": the image alone steers (variations, A1111's default)
+def test_img2img_matches_diffusers(ref: Reference, pipe: Pipeline, prompt: str) -> None:
     init = gradient_image()
-    req = GenerationRequest(prompt="a painting", task="img2img", width=W, height=H, steps=10, sampler="euler_a",
+    req = GenerationRequest(prompt=prompt, task="img2img", width=W, height=H, steps=10, sampler="euler_a",
                             strength=0.6, seed=7, n=2, init_image=init)
     ours = pixels(pipe.generate([req])[0].images)  # type: ignore[union-attr]
     theirs = reference_images(StableDiffusionImg2ImgPipeline, ref, req, image=init, strength=0.6)

@@ -63,6 +63,8 @@ def test_known_ids() -> None:
     assert batch.input_ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert batch.input_ids[0, 7:].tolist() == [49407] * 70
     assert batch.num_tokens == [5] and batch.truncated == [False]
+    empty = ClipTokenizer.bundled().tokenize([""])  # an image task's empty prompt: BOS, EOS, padding
+    assert empty.input_ids[0].tolist() == [49406] + [49407] * 76 and empty.num_tokens == [0]
 
 
 def test_bundled_is_loaded_once() -> None:

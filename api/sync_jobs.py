@@ -1,10 +1,17 @@
-"""A synchronous answer over the queue: enqueue through the native intake, then wait for the job to end.
+"""Synchronous answers over the queue: enqueue through the native intake, then wait for the job to end.
 
+The compatibility layers (`/sdapi/v1`, `/v1/images`) answer when the images are made, as the APIs they speak do.
 The wait has no limit of its own (the job's own timeout, SDQ_JOB_TIMEOUT_S, bounds it): it ends when the job does,
-or when the client goes away. A client that goes away while its job is still queued gets the job canceled, as on
-`/sdapi/v1` (`api.a1111.sync`); a job already running finishes, and its images stay in `GET /v1/jobs`. A request
-that carried an `Idempotency-Key` keeps its queued job too: OpenAI's clients resend a request whose answer timed
-out, and the resend, with the same key, is answered with the job the first request made.
+or when the client goes away. It follows the job's event log (`core.eventlog`, as `Prefer: wait` does), and reads
+the job itself between blocking reads, so a job that ends without an event (RQ gave up on it) ends the wait too.
+
+A client that goes away while its job is still queued gets the job canceled, since nobody is left to take its
+images; a job already running finishes, and its images stay in `GET /v1/jobs`. A request that carried an
+`Idempotency-Key` keeps its queued job: clients resend a request whose answer timed out (OpenAI's do), and the
+resend, with the same key, is answered with the job the first request made.
+
+Noticing the client leave needs the connection's own ASGI `receive`: the route classes here keep it for the
+handler (the request a multipart route hands on is a copy that carries only the form).
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from typing import Any
 
 from anyio import to_thread
 from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.types import Receive
 
+from api.auth import AuthenticatedRoute
 from api.errors import ApiError
 from api.intake import Intake, Services, wait_for_end
 from api.multipart import MultipartAsJsonRoute
@@ -33,9 +42,8 @@ _RECEIVE = "sdq_client_receive"
 CLIENT_GONE = 499
 
 
-class SyncRoute(MultipartAsJsonRoute):
-    """A route that keeps the client connection's ASGI `receive`, so that its handler notices the client leave
-    while it waits (the request a multipart route hands on is a copy that carries only the form)."""
+class _KeepsReceive(APIRoute):
+    """Keeps the connection's ASGI `receive` in the request's state before the handler runs."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -47,16 +55,28 @@ class SyncRoute(MultipartAsJsonRoute):
         return route
 
 
+class SyncRoute(_KeepsReceive, AuthenticatedRoute):
+    """An authenticated JSON route whose handler may `submit_and_wait`."""
+
+
+class SyncMultipartRoute(_KeepsReceive, MultipartAsJsonRoute):
+    """An authenticated route that also takes multipart/form-data (`api.multipart`) and may `submit_and_wait`."""
+
+
 async def submit_and_wait(
     request: Request, intake: Intake, response: Response, spec: JobSpec, native: BaseModel,
     on_refused: Callable[[], Awaitable[None]] | None = None,
 ) -> JobPublic | None:
     """Queue `spec` (made from the validated native request `native`) as the native API does, and return the job
-    once it has ended; None if the client went away first."""
+    once it has ended; None if the client went away first. The route must be a `SyncRoute` or
+    `SyncMultipartRoute`."""
+    receive = request.scope.get("state", {}).get(_RECEIVE)
+    if receive is None:
+        raise TypeError(f"{request.url.path}: submit_and_wait needs a SyncRoute or SyncMultipartRoute")
     queued = await intake.accept(spec, response, native, on_refused=on_refused)
     services = intake.s
     ended = asyncio.ensure_future(_ended(services, queued.id))
-    gone = asyncio.ensure_future(_client_gone(request.scope["state"][_RECEIVE]))
+    gone = asyncio.ensure_future(_client_gone(receive))
     try:
         await asyncio.wait((ended, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -74,17 +94,6 @@ async def submit_and_wait(
     return None
 
 
-def finished(job: JobPublic) -> JobPublic:
-    """`job` if it succeeded; else the error its client gets (no resend helps: `x-should-retry: false`)."""
-    if job.status is Status.succeeded:
-        return job
-    no_retry = {"x-should-retry": "false"}
-    if job.status is Status.canceled:
-        raise ApiError(409, "conflict", f"job {job.id} was canceled before it finished", headers=no_retry)
-    reason = f"{job.error.type}: {job.error.message}" if job.error else "no reason recorded"
-    raise ApiError(500, "internal_error", f"job {job.id} failed ({reason})", headers=no_retry)
-
-
 async def _ended(services: Services, job_id: str) -> JobPublic:
     while True:
         job = await to_thread.run_sync(jobstore.get_job, services.redis, services.keys, services.storage, job_id)
@@ -92,8 +101,6 @@ async def _ended(services: Services, job_id: str) -> JobPublic:
             raise ApiError(404, "not_found", f"job {job_id} expired before it ended")
         if job.status.is_terminal():
             return job
-        # Returns at the terminal event; between blocks the job itself is read again, so a job that ends without
-        # an event (RQ gave up on it) ends the wait too.
         await wait_for_end(services.aredis, services.keys, job_id, eventlog.READ_BLOCK_S)
 
 
