@@ -83,7 +83,7 @@ def a1111_parameters(
         items.append(("Eta", f"{p.eta:g}"))
     if strength is not None:
         items.append(("Denoising strength", f"{strength:g}"))
-    lines = [p.prompt]
+    lines = [p.prompt] if p.prompt else []  # A1111 strips the text: an empty prompt leaves no blank first line
     if p.negative_prompt:
         lines.append(f"Negative prompt: {p.negative_prompt}")
     lines.append(", ".join(f"{k}: {v}" for k, v in items))

@@ -91,6 +91,14 @@ def test_parameters_text_is_the_a1111_layout() -> None:
     )
 
 
+def test_an_empty_prompt_leaves_no_blank_first_line() -> None:
+    # img2img may have an empty prompt; A1111 strips its infotext, so the text starts with the negative prompt or
+    # the settings line.
+    assert a1111_parameters(make_spec(prompt="", negative_prompt="blurry"), seed=1, model=MODEL).splitlines()[0] \
+        == "Negative prompt: blurry"
+    assert a1111_parameters(make_spec(prompt=""), seed=1, model=MODEL).startswith("Steps: 30, ")
+
+
 def test_empty_negative_prompt_line_is_omitted_and_extras_are_written() -> None:
     spec = make_spec(sampler="ddim", eta=0.5)
 
