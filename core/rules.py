@@ -17,7 +17,10 @@ MAX_STEPS = 150
 MAX_IMAGES = 8  # images of one request
 MAX_SEED = 2**32 - 1  # seeds of a request; image i uses seed + i, which may pass it
 MAX_GUIDANCE = 50.0
+LCM_ORIGINAL_STEPS = 50  # the schedule LCM models were distilled on (diffusers' original_inference_steps)
 GUIDANCE_OFF = 1.0  # a guidance scale at or below this runs without classifier-free guidance (one UNet pass)
+MAX_LORAS = 8  # LoRAs of one request
+MAX_LORA_SCALE = 10.0  # |scale| of a LoRA (A1111 accepts negative weights: they push away from the LoRA)
 
 
 class Sampler(str, Enum):
@@ -25,6 +28,7 @@ class Sampler(str, Enum):
     euler = "euler"
     euler_a = "euler_a"
     dpmpp_2m = "dpmpp_2m"
+    lcm = "lcm"
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class SamplerTraits:
     a1111_name: str  # the name AUTOMATIC1111 shows and writes into image metadata
     karras: bool  # accepts Karras sigma spacing
     eta: bool  # accepts a non-zero eta (stochastic DDIM)
+    max_steps: int = MAX_STEPS  # LCM picks its steps from a fixed 50-step distillation schedule
 
 
 SAMPLERS: dict[Sampler, SamplerTraits] = {
@@ -39,6 +44,7 @@ SAMPLERS: dict[Sampler, SamplerTraits] = {
     Sampler.euler: SamplerTraits("Euler", karras=True, eta=False),
     Sampler.euler_a: SamplerTraits("Euler a", karras=True, eta=False),
     Sampler.dpmpp_2m: SamplerTraits("DPM++ 2M", karras=True, eta=False),
+    Sampler.lcm: SamplerTraits("LCM", karras=False, eta=False, max_steps=LCM_ORIGINAL_STEPS),
 }
 SAMPLER_NAMES: tuple[str, ...] = tuple(s.value for s in SAMPLERS)
 
@@ -61,6 +67,13 @@ def check_sampler_options(name: str, *, karras: bool, eta: float) -> None:
     if eta and not traits.eta:
         takes = ", ".join(k.value for k, t in SAMPLERS.items() if t.eta)
         raise ValueError(f"eta applies to {takes} only, got eta {eta:g} with {s.value}")
+
+
+def check_steps(name: str, steps: int) -> None:
+    """ValueError when sampler ``name`` cannot run ``steps`` steps (LCM: at most its distillation schedule's 50)."""
+    limit = SAMPLERS[sampler(name)].max_steps
+    if steps > limit:
+        raise ValueError(f"steps must be at most {limit} with sampler {name}, got {steps}")
 
 
 def check_side(name: str, value: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
@@ -14,6 +15,15 @@ if TYPE_CHECKING:
     import torch
 
 Task = Literal["txt2img", "img2img", "inpaint"]
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA a request applies: a file ``path``, or ``name`` = its stem in the pipeline's LoRA directory."""
+
+    name: str
+    scale: float = 1.0
+    path: Path | None = None
 
 
 @dataclass
@@ -35,6 +45,7 @@ class GenerationRequest:
     strength: float = 0.75  # img2img / inpaint only: fraction of the schedule that is re-run
     init_image: Image.Image | None = None  # img2img / inpaint source, RGB, width x height
     mask: Image.Image | None = None  # inpaint: white = repaint, black = keep; width x height
+    loras: list[LoraRef] = field(default_factory=list)  # per request: its rows get their own side paths
 
     @property
     def denoising_strength(self) -> float:
