@@ -1,20 +1,20 @@
 """Weights pre-packed for oneDNN, so CPU convolutions and linear layers stop re-laying out weights on every call.
 
 In eager mode PyTorch hands oneDNN plain weights, which it reorders into its blocked layout on each call (and fp32
-linear layers go to MKL, slow on AMD CPUs): for the UNet's deep levels (4x4 or 8x8 feature maps, 1280 channels) the
-reorder costs several times the arithmetic. ``prepack`` does it once at load time, as ``torch.compile``'s freezing
-pass does, without compiling. Measured on SD 1.5 at 256x256 (2-core AMD EPYC): UNet step 2.3 s -> 1.1 s in fp32,
-0.9 s -> 0.6 s in bf16. What each layer becomes:
+linear layers go to MKL): for the UNet's deep levels (4x4 or 8x8 feature maps, 1280 channels) the reorder costs
+several times the arithmetic. Packing once, as ``torch.compile``'s freezing pass does, removes it, but only when the
+weight is packed in the layout of the kernel oneDNN selects for the real input: that kernel differs between CPUs
+(AVX-512, AMX, AVX2 brgemm) and between input shapes, so each layer packs on its first call, for that call's
+input. Whether packing pays at all is then measured per layer kind (``model.cpu_choice``). What each layer becomes:
 
 - 3x3 convolutions: ``PackedConv2d``;
-- 1x1 convolutions: ``PackedPointwiseConv``, the same matrix as a packed linear layer (a packed 1x1 convolution
-  weight is fast only at the feature-map size it was packed for: measured 100x slower at 4x4 when packed for 32x32);
-- ``Upsample`` (nearest 2x, then 3x3 conv): ``PackedUpsample``, a sub-pixel convolution doing 16 multiply-adds
-  where the plain path does 36;
+- 1x1 convolutions: ``PackedPointwiseConv``, the same matrix as a packed linear layer;
+- ``Upsample`` (nearest 2x, then 3x3 conv): ``PackedUpsample``, whose 2x path is a sub-pixel convolution doing 16
+  multiply-adds where the plain path does 36 (``SubpixelConv``);
 - linear layers: ``PackedLinear``.
 
-Numbers stay those of the plain layers up to float summation order (below 1e-5 relative in fp32). The packed
-modules drop their plain weights, so a packed network is for inference only, and its ``state_dict`` no longer
+Numbers stay those of the plain layers up to float summation order (below 1e-5 relative in fp32). A layer keeps
+only the weights of the path it runs, so a packed network is for inference only, and its ``state_dict`` no longer
 holds those weights: pack after loading and never save a packed network.
 """
 
@@ -23,80 +23,166 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from model.cpu_choice import LayerPath, PathChooser
 from model.layers import Upsample
 
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-EXAMPLE_ROWS = 2048  # steers the packed linear layout only; measured equally fast from 2 to 8192 rows
 
 
-class PackedConv2d(nn.Module):
+class ChosenLayer(nn.Module):
+    """A layer with a packed and a plain path: packed when built without a chooser, else what the chooser picks.
+
+    Weights are packed on the first packed call, for that call's input shape, so oneDNN lays them out for the
+    kernel it selects for real inputs (packed for no shape, a 3x3 weight got a layout that the AVX2 kernel reorders
+    again on every call). Once the path is fixed, only that path's weights are kept.
+    """
+
+    kind = ""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, chooser: PathChooser | None) -> None:
+        super().__init__()
+        self.weight: torch.Tensor | None = weight.detach().contiguous()
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self.packed: torch.Tensor | None = None
+        self.chooser = chooser
+        self.path: LayerPath | None = LayerPath.PACKED if chooser is None else None
+        self.measured = False
+
+    def pack(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_packed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_plain(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            assert self.weight is not None
+            self.packed = self.pack(self.weight, x)
+            if self.path is LayerPath.PACKED:  # settled: the plain copy is no longer needed
+                self.weight = None
+        return self.packed
+
+    def plain_weight(self) -> torch.Tensor:
+        if self.weight is None:
+            assert self.packed is not None
+            self.weight = self.packed.to_dense()
+        return self.weight
+
+    def settle(self, path: LayerPath) -> None:
+        self.path = path
+        if path is LayerPath.PLAIN:
+            self.plain_weight()
+            self.packed = None
+        elif self.packed is not None:
+            self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path is None:
+            assert self.chooser is not None
+            if not self.measured and self.kind not in self.chooser.decided:
+                self.measured = True
+                out = self.chooser.measure(self.kind, lambda: self.run_packed(x), lambda: self.run_plain(x))
+                self.weight = None  # restored from the packed copy if plain wins: one copy held at a time
+                return out
+            self.settle(self.chooser.decide(self.kind))  # a second call: the network's first pass is done
+        return self.run_packed(x) if self.path is LayerPath.PACKED else self.run_plain(x)
+
+    def path_repr(self) -> str:
+        return "path undecided" if self.path is None else f"{self.path.value}"
+
+
+class PackedConv2d(ChosenLayer):
     """An ``nn.Conv2d`` (zero padding) whose weight is held in oneDNN's blocked layout."""
 
-    def __init__(self, conv: nn.Conv2d, example_input: list[int]) -> None:
-        super().__init__()
+    kind = "conv3x3"
+
+    def __init__(self, conv: nn.Conv2d, chooser: PathChooser | None = None) -> None:
+        super().__init__(conv.weight, conv.bias, chooser)
         self.stride, self.dilation = list(conv.stride), list(conv.dilation)
         self.padding: list[int] = list(conv.padding)  # type: ignore[arg-type]  # never a string: see _packable
         self.groups = conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        weight = conv.weight.detach()
-        self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]  # stub lacks input_size
-            weight.contiguous().to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, example_input
-        )
-        self.bias = None if conv.bias is None else conv.bias.detach().contiguous()
+        if conv.kernel_size != (3, 3):
+            self.kind = f"conv{conv.kernel_size[0]}x{conv.kernel_size[1]}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.packed, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+    def pack(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]  # stub lacks input_size
+            weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(x.shape)
         )
+
+    def run_packed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.packed_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+        )
+
+    def run_plain(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.plain_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, packed"
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, " \
+            f"{self.path_repr()}"
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(ChosenLayer):
     """An ``nn.Linear`` whose weight is held in oneDNN's blocked layout."""
 
-    def __init__(self, linear: nn.Linear, example_rows: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), example_rows)
-        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+    kind = "linear"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, linear: nn.Linear, chooser: PathChooser | None = None) -> None:
+        super().__init__(linear.weight, linear.bias, chooser)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def pack(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, x.numel() // self.in_features)
+
+    def run_packed(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # oneDNN's linear takes 2-D input
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight(rows), self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 
+    def run_plain(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.plain_weight(), self.bias)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.path_repr()}"
 
 
-class PackedPointwiseConv(nn.Module):
+class PackedPointwiseConv(ChosenLayer):
     """A 1x1 ``nn.Conv2d`` (stride 1, no padding) run as a packed linear layer over the channels of each position.
 
     On channels_last input the rows are a view; on contiguous input they are one transposing copy, which measured
-    cheaper than the plain convolution.
+    cheaper than the plain convolution. (A 1x1 convolution weight packed as a convolution is fast only at the
+    feature-map size it was packed for: measured 100x slower at 4x4 when packed for 32x32.)
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        matrix = conv.weight.detach().reshape(self.out_channels, self.in_channels).contiguous()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(matrix, EXAMPLE_ROWS)
-        self.bias = None if conv.bias is None else conv.bias.detach().contiguous()
+    kind = "conv1x1"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, conv: nn.Conv2d, chooser: PathChooser | None = None) -> None:
+        super().__init__(conv.weight.reshape(conv.out_channels, conv.in_channels), conv.bias, chooser)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+
+    def pack(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, x.numel() // self.in_channels)
+
+    def run_packed(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view for channels_last input
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight(rows), self.bias, "none", [], "")
         return out.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)  # channels_last strides
 
+    def run_plain(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.plain_weight()[:, :, None, None], self.bias)
+
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), packed as linear"
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), as linear, {self.path_repr()}"
 
 
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -115,31 +201,32 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(phases).to(weight.dtype)
 
 
-class PackedUpsample(Upsample):
-    """``Upsample`` as a sub-pixel convolution: the 3x3 conv of the 2x-upsampled map is computed on the map itself.
+class SubpixelConv(ChosenLayer):
+    """Nearest 2x upsampling then a 3x3 convolution, computed as one 2x2 convolution of the map itself.
 
     One 2x2 convolution with 4x the output channels (one set per output phase) does 16 multiply-adds per output
     channel and input position where the plain path does 36, and the upsampled input is never materialised:
-    measured 2.5x faster at the VAE's sizes. Sizes other than 2x (the UNet's odd skip sizes) take the plain path.
+    measured 2.5x faster at the VAE's sizes. The plain path is the upsampling and ``conv``'s plain convolution.
     """
 
-    def __init__(self, upsample: Upsample) -> None:
-        nn.Module.__init__(self)
-        conv = upsample.conv
-        self.conv = PackedConv2d(conv, [])  # type: ignore[assignment]  # plain path, for sizes other than 2x
-        self.phases = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
-            subpixel_weight(conv.weight.detach()).to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, []
-        )
-        self.phase_bias = None if conv.bias is None else conv.bias.detach().repeat(4).contiguous()
+    kind = "upsample"
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def __init__(self, conv: PackedConv2d, chooser: PathChooser | None = None) -> None:
+        assert conv.weight is not None
+        super().__init__(subpixel_weight(conv.weight), None if conv.bias is None else conv.bias.repeat(4), chooser)
+        self.conv = [conv]  # in a list: the plain path's convolution, owned (and registered) by the Upsample
+
+    def pack(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
+            weight.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape)
+        )
+
+    def run_packed(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        if size is not None and size != (2 * H, 2 * W):
-            return super().forward(x, size)
         x = x.contiguous(memory_format=torch.channels_last)
         # [B, 4C, H + 1, W + 1]: phase (a, b) of output pixel (2i + a, 2j + b) sits at (i + a, j + b)
         z = torch.ops.mkldnn._convolution_pointwise(
-            x, self.phases, self.phase_bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
+            x, self.packed_weight(x), self.bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
         )
         z = z.permute(0, 2, 3, 1).reshape(B, H + 1, W + 1, 2, 2, C)  # channels_last: a view
         out = torch.empty(B, H, 2, W, 2, C, dtype=z.dtype, device=z.device)
@@ -147,6 +234,35 @@ class PackedUpsample(Upsample):
             for b in (0, 1):
                 out[:, :, a, :, b] = z[:, a : a + H, b : b + W, a, b]
         return out.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # [B, C, 2H, 2W], channels_last
+
+    def run_plain(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv[0].run_plain(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def settle(self, path: LayerPath) -> None:
+        self.path = path
+        if path is LayerPath.PLAIN:  # the sub-pixel weight is needed only to pack it
+            self.packed = self.weight = None
+        elif self.packed is not None:
+            self.weight = None
+
+    def extra_repr(self) -> str:
+        return f"sub-pixel 2x2, {self.path_repr()}"
+
+
+class PackedUpsample(Upsample):
+    """``Upsample`` with a sub-pixel path for 2x (``SubpixelConv``); other sizes (the UNet's odd skip sizes) take
+    the upsampling and ``conv``."""
+
+    def __init__(self, upsample: Upsample, chooser: PathChooser | None = None) -> None:
+        nn.Module.__init__(self)
+        conv = PackedConv2d(upsample.conv, chooser)
+        self.conv = conv  # type: ignore[assignment]
+        self.subpixel = SubpixelConv(conv, chooser)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is not None and size != (2 * x.shape[-2], 2 * x.shape[-1]):
+            return super().forward(x, size)
+        return self.subpixel(x)
 
 
 def can_prepack(dtype: torch.dtype) -> bool:
@@ -160,8 +276,8 @@ def can_prepack(dtype: torch.dtype) -> bool:
         rows = torch.randn(3, 8, dtype=dtype)
         with torch.no_grad():
             tol = 1e-4 if dtype == torch.float32 else 3e-2
-            ok = torch.allclose(PackedConv2d(conv, list(x.shape))(x), conv(x), atol=tol, rtol=tol) and \
-                torch.allclose(PackedLinear(linear, 3)(rows), linear(rows), atol=tol, rtol=tol)
+            ok = torch.allclose(PackedConv2d(conv)(x), conv(x), atol=tol, rtol=tol) and \
+                torch.allclose(PackedLinear(linear)(rows), linear(rows), atol=tol, rtol=tol)
     except (RuntimeError, AttributeError, NotImplementedError) as e:
         log.info("oneDNN weight pre-packing unavailable (%s); using plain layers", e)
         return False
@@ -181,25 +297,25 @@ def _pointwise(conv: nn.Conv2d) -> bool:
     return _sizes(conv) == ((1, 1), (1, 1), (0, 0))
 
 
-def prepack(module: nn.Module) -> int:
-    """Replace ``module``'s convolutions, upsamplers and linear layers (in place) with pre-packed ones; returns how
+def prepack(module: nn.Module, chooser: PathChooser | None = None) -> int:
+    """Replace ``module``'s convolutions, upsamplers and linear layers (in place) with packable ones; returns how
     many. Layers of other dtypes, groups or padding modes stay as they are.
 
-    No example input size is given to oneDNN: the layout it then picks measured as fast as a size-specific one for
-    3x3 kernels at every UNet and VAE feature-map size, and linear layers run as fast at any number of rows.
+    With a ``chooser`` each layer kind runs packed or plain as the first pass measures (``model.cpu_choice``);
+    without one, every replaced layer runs packed.
     """
     count = 0
     for name, child in list(module.named_children()):
         if type(child) is Upsample and _packable(child.conv) and _sizes(child.conv) == ((3, 3), (1, 1), (1, 1)):
-            setattr(module, name, PackedUpsample(child))
+            setattr(module, name, PackedUpsample(child, chooser))
             count += 1
         elif isinstance(child, nn.Conv2d) and _packable(child) and (_pointwise(child) or child.kernel_size != (1, 1)):
-            setattr(module, name, PackedPointwiseConv(child) if _pointwise(child) else PackedConv2d(child, []))
+            setattr(module, name, PackedPointwiseConv(child, chooser) if _pointwise(child)
+                    else PackedConv2d(child, chooser))
             count += 1
         elif isinstance(child, nn.Linear) and child.weight.dtype in PACKABLE_DTYPES:
-            setattr(module, name, PackedLinear(child, EXAMPLE_ROWS))
+            setattr(module, name, PackedLinear(child, chooser))
             count += 1
         else:
-            count += prepack(child)
+            count += prepack(child, chooser)
     return count
-

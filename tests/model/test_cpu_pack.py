@@ -66,10 +66,10 @@ def test_packed_bf16_layers_match_plain_bf16() -> None:
     conv, linear = nn.Conv2d(64, 96, 3, padding=1).bfloat16(), nn.Linear(64, 128).bfloat16()
     x, rows = torch.randn(2, 64, 5, 7, dtype=torch.bfloat16), torch.randn(3, 10, 64, dtype=torch.bfloat16)
     with torch.inference_mode():
-        out = PackedConv2d(conv, [])(x)
+        out = PackedConv2d(conv)(x)
         assert out.shape == (2, 96, 5, 7) and out.dtype == torch.bfloat16
         assert torch.allclose(out.float(), conv(x).float(), atol=2e-2, rtol=2e-2)
-        out = PackedLinear(linear, 2048)(rows)
+        out = PackedLinear(linear)(rows)
         assert out.shape == (3, 10, 128)
         assert torch.allclose(out.float(), linear(rows).float(), atol=2e-2, rtol=2e-2)
 

@@ -1,0 +1,89 @@
+"""The CPU start-up self-check: per layer kind, pre-packed oneDNN weights or plain PyTorch, whichever is faster here.
+
+Whether packing pays depends on the CPU and on the kernel oneDNN selects for it (on an AVX2-only CPU a packed fp32
+linear layer can lose to MKL's plain one), so no choice is made in advance. On a network's first pass each packed
+layer runs both ways on the real input and adds both times to its kind's totals; from the second pass on, each
+kind takes the path with the smaller total, logged once per network and kind. A kind that is never faster packed
+so runs plain, and no CPU runs slower than plain PyTorch by more than the self-check's noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class LayerPath(str, Enum):
+    PACKED = "packed"
+    PLAIN = "plain"
+
+
+def faster(packed_s: float, plain_s: float) -> LayerPath:
+    """The path with the smaller measured time; plain on a tie (it needs no extra weight copy)."""
+    return LayerPath.PACKED if packed_s < plain_s else LayerPath.PLAIN
+
+
+@dataclass
+class Totals:
+    """Seconds summed over the layers of one kind measured on the first pass."""
+
+    packed_s: float = 0.0
+    plain_s: float = 0.0
+    layers: int = 0
+
+
+@dataclass
+class PathChooser:
+    """The per-kind choice for one network (UNet, VAE, text encoder): measured first, then fixed."""
+
+    network: str
+    totals: dict[str, Totals] = field(default_factory=dict)
+    decided: dict[str, LayerPath] = field(default_factory=dict)
+
+    def record(self, kind: str, packed_s: float, plain_s: float) -> None:
+        t = self.totals.setdefault(kind, Totals())
+        t.packed_s += packed_s
+        t.plain_s += plain_s
+        t.layers += 1
+
+    def decide(self, kind: str) -> LayerPath:
+        """The path for ``kind``, chosen from its totals on first asking and then kept."""
+        if kind in self.decided:
+            return self.decided[kind]
+        t = self.totals.get(kind, Totals())
+        path = faster(t.packed_s, t.plain_s)
+        self.decided[kind] = path
+        log.info("%s %s layers: %s (first pass over %d layers: packed %.1f ms, plain %.1f ms; %s)",
+                 self.network, kind, path.value, t.layers, 1e3 * t.packed_s, 1e3 * t.plain_s, cpu_isa())
+        return path
+
+    def measure(self, kind: str, packed: Callable[[], torch.Tensor], plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run both paths on the same input: once each untimed (oneDNN creates and caches its kernels on a first
+        call, and a packed layer packs then), then once each timed, in alternating order. Returns the packed
+        output."""
+        packed()
+        plain()
+        start = time.perf_counter()
+        plain()
+        middle = time.perf_counter()
+        out = packed()
+        self.record(kind, time.perf_counter() - middle, middle - start)
+        return out
+
+
+def cpu_isa() -> str:
+    """The instruction sets in force: ATen's kernels' (e.g. AVX512, AVX2) and oneDNN's cap when one is set."""
+    try:
+        aten = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        aten = "unknown"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"ATen {aten}" + (f", ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
