@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = Settings.model_fields["heartbeat_s"].default
 BATCH_IMAGES = 4
-STEPS = 80  # a batch of 4 takes a few seconds on the tiny checkpoint
-BACKLOG = 3 * BATCH_IMAGES  # queued jobs the feeder keeps behind the dead worker's
+STEPS = 120  # a batch of 4 takes a few seconds on the tiny checkpoint
+BACKLOG = 5 * BATCH_IMAGES  # queued jobs the feeder keeps behind the dead worker's
 SLACK_S = 3.0  # claims, the start transaction and a loaded machine; less than a heartbeat
 
 
@@ -90,20 +90,24 @@ def test_a_killed_workers_jobs_run_again_within_three_heartbeats_and_a_batch(poo
     time.sleep(max(0.0, settled_at - redis_now(pool.redis)))
 
     specs = [submit(pool.redis, pool.settings, steps=STEPS, seed=100 + i) for i in range(2 * BATCH_IMAGES + BACKLOG)]
-    def holders() -> dict[str, str]:
-        """Running job id -> the worker running it."""
-        jobs = [Job.fetch(s.id, connection=pool.redis) for s in specs]
-        return {j.id: j.worker_name or "" for j in jobs if j.get_status() == JobStatus.STARTED and "progress" in j.meta}
 
-    wait_for(lambda: len(set(holders().values())) == 2, 60, "both workers to run a batch")
+    def holders() -> dict[str, tuple[str, int]]:
+        """Running job id -> the worker running it and the step it is at."""
+        jobs = [Job.fetch(s.id, connection=pool.redis) for s in specs]
+        return {j.id: (j.worker_name or "", j.meta["progress"]["step"]) for j in jobs
+                if j.get_status() == JobStatus.STARTED and "progress" in j.meta}
+
+    wait_for(lambda: len({name for name, _ in holders().values()}) == 2, 60, "both workers to run a batch")
     held = holders()
-    victim_name = held[min(held, key=lambda job_id: [s.id for s in specs].index(job_id))]
+    victim_name = min(held.values(), key=lambda holder: holder[1])[0]  # the batch with the most steps to go
     victim = pool.by_name(victim_name)
-    doomed = [s for s in specs if held.get(s.id) == victim_name]
+    doomed = [s for s in specs if held.get(s.id, ("", 0))[0] == victim_name]
 
     killed_at = redis_now(pool.redis)
     victim.signal(signal.SIGKILL)
     victim.proc.wait(10)
+    assert all(Job.fetch(s.id, connection=pool.redis).get_status() == JobStatus.STARTED for s in doomed), (
+        "the batch ended before the kill: make it longer (STEPS)")
 
     # The survivor stays busy: the queue holds a backlog until every job of the dead worker has restarted.
     fed: list[JobSpec] = []
