@@ -8,9 +8,11 @@ shutdown that never drops a job, and a loop that rides out Redis outages; its su
 - Each running job holds a lease in RQ's StartedJobRegistry of 3 heartbeats, renewed every heartbeat by a thread.
 - Every worker runs RQ's registry cleanup every heartbeat (under RQ's maintenance lock, held for at most one lease
   instead of RQ's 15 minutes), which re-enqueues the jobs of a dead worker (RQ ``Retry``) once their lease expired.
-  So a SIGKILLed worker's jobs are queued again within about 4 heartbeats (20 s at the default 5 s). A job with no
-  retry left fails there, with ``meta.error`` saying how often its worker died while running it, and with its
-  ``failed`` event and completed webhook in the same transaction (``_clean_started``, our version of RQ's cleanup).
+  The batch worker's lease watch (``worker.sweeper.LeaseWatch``) also runs the started-registry part as soon as the
+  earliest lease lapses, idle or busy, so a SIGKILLed worker's jobs are queued again, at the front, within 3
+  heartbeats (15 s at the default 5 s). A job with no retry left fails there, with ``meta.error`` saying how often
+  its worker died while running it, and with its ``failed`` event and completed webhook in the same transaction
+  (``_clean_started``, our version of RQ's cleanup).
 - SIGTERM (RQ's warm shutdown) finishes the running batch, claims no new job, and returns from ``work()``.
 
 Redis outages (down, unreachable, paused, or full under ``maxmemory`` + ``noeviction``) never end the loop. RQ's
