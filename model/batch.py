@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from core import rules
+from model.lora_rows import RowAdapters
 from model.requests import GenerationRequest, StepCallback, StepEvent
 from model.samplers import SamplingPlan, StepControl
 
@@ -72,8 +73,10 @@ class Batch:
         cond: torch.Tensor,
         uncond: torch.Tensor,
         plan: SamplingPlan,
+        adapters: RowAdapters | None = None,
     ) -> None:
         self.denoiser = denoiser
+        self.adapters = adapters  # per-request LoRA side paths (model.lora_rows), owned by row_request
         self.plan = plan
         first = requests[0]
         device = denoiser.device
@@ -124,7 +127,12 @@ class Batch:
         inputs = torch.cat([x[guided], x]) if k else x
         context = torch.cat([self.uncond[guided], self.cond]) if k else self.cond
         ts = torch.cat([timesteps[guided], timesteps]) if k else timesteps
-        out = unet(inputs.to(dtype), ts, context).float()  # [k + rows, 4, h, w]
+        if self.adapters is None:
+            out = unet(inputs.to(dtype), ts, context).float()  # [k + rows, 4, h, w]
+        else:  # UNet row -> request, for its LoRAs: the guided rows' unconditional passes, then every row
+            owners = torch.cat([self.row_request[guided.cpu()], self.row_request]) if k else self.row_request
+            with self.adapters.rows(owners):
+                out = unet(inputs.to(dtype), ts, context).float()
         eps = out[k:].clone()
         if k:
             eps_uncond = out[:k]
