@@ -25,6 +25,7 @@ from model.batch import Batch, BatchCancelled, Denoiser, EncodedInputs, InputNee
 from model.cpu_pack import can_prepack, prepack
 from model.device import Precision, keep_freed_memory, resolve_device, resolve_precision
 from model.images import image_to_tensor, latents_to_preview, mask_to_tensor, tensor_to_images
+from model.lora_rows import NO_LORA, LoraBatch, LoraLibrary
 from model.requests import GenerationRequest, GenerationResult, StepCallback
 from model.samplers import initial_latents, make_plan, sample
 from model.schedule import NoiseSchedule
@@ -55,7 +56,10 @@ class Pipeline:
         self.device = device
         self.precision = precision
         self.name = name
-        self._text_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # token ids -> embedding
+        # (text encoder LoRAs, token ids) -> embedding
+        self._text_cache: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
+        self.loras = LoraLibrary(components.unet, components.text_encoder, device,
+                                 {"unet": precision.unet, "text": precision.text})
 
     @classmethod
     def load(
@@ -134,6 +138,13 @@ class Pipeline:
             if r.init_image.size != (r.width, r.height):
                 w, h = r.init_image.size
                 raise ValueError(f"init_image is {w}x{h} but width x height is {r.width}x{r.height}")
+        if len(r.loras) > rules.MAX_LORAS:
+            raise ValueError(f"at most {rules.MAX_LORAS} loras per request, got {len(r.loras)}")
+        for ref in r.loras:
+            if not math.isfinite(ref.scale) or abs(ref.scale) > rules.MAX_LORA_SCALE:
+                raise ValueError(f"lora {ref.name!r}: scale must be a finite number in "
+                                 f"[-{rules.MAX_LORA_SCALE:g}, {rules.MAX_LORA_SCALE:g}], got {ref.scale}")
+            self.loras.load(ref)  # a file that does not fit this model fails its request here, alone
         if r.task == "inpaint":
             if r.mask is None:
                 raise ValueError("mask is required for inpaint")
@@ -158,14 +169,16 @@ class Pipeline:
         plan = make_plan(self.schedule, first.sampler, first.steps, karras=first.karras,
                          strength=first.denoising_strength)
 
+        lora = self.loras.batch(requests)
+
         # 2. text
         tokens = self.tokenizer.tokenize([r.prompt for r in requests] + [r.negative_prompt for r in requests])
-        embeddings = self._encode_text(tokens.input_ids)
+        embeddings = self._encode_text(tokens.input_ids, lora, owners=list(range(len(requests))) * 2)
         cond, uncond = embeddings[: len(requests)], embeddings[len(requests):]
 
         # 3. latents, per image from its own generator
         inputs = self._encode_inputs(requests, InputNeeds.of(first, self.is_inpaint))
-        batch = Batch(self._denoiser(), requests, inputs, cond, uncond, plan)
+        batch = Batch(self._denoiser(), requests, inputs, cond, uncond, plan, lora.unet)
         x = initial_latents(plan, batch.noise0, batch.start_latents)
         if plan.num_steps == 0:  # strength 0: nothing to denoise, the input comes back (through the VAE)
             final = x
@@ -193,18 +206,22 @@ class Pipeline:
         return results
 
     # helpers -------------------------------------------------------------------------------------------------
-    def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+    def _encode_text(self, ids: torch.Tensor, lora: LoraBatch = NO_LORA, owners: Sequence[int] = ()) -> torch.Tensor:
         """CLIP embeddings [B, 77, 768] of token ids [B, 77]; only the sequences not in the cache are encoded.
 
         Services see the same texts again and again (a default negative prompt, "4 more like this"), and each
         sequence's embedding depends on its own tokens only, so a cached row is what the encoder would give again
-        (up to float summation order in a differently sized batch).
+        (up to float summation order in a differently sized batch). Row ``i`` belongs to request ``owners[i]``,
+        whose text encoder LoRAs (``lora``) are part of the key.
         """
-        keys = [tuple(row) for row in ids.tolist()]
+        keys = [(lora.text_keys[o] if lora.text_keys else "", tuple(row))
+                for o, row in zip(owners or [0] * len(ids), ids.tolist(), strict=True)]
         missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
         if missing:
             encoder = self.components.text_encoder
-            fresh = encoder(input_ids=torch.tensor(missing, device=self.device)).last_hidden_state
+            owner_of = dict(zip(keys, owners or [0] * len(ids), strict=True))
+            with lora.text_rows([owner_of[k] for k in missing]):
+                fresh = encoder(input_ids=torch.tensor([k[1] for k in missing], device=self.device)).last_hidden_state
             for key, row in zip(missing, fresh.to(self.precision.unet), strict=True):
                 self._text_cache[key] = row
         out = torch.stack([self._text_cache[k] for k in keys])
