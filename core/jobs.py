@@ -104,6 +104,14 @@ class GenerationParams(BaseModel):
             rules.check_sampler_options(sampler.value, karras=karras, eta=eta)
         return v
 
+    @field_validator("sampler")
+    @classmethod
+    def _steps_fit_sampler(cls, v: Sampler, info: Any) -> Sampler:
+        steps = info.data.get("steps")  # absent when steps itself was invalid
+        if steps is not None:
+            rules.check_steps(v.value, steps)
+        return v
+
     @field_validator("webhook")
     @classmethod
     def _webhook_syntax(cls, v: str | None) -> str | None:

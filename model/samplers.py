@@ -1,4 +1,5 @@
-"""Samplers for ε-prediction models: DDIM (η), Euler, Euler ancestral, DPM++ 2M, with optional Karras sigmas.
+"""Samplers for ε-prediction models: DDIM (η), Euler, Euler ancestral, DPM++ 2M, with optional Karras sigmas,
+and LCM (its step and spacing in ``model/lcm.py``, matching diffusers' ``LCMScheduler``).
 
 Each sampler is one step function with one signature; ``sample`` owns the loop (model call, callback,
 dropping cancelled rows). The numbers match diffusers' ``DDIMScheduler``, ``EulerDiscreteScheduler``,
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 
 from core import rules
+from model.lcm import lcm_step, lcm_timesteps
 from model.schedule import NoiseSchedule
 
-_VARIANCE_PRESERVING = ("ddim", "dpmpp_2m")
+_VARIANCE_PRESERVING = ("ddim", "dpmpp_2m", "lcm")
 _INTEGER_TIMESTEPS = ("ddim", "dpmpp_2m")  # diffusers rounds these samplers' timesteps to integers
 _KARRAS_RHO = 7.0
 
@@ -99,8 +101,12 @@ def make_plan(
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
 
+    rules.check_steps(sampler, steps)
     train_sigmas = schedule.train_sigmas().numpy()  # float32, as diffusers interpolates them
-    timesteps = _spaced_timesteps(schedule, steps, sampler)
+    if sampler == "lcm":  # LCM's own spacing (model/lcm.py), whatever the config's timestep_spacing
+        timesteps = lcm_timesteps(steps, schedule.num_train_timesteps)
+    else:
+        timesteps = _spaced_timesteps(schedule, steps, sampler)
     sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
     if karras:
         # Euler spans the chosen timesteps' sigmas; DPM-Solver spans the whole training range (as diffusers).
@@ -257,6 +263,7 @@ STEP_FUNCTIONS: dict[str, StepFn] = {
     "euler": euler_step,
     "euler_a": euler_ancestral_step,
     "dpmpp_2m": dpmpp_2m_step,
+    "lcm": lcm_step,
 }
 
 

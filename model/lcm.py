@@ -1,0 +1,67 @@
+"""Latent Consistency Model sampling (Luo et al. 2023, "Latent Consistency Models", alg. 3), as diffusers'
+``LCMScheduler`` runs it: a few steps picked from the 50-step distillation schedule, each mapping the latents to
+the consistency function's x̂_0 and, before every step but the last, noising that estimate to the next timestep.
+
+It works with any ε-prediction SD 1.x UNet trained for it: an LCM-distilled UNet, or a base model with an LCM-LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from core import rules
+
+if TYPE_CHECKING:
+    from model.samplers import NoiseFn, SamplingPlan
+
+SIGMA_DATA = 0.5  # σ_data of the consistency parameterisation (LCM paper, eq. 3)
+TIMESTEP_SCALING = 10.0  # diffusers' default `timestep_scaling`: c_skip, c_out are taken at 10·t
+
+
+def lcm_timesteps(steps: int, num_train_timesteps: int, original_steps: int = rules.LCM_ORIGINAL_STEPS) -> np.ndarray:
+    """The descending timesteps of ``steps`` LCM steps, float64: evenly spaced indices into the distillation
+    schedule t = k·j - 1 (j = 1..original_steps, k = T // original_steps), as ``LCMScheduler.set_timesteps``.
+
+    For SD 1.5 and 4 steps: 999, 759, 499, 259. The schedule does not depend on the config's ``timestep_spacing``
+    or ``steps_offset`` (diffusers ignores both for LCM).
+    """
+    if not 1 <= steps <= original_steps:
+        raise ValueError(f"steps must be between 1 and {original_steps} with sampler lcm, got {steps}")
+    if original_steps > num_train_timesteps:
+        raise ValueError(f"the LCM schedule needs {original_steps} training timesteps, the model has "
+                         f"{num_train_timesteps}")
+    k = num_train_timesteps // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    picks = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
+    return np.ascontiguousarray(origin[picks], dtype=np.float64)
+
+
+def boundary_scalings(timestep: float) -> tuple[float, float]:
+    """c_skip(t), c_out(t) of the consistency function f(x, t) = c_skip·x + c_out·x̂_0 (LCM eq. 3, diffusers'
+    discrete form at 10·t): c_skip = σ_d²/(s² + σ_d²), c_out = s/√(s² + σ_d²), s = 10·t."""
+    s = timestep * TIMESTEP_SCALING
+    return SIGMA_DATA**2 / (s * s + SIGMA_DATA**2), s / math.sqrt(s * s + SIGMA_DATA**2)
+
+
+def lcm_step(
+    plan: SamplingPlan, i: int, x: torch.Tensor, eps: torch.Tensor, memory: torch.Tensor | None,
+    noise: NoiseFn, eta: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LCM multistep sampling (alg. 3): x̂_0 = (x - √(1-ᾱ)·ε)/√ᾱ, f = c_skip·x + c_out·x̂_0, x' = √ᾱ'·f + √(1-ᾱ')·z.
+
+    The last step returns f itself (no noise), so a one-step run is one consistency-function evaluation.
+    """
+    s_now = float(plan.sigmas[i])
+    a_now = 1 / (1 + s_now**2)  # ᾱ_t
+    x0 = (x - math.sqrt(s_now**2 * a_now) * eps) / math.sqrt(a_now)
+    c_skip, c_out = boundary_scalings(float(plan.timesteps[i]))
+    denoised = c_out * x0 + c_skip * x
+    if i == plan.num_steps - 1:
+        return denoised, memory
+    s_next = float(plan.sigmas[i + 1])
+    a_next = 1 / (1 + s_next**2)
+    return math.sqrt(a_next) * denoised + math.sqrt(s_next**2 * a_next) * noise(x).to(x), memory
