@@ -22,6 +22,7 @@ from PIL import Image
 
 from core import rules
 from model.batch import Batch, BatchCancelled, Denoiser, EncodedInputs, InputNeeds, Posterior
+from model.cpu_choice import PathChooser
 from model.cpu_pack import can_prepack, prepack
 from model.device import Precision, keep_freed_memory, resolve_device, resolve_precision
 from model.images import image_to_tensor, latents_to_preview, mask_to_tensor, tensor_to_images
@@ -29,6 +30,7 @@ from model.lora_rows import NO_LORA, LoraBatch, LoraLibrary
 from model.requests import GenerationRequest, GenerationResult, StepCallback
 from model.samplers import initial_latents, make_plan, sample
 from model.schedule import NoiseSchedule
+from model.threads import set_cpu_threads
 from model.tokenizer import ClipTokenizer
 from model.weights import Components, load_components
 
@@ -282,13 +284,15 @@ class Pipeline:
 def _tune_for_cpu(components: Components, precision: Precision) -> None:
     """CPU speed-ups, each measured on SD 1.5 (bench/model_vs_diffusers.py, BENCHMARKS.md)."""
     keep_freed_memory()
+    set_cpu_threads()
     networks = ((components.unet, precision.unet), (components.vae, precision.vae),
                 (components.text_encoder, precision.text))
     for network, dtype in networks:
         if can_prepack(dtype):
-            # oneDNN weights packed once: UNet steps 2x (fp32) and 1.6x (bf16) faster. Activations stay
-            # contiguous: channels_last measured no faster with packed weights.
-            log.info("%s: %d layers with pre-packed weights", type(network).__name__, prepack(network))
+            # oneDNN weights packed for the kernels this CPU selects, per layer kind where the first pass measures
+            # it faster than plain PyTorch. Activations stay contiguous: channels_last measured no faster packed.
+            name = type(network).__name__
+            log.info("%s: %d packable layers", name, prepack(network, PathChooser(name)))
         elif dtype == torch.float32 and network is not components.text_encoder:
             # plain oneDNN: NHWC speeds up fp32 UNets and VAEs (~1.4x), but slows bf16 UNets down ~2x
             network.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]
