@@ -29,8 +29,8 @@ def lcm_timesteps(steps: int, num_train_timesteps: int, original_steps: int = ru
     For SD 1.5 and 4 steps: 999, 759, 499, 259. The schedule does not depend on the config's ``timestep_spacing``
     or ``steps_offset`` (diffusers ignores both for LCM).
     """
-    if not 1 <= steps <= original_steps:
-        raise ValueError(f"steps must be between 1 and {original_steps} with sampler lcm, got {steps}")
+    if steps > original_steps:  # the picks must be distinct points of the distillation schedule
+        raise ValueError(f"steps must be at most {original_steps} with sampler lcm, got {steps}")
     if original_steps > num_train_timesteps:
         raise ValueError(f"the LCM schedule needs {original_steps} training timesteps, the model has "
                          f"{num_train_timesteps}")

@@ -101,7 +101,6 @@ def make_plan(
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
 
-    rules.check_steps(sampler, steps)
     train_sigmas = schedule.train_sigmas().numpy()  # float32, as diffusers interpolates them
     if sampler == "lcm":  # LCM's own spacing (model/lcm.py), whatever the config's timestep_spacing
         timesteps = lcm_timesteps(steps, schedule.num_train_timesteps)
