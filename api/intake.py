@@ -44,8 +44,10 @@ from api.instrumentation import ApiMetrics
 from api.limits import KeyLimits
 from api.submitter import QueueFullError, Submitter
 from core import commit, eventlog, jobstore
+from core.catalog import live_loras
 from core.commit import KeyRecord
 from core.jobs import JobPublic, JobSpec
+from core.loras import unknown_loras
 from core.queues import Keys
 from core.settings import Settings
 from core.storage import Storage
@@ -116,6 +118,13 @@ class Intake:
                 f"is {caller.max_priority.value!r})",
                 field="priority",
             )
+        if spec.params.loras:  # a name no live worker can load is refused before anything is queued
+            announced = await to_thread.run_sync(live_loras, self.s.redis, self.s.keys)
+            problem = unknown_loras(spec.params.loras, announced)
+            if problem is not None:
+                if on_refused is not None:
+                    await on_refused()
+                raise ApiError(422, "invalid_request", problem, field="loras")
         spec = spec.model_copy(update={"owner": caller.name})
         claim = None
         if self.idempotency_key is not None:

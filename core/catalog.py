@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 from redis import Redis
 from rq import Queue, Worker, worker_registration
 
+from core.loras import LoraList, available
 from core.queues import Keys
 from core.rules import SAMPLERS as SAMPLER_TABLE
 from core.rules import Sampler
@@ -48,6 +49,7 @@ class LoadedModel(BaseModel):
     )
     device: str = Field(examples=["cuda:0"])
     dtype: str = Field(examples=["float16"])
+    loras: list[str] = Field(default_factory=list, description="The LoRA names it can load (its SDQ_LORA_DIR).")
 
 
 class ModelWorker(BaseModel):
@@ -73,8 +75,8 @@ def publish_model(redis: Redis, worker_key: str, model: LoadedModel) -> None:
     redis.hset(worker_key, MODEL_FIELD, model.model_dump_json())
 
 
-def loaded_models(redis: Redis, keys: Keys) -> ModelList:
-    """The models of the live workers on sdqueue's queues, one entry per distinct checkpoint."""
+def _live_models(redis: Redis, keys: Keys) -> list[tuple[str, LoadedModel]]:
+    """(worker name, its model) of each live worker on sdqueue's queues that reports one."""
     worker_keys: set[str] = set()
     for name in keys.queues():
         worker_keys |= worker_registration.get_keys(Queue(name, connection=redis))
@@ -82,7 +84,7 @@ def loaded_models(redis: Redis, keys: Keys) -> ModelList:
     pipe = redis.pipeline(transaction=False)
     for key in ordered:
         pipe.hget(key, MODEL_FIELD)
-    models: dict[tuple[str, str | None], ModelInfo] = {}
+    out = []
     for key, raw in zip(ordered, pipe.execute(), strict=True):
         if raw is None:  # expired (a dead worker), or not an sdqueue worker
             continue
@@ -90,10 +92,22 @@ def loaded_models(redis: Redis, keys: Keys) -> ModelList:
             loaded = LoadedModel.model_validate(json.loads(raw))
         except (ValueError, ValidationError):
             continue
+        out.append((key.removeprefix(Worker.redis_worker_namespace_prefix), loaded))
+    return out
+
+
+def loaded_models(redis: Redis, keys: Keys) -> ModelList:
+    """The models of the live workers on sdqueue's queues, one entry per distinct checkpoint."""
+    models: dict[tuple[str, str | None], ModelInfo] = {}
+    for worker, loaded in _live_models(redis, keys):
         entry = models.setdefault((loaded.name, loaded.sha256), ModelInfo(
             name=loaded.name, hash=loaded.hash, sha256=loaded.sha256, inpainting_unet=loaded.inpainting_unet,
             workers=[],
         ))
-        worker = key.removeprefix(Worker.redis_worker_namespace_prefix)
         entry.workers.append(ModelWorker(name=worker, device=loaded.device, dtype=loaded.dtype))
     return ModelList(models=sorted(models.values(), key=lambda m: (m.name, m.sha256 or "")))
+
+
+def live_loras(redis: Redis, keys: Keys) -> LoraList:
+    """The LoRA names the live workers announce, with the workers that can load each (``GET /v1/loras``)."""
+    return available({worker: loaded.loras for worker, loaded in _live_models(redis, keys)})

@@ -8,8 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core import loras as lora_names
 from core import rules
-from core.rules import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, Sampler
+from core.loras import LoraRequest
+from core.rules import MAX_GUIDANCE, MAX_IMAGES, MAX_LORAS, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, Sampler
 from core.webhooks import split_webhook_url
 
 MAX_PROMPT_CHARS = 4000
@@ -65,6 +67,11 @@ class GenerationParams(BaseModel):
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM eta (0 = deterministic).")
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="null or -1 = random; image i uses seed+i.")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images to generate.")
+    loras: list[LoraRequest] = Field(
+        default_factory=list, max_length=MAX_LORAS,
+        description="LoRAs to apply (names from `GET /v1/loras`). `<lora:name:weight>` tags in the prompt are "
+        "taken out of it and added here, as AUTOMATIC1111 reads them. Jobs with different LoRAs share batches.",
+    )
     priority: Priority = Priority.normal
     preview_every: int = Field(
         0, ge=0, le=1000, description="Send a small preview image on the events stream every k steps (0 = off)."
@@ -111,6 +118,16 @@ class GenerationParams(BaseModel):
         if steps is not None:
             rules.check_steps(v.value, steps)
         return v
+
+    @model_validator(mode="after")
+    def _prompt_loras(self) -> GenerationParams:
+        prompt, loras = lora_names.merged(self.loras, self.prompt)
+        if len(loras) > MAX_LORAS:
+            raise ValueError(f"at most {MAX_LORAS} loras per request (with the prompt's <lora:...> tags), "
+                             f"got {len(loras)}")
+        if prompt != self.prompt:
+            self.prompt, self.loras = prompt, loras
+        return self
 
     @field_validator("webhook")
     @classmethod

@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     allow_pickle: bool = Field(False, description="Allow .ckpt pickles (loaded with weights_only=True).")
+    lora_dir: Path | None = Field(
+        None, description="Folder of LoRA .safetensors files (kohya / A1111 or diffusers / PEFT); a request names "
+        "one by its file stem. Read when the worker starts.",
+    )
+    lora_cache_mb: int = Field(
+        1024, ge=0, description="Memory the worker's loaded LoRAs may hold; the least recently used go first.",
+    )
     max_batch_images: int = Field(8, ge=1, le=64, description="Images per UNet batch.")
     # 0: a batch takes the compatible jobs already waiting. Under load jobs pile up while a batch runs, so the next
     # batch fills anyway; a window would only delay a lone job (measured: +30 ms p50 for 30 ms).

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.catalog import LoadedModel
+from core.loras import directory_names
 from worker.modelhash import SHORT, sha256_of
 
 if TYPE_CHECKING:
@@ -31,4 +32,5 @@ def describe_model(pipe: Pipeline, checkpoint: Path | None) -> LoadedModel:
         inpainting_unet=pipe.is_inpaint,
         device=str(pipe.device),
         dtype=str(pipe.precision.unet).removeprefix("torch."),
+        loras=directory_names(pipe.loras.directory),
     )

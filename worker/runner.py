@@ -30,7 +30,7 @@ from core.jobs import JobSpec
 from core.queues import Keys
 from core.storage import Storage
 from core.webhook_queue import WebhookNotifier
-from model.requests import GenerationRequest, GenerationResult
+from model.requests import GenerationRequest, GenerationResult, LoraRef
 from worker.inputs import load_inputs, paste_back
 from worker.outages import Link, is_infrastructure_error
 from worker.progress import DropReason, ReportedJob, StepReporter
@@ -120,6 +120,7 @@ def to_request(spec: JobSpec, storage: Storage | None = None) -> GenerationReque
         strength=1.0 if spec.strength is None else spec.strength,
         init_image=init_image,
         mask=mask,
+        loras=[LoraRef(lora.name, lora.scale) for lora in p.loras],
     )
 
 

@@ -63,6 +63,7 @@ def load_resident(settings: Settings) -> Resident:
             pipe = Pipeline.load(
                 settings.checkpoint, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle
             )
+            pipe.loras.configure(settings.lora_dir, settings.lora_cache_mb * 2**20)
             seconds = time.monotonic() - started
             model = ModelInfo(pipe.name, _short_hash(settings.checkpoint))
             _resident = Resident(pipe, make_storage(settings), Keys(settings.queue_prefix), seconds, model)

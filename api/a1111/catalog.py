@@ -1,7 +1,8 @@
-"""What A1111 clients ask about before they generate: options, models, samplers, schedulers, and the lists of
-extras sdqueue does not have (upscalers, VAEs, LoRAs, embeddings, scripts), which answer in A1111's shapes, empty.
+"""What A1111 clients ask about before they generate: options, models, LoRAs, samplers, schedulers, and the lists
+of extras sdqueue does not have (upscalers, VAEs, embeddings, scripts), which answer in A1111's shapes, empty.
 
-Models are the live workers' (`core.catalog`), so they follow the workers that run, as `GET /v1/models` does.
+Models and LoRAs are the live workers' (`core.catalog`), so they follow the workers that run, as `GET /v1/models`
+and `GET /v1/loras` do.
 Options are fixed (`api.a1111.translate.FIXED_OPTIONS`): a POST may "set" an option to the value it has, and
 `sd_model_checkpoint` to a model a live worker holds; anything else is a 422 naming the option.
 """
@@ -32,7 +33,7 @@ from api.auth import AuthenticatedRoute
 from api.deps import KeysDep, RedisDep, SettingsDep
 from api.errors import ApiError
 from api.imageinput import ImageInputError, ImageLimits, decode_base64, open_image
-from core.catalog import ModelInfo, loaded_models
+from core.catalog import ModelInfo, live_loras, loaded_models
 from core.imagefile import read_parameters
 from core.rules import SAMPLERS
 
@@ -111,8 +112,15 @@ async def a1111_sd_vae() -> list[dict[str, str]]:
 
 
 @router.get("/loras")
-async def a1111_loras() -> list[dict[str, Any]]:
-    return []
+def a1111_loras(redis: RedisDep, keys: KeysDep) -> list[dict[str, Any]]:
+    """The live workers' LoRAs, in A1111's shape (`<lora:name:weight>` in the prompt applies one)."""
+    return [{"name": lora.name, "alias": lora.name, "path": f"{lora.name}.safetensors", "metadata": {}}
+            for lora in live_loras(redis, keys).loras]
+
+
+@router.post("/refresh-loras")
+async def a1111_refresh_loras() -> None:
+    """Nothing to refresh: the LoRA list follows the live workers (each reads its folder when it starts)."""
 
 
 @router.get("/hypernetworks")

@@ -134,6 +134,7 @@ _RESIZE_MODES: dict[int, ResizeMode] = {0: "resize", 1: "crop"}
 A1111_FIELDS = {
     "guidance_scale": "cfg_scale", "sampler": "sampler_name", "karras": "scheduler", "n": "batch_size",
     "strength": "denoising_strength", "image": "init_images.0", "invert_mask": "inpainting_mask_invert",
+    "loras": "prompt",  # A1111 clients ask for LoRAs with <lora:name:weight> in the prompt
 }
 # Native sampler names in native messages ("karras sigmas apply to euler, ..."), to be shown as A1111 names.
 _NATIVE_SAMPLER = re.compile(r"\b(" + "|".join(sorted((s.value for s in Sampler), key=len, reverse=True)) + r")\b")
