@@ -36,13 +36,6 @@ OPEN_WINDOWS: dict[str, str] = {
                      "end after the outage is sent",
     "redis_full": "`sdqueue webhooks` exits the same way on Redis' OOM error during a delivery "
                   "(Job.heartbeat -> OutOfMemoryError), so no completed webhook queued after Redis is freed is sent",
-    "poison_job": "the poison job fails alone (its mates succeed), but a job failed by RQ's started-registry cleanup "
-                  "(its last run's worker died: RQWorker._abandoned) gets only meta.error: no failed event in its "
-                  "log and no completed webhook",
-    "webhook_after_crash": "the worker records a success in one transaction, then writes the terminal event, then "
-                           "queues the completed webhook (worker.finalizer, three Redis calls): a SIGKILL between "
-                           "them leaves a succeeded job without its succeeded event, or without its completed "
-                           "webhook",
 }
 
 

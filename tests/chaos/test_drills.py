@@ -18,7 +18,7 @@ from tests.chaos.cluster import Cluster
 
 log = logging.getLogger(__name__)
 
-PASSING = ("worker_sigkill", "api_sigkill", "queue_burst")
+PASSING = ("worker_sigkill", "api_sigkill", "queue_burst", "poison_job", "webhook_after_crash")
 
 
 @pytest.mark.parametrize("name", PASSING)
