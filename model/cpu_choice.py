@@ -80,10 +80,11 @@ class PathChooser:
 
 
 def cpu_isa() -> str:
-    """The instruction sets in force: ATen's kernels' (e.g. AVX512, AVX2) and oneDNN's cap when one is set."""
+    """The instruction sets in force: ATen's kernels' (e.g. AVX512, AVX2), and oneDNN's and MKL's caps if set."""
     try:
         aten = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         aten = "unknown"
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"ATen {aten}" + (f", ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
+    caps = [f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if os.environ.get(name)]
+    return ", ".join([f"ATen {aten}", *caps])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,9 +22,16 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# ONEDNN_MAX_CPU_ISA values that leave oneDNN no native bf16 dot products (it then emulates bf16, slower than fp32)
+ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
 @lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU does bf16 matrix math natively (AMX tiles or AVX512-BF16)."""
+    """True when the CPU does bf16 matrix math natively (AMX tiles or AVX512-BF16) and oneDNN may use it: an
+    ``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16 caps the kernels to ones without it."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ISAS_WITHOUT_BF16:
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:

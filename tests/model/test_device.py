@@ -23,6 +23,15 @@ def test_auto_on_cpu_follows_the_bf16_capability(monkeypatch: pytest.MonkeyPatch
     assert resolve_precision(CPU, "auto") == Precision(torch.float32, torch.float32, torch.float32)
 
 
+def test_a_onednn_cap_below_bf16_means_no_fast_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    device_mod.cpu_has_fast_bf16.cache_clear()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    try:
+        assert device_mod.cpu_has_fast_bf16() is False  # whatever this CPU has, oneDNN may not use it
+    finally:
+        device_mod.cpu_has_fast_bf16.cache_clear()
+
+
 def test_explicit_dtypes_and_the_fp16_vae_guard() -> None:
     assert resolve_precision(CPU, "float32").unet == torch.float32
     assert resolve_precision(CPU, "bfloat16") == Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16)
