@@ -60,6 +60,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    default=os.environ.get("SDQ_DTYPE", "auto"))
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=os.environ.get("SDQ_DEVICE", "auto"))
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickles (loaded with weights_only)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA .safetensors file (kohya / A1111 or diffusers), scale default 1; repeatable")
+    p.add_argument("--lora-dir", type=Path, default=os.environ.get("SDQ_LORA_DIR"),
+                   help="where <lora:name:weight> tags in the prompt find name.safetensors (default: $SDQ_LORA_DIR)")
 
 
 def output_paths(output: Path, n: int) -> list[Path]:
@@ -69,9 +73,19 @@ def output_paths(output: Path, n: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(n)]
 
 
+def lora_option(value: str) -> tuple[Path, float]:
+    """``--lora PATH[:SCALE]``: the scale is what follows the last colon when it is a number."""
+    path, _, scale = value.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(value), 1.0)
+    except ValueError:
+        return Path(value), 1.0
+
+
 def run(args: argparse.Namespace) -> int:
+    from core.loras import prompt_loras
     from model.pipeline import Pipeline
-    from model.requests import GenerationRequest, StepEvent, Task
+    from model.requests import GenerationRequest, LoraRef, StepEvent, Task
 
     if not args.checkpoint:
         log.error("no checkpoint: pass --checkpoint PATH or set SDQ_CHECKPOINT")
@@ -91,13 +105,21 @@ def run(args: argparse.Namespace) -> int:
     strength = args.strength if args.strength is not None else (1.0 if task == "inpaint" else 0.75)
     o = {**_DEFAULTS, "sampler": _DEFAULTS["sampler"].value, **given_options(args)}
     seed = o["seed"] if o["seed"] is not None else random.randrange(2**32)
+    try:
+        prompt, tagged = prompt_loras(args.prompt)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    loras = [LoraRef(path.stem, scale, path) for path, scale in map(lora_option, args.lora)]
+    loras += [LoraRef(t.name, t.scale) for t in tagged]
     request = GenerationRequest(
-        prompt=args.prompt, negative_prompt=o["negative_prompt"], task=task, width=width, height=height,
+        prompt=prompt, negative_prompt=o["negative_prompt"], task=task, width=width, height=height,
         steps=o["steps"], guidance_scale=o["guidance_scale"], sampler=o["sampler"], karras=o["karras"], eta=o["eta"],
-        seed=seed, n=o["n"], strength=strength, init_image=init, mask=mask,
+        seed=seed, n=o["n"], strength=strength, init_image=init, mask=mask, loras=loras,
     )
     try:
         pipe = Pipeline.load(args.checkpoint, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+        pipe.loras.configure(args.lora_dir, pipe.loras.max_bytes)
         pipe.check(request)
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
