@@ -20,7 +20,8 @@ from model.samplers import SamplingPlan, StepControl
 
 # (latents [B, C, h, w] in the UNet's dtype, timesteps [B], text context [B, 77, D]) -> ε [B, 4, h, w]
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Posterior = tuple[torch.Tensor, torch.Tensor]  # VAE posterior (mean, std) of one image, unscaled, float32
+Posterior = tuple[torch.Tensor, torch.Tensor | None]  # VAE posterior (mean, std) of one image, unscaled, float32;
+# std None: a deterministic encoder (TAESD), whose latents draw no noise
 
 
 class BatchCancelled(Exception):
@@ -191,7 +192,10 @@ class Batch:
         return keep
 
 
-def posterior_sample(generator: torch.Generator, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """A draw from the VAE posterior N(mean, std²), its noise from ``generator`` (on the CPU, as diffusers)."""
+def posterior_sample(generator: torch.Generator, mean: torch.Tensor, std: torch.Tensor | None) -> torch.Tensor:
+    """A draw from the VAE posterior N(mean, std²), its noise from ``generator`` (on the CPU, as diffusers);
+    ``mean`` itself, drawing nothing, for a deterministic encoder (std None)."""
+    if std is None:
+        return mean
     noise = torch.randn(std.shape, generator=generator, dtype=torch.float32).to(std.device)
     return mean + noise * std

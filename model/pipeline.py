@@ -27,15 +27,17 @@ from model.cpu_pack import can_prepack, prepack
 from model.device import Precision, keep_freed_memory, resolve_device, resolve_precision
 from model.images import image_to_tensor, latents_to_preview, mask_to_tensor, tensor_to_images
 from model.lora_rows import NO_LORA, LoraBatch, LoraLibrary
-from model.requests import GenerationRequest, GenerationResult, StepCallback
+from model.requests import GenerationRequest, GenerationResult, StepCallback, VaeChoice
 from model.samplers import initial_latents, make_plan, sample
 from model.schedule import NoiseSchedule
+from model.taesd import TinyAutoencoder, load_tiny_vae
 from model.threads import set_cpu_threads
 from model.tokenizer import ClipTokenizer
 from model.weights import Components, load_components
 
 log = logging.getLogger(__name__)
 
+PREVIEW_SIDE = 256  # longest side of a TAESD preview, as the cheap previews
 VAE_SLICE = 4  # images decoded per VAE call: bounds memory at large sizes
 TEXT_CACHE_SIZE = 256  # text embeddings kept (118 KiB each in bf16, 236 KiB in fp32)
 
@@ -62,6 +64,7 @@ class Pipeline:
         self._text_cache: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
         self.loras = LoraLibrary(components.unet, components.text_encoder, device,
                                  {"unet": precision.unet, "text": precision.text})
+        self.tiny_vae: TinyAutoencoder | None = None  # TAESD (use_tiny_vae): "vae": "tiny" requests and previews
 
     @classmethod
     def load(
@@ -71,8 +74,10 @@ class Pipeline:
         device: str = "auto",
         dtype: str = "auto",
         allow_pickle: bool = False,
+        tiny_vae: str | Path | None = None,
     ) -> Pipeline:
-        """Load a single-file checkpoint or diffusers folder from a local path onto ``device``."""
+        """Load a single-file checkpoint or diffusers folder from a local path onto ``device``, and optionally a
+        tiny VAE (TAESD, ``model/taesd.py``)."""
         dev = resolve_device(device)
         precision = resolve_precision(dev, dtype)
         components = load_components(
@@ -98,7 +103,16 @@ class Pipeline:
         if dev.type == "cpu":
             _tune_for_cpu(components, precision)
         log.info("loaded %s on %s (unet %s, vae %s)", checkpoint, dev, precision.unet, precision.vae)
-        return cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
+        pipe = cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
+        if tiny_vae is not None:
+            pipe.use_tiny_vae(tiny_vae)
+        return pipe
+
+    def use_tiny_vae(self, path: str | Path) -> None:
+        """Load TAESD for requests with ``vae="tiny"`` (decode, and encode for image tasks) and for previews."""
+        self.tiny_vae = load_tiny_vae(path, device=self.device, dtype=self.precision.vae)
+        if self.device.type == "cpu" and self.precision.vae == torch.float32:
+            self.tiny_vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]
 
     @property
     def is_inpaint(self) -> bool:
@@ -128,6 +142,9 @@ class Pipeline:
         if not 0.0 <= r.eta <= 1.0:
             raise ValueError(f"eta must be between 0 and 1, got {r.eta}")
         rules.check_sampler_options(r.sampler, karras=r.karras, eta=r.eta)
+        rules.check_steps(r.sampler, r.steps)
+        if r.vae == "tiny" and self.tiny_vae is None:
+            raise ValueError("vae 'tiny' needs a tiny VAE (TAESD), and none is loaded with this model")
         if not 1 <= r.n <= rules.MAX_IMAGES:
             raise ValueError(f"n must be between 1 and {rules.MAX_IMAGES}, got {r.n}")
         if not 0 <= r.seed <= rules.MAX_SEED:
@@ -193,7 +210,7 @@ class Pipeline:
                 return [None] * len(requests)
 
         # 5. decode
-        images = self._decode(final)
+        images = self._decode(final, [requests[k].vae for k in batch.active_requests for _ in range(requests[k].n)])
         results: list[GenerationResult | None] = [None] * len(requests)
         offset = 0
         for req_index in batch.active_requests:
@@ -251,34 +268,60 @@ class Pipeline:
                 mask = mask_to_tensor(r.mask, r.width, r.height)  # [1, 1, H, W], 1 = repaint
             encoded = EncodedInputs()
             if needs.image:
-                encoded.image = self.encode_image(pixels)
+                encoded.image = self._encode(pixels, r.vae)
             if needs.mask:
                 encoded.mask = F.interpolate(mask, size=size)
             if needs.masked:
-                encoded.masked = self.encode_image(pixels * (mask < 0.5).to(pixels.dtype))
+                encoded.masked = self._encode(pixels * (mask < 0.5).to(pixels.dtype), r.vae)
             out.append(encoded)
         return out
 
-    def encode_image(self, pixels: torch.Tensor) -> Posterior:
+    def _encode(self, pixels: torch.Tensor, vae_choice: VaeChoice) -> Posterior:
+        """The posterior through the chosen VAE. TAESD encodes deterministically: std None, so the image's generator
+        draws nothing for it (as diffusers' pipelines with AutoencoderTiny)."""
+        if vae_choice == "full":
+            return self.encode_image(pixels)
+        assert self.tiny_vae is not None  # check() refused the request otherwise
+        latents = self.tiny_vae.encode(pixels.to(self.device, self.precision.vae)).float()
+        return latents / self.components.scaling_factor, None  # the batch scales it back: UNet latents
+
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 3, H, W] in [-1, 1] -> posterior (mean, std) of the scaled-less latents, float32."""
         vae = self.components.vae
         mean, logvar = vae.encode(pixels.to(self.device, self.precision.vae))
         std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))
         return mean.float(), std
 
-    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = self.components.vae
-        scale = self.components.scaling_factor
-        images: list[Image.Image] = []
-        for start in range(0, latents.shape[0], VAE_SLICE):
-            chunk = latents[start : start + VAE_SLICE] / scale
-            decoded = vae.decode(chunk.to(self.device, self.precision.vae))
-            images.extend(tensor_to_images(decoded))
-        return images
+    def _decode(self, latents: torch.Tensor, choices: Sequence[VaeChoice]) -> list[Image.Image]:
+        """Images of the final latents, each row through the VAE its request chose (``choices``, one per row).
+
+        Rows choosing different VAEs share the UNet batch and split only here: the batch key ignores the VAE.
+        """
+        images: list[Image.Image | None] = [None] * latents.shape[0]
+        for choice in dict.fromkeys(choices):
+            rows = [i for i, c in enumerate(choices) if c == choice]
+            for start in range(0, len(rows), VAE_SLICE):
+                part = rows[start : start + VAE_SLICE]
+                if choice == "tiny":
+                    assert self.tiny_vae is not None  # TAESD takes UNet latents (diffusers: its scaling_factor 1)
+                    decoded = self.tiny_vae.decode(latents[part].to(self.device, self.precision.vae))
+                else:
+                    chunk = latents[part] / self.components.scaling_factor
+                    decoded = self.components.vae.decode(chunk.to(self.device, self.precision.vae))
+                for row, image in zip(part, tensor_to_images(decoded), strict=True):
+                    images[row] = image
+        return [image for image in images if image is not None]
 
     def preview(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Cheap RGB previews of the running latents (no VAE), for progress events."""
-        return latents_to_preview(latents)
+        """RGB previews of the running latents for progress events: TAESD's decode when a tiny VAE is loaded,
+        else a cheap linear map (no VAE)."""
+        if self.tiny_vae is None:
+            return latents_to_preview(latents)
+        decoded = self.tiny_vae.decode(latents.to(self.device, self.precision.vae))
+        images = tensor_to_images(decoded)
+        side = PREVIEW_SIDE / max(images[0].size) if images else 1.0  # the size latents_to_preview gives
+        return [i.resize((max(1, round(i.width * side)), max(1, round(i.height * side))), Image.Resampling.BILINEAR)
+                for i in images]
 
 
 def _tune_for_cpu(components: Components, precision: Precision) -> None:

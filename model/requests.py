@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
 Task = Literal["txt2img", "img2img", "inpaint"]
+VaeChoice = Literal["full", "tiny"]  # the checkpoint's VAE, or TAESD (model/taesd.py) when the pipeline has one
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class GenerationRequest:
     init_image: Image.Image | None = None  # img2img / inpaint source, RGB, width x height
     mask: Image.Image | None = None  # inpaint: white = repaint, black = keep; width x height
     loras: list[LoraRef] = field(default_factory=list)  # per request: its rows get their own side paths
+    vae: VaeChoice = "full"  # decodes (and encodes the image tasks' inputs); not part of the batch key
 
     @property
     def denoising_strength(self) -> float:
