@@ -44,7 +44,7 @@ from api.instrumentation import ApiMetrics
 from api.limits import KeyLimits
 from api.submitter import QueueFullError, Submitter
 from core import commit, eventlog, jobstore
-from core.catalog import live_loras
+from core.catalog import live_loras, tiny_vae_served
 from core.commit import KeyRecord
 from core.jobs import JobPublic, JobSpec
 from core.loras import unknown_loras
@@ -125,6 +125,11 @@ class Intake:
                 if on_refused is not None:
                     await on_refused()
                 raise ApiError(422, "invalid_request", problem, field="loras")
+        if spec.params.vae == "tiny" and not await to_thread.run_sync(tiny_vae_served, self.s.redis, self.s.keys):
+            if on_refused is not None:
+                await on_refused()
+            raise ApiError(422, "invalid_request", "vae 'tiny': no live worker holds a tiny VAE (the operator sets "
+                           "SDQ_TINY_VAE); use vae 'full'", field="vae")
         spec = spec.model_copy(update={"owner": caller.name})
         claim = None
         if self.idempotency_key is not None:

@@ -50,6 +50,7 @@ class LoadedModel(BaseModel):
     device: str = Field(examples=["cuda:0"])
     dtype: str = Field(examples=["float16"])
     loras: list[str] = Field(default_factory=list, description="The LoRA names it can load (its SDQ_LORA_DIR).")
+    tiny_vae: bool = Field(False, description="It holds a tiny VAE (SDQ_TINY_VAE) for `vae: tiny`.")
 
 
 class ModelWorker(BaseModel):
@@ -63,6 +64,7 @@ class ModelInfo(BaseModel):
     hash: str | None = None
     sha256: str | None = None
     inpainting_unet: bool
+    tiny_vae: bool = Field(False, description="A live worker of this model holds a tiny VAE: `vae: tiny` runs.")
     workers: list[ModelWorker] = Field(description="Live workers with this model loaded.")
 
 
@@ -102,10 +104,16 @@ def loaded_models(redis: Redis, keys: Keys) -> ModelList:
     for worker, loaded in _live_models(redis, keys):
         entry = models.setdefault((loaded.name, loaded.sha256), ModelInfo(
             name=loaded.name, hash=loaded.hash, sha256=loaded.sha256, inpainting_unet=loaded.inpainting_unet,
-            workers=[],
+            tiny_vae=False, workers=[],
         ))
         entry.workers.append(ModelWorker(name=worker, device=loaded.device, dtype=loaded.dtype))
+        entry.tiny_vae = entry.tiny_vae or loaded.tiny_vae
     return ModelList(models=sorted(models.values(), key=lambda m: (m.name, m.sha256 or "")))
+
+
+def tiny_vae_served(redis: Redis, keys: Keys) -> bool:
+    """Whether a live worker holds a tiny VAE, so a `vae: tiny` job can run."""
+    return any(loaded.tiny_vae for _, loaded in _live_models(redis, keys))
 
 
 def live_loras(redis: Redis, keys: Keys) -> LoraList:

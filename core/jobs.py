@@ -72,6 +72,10 @@ class GenerationParams(BaseModel):
         description="LoRAs to apply (names from `GET /v1/loras`). `<lora:name:weight>` tags in the prompt are "
         "taken out of it and added here, as AUTOMATIC1111 reads them. Jobs with different LoRAs share batches.",
     )
+    vae: Literal["full", "tiny"] = Field(
+        "full", description="tiny: decode (and encode an input image) with the tiny VAE TAESD, much faster and a "
+        "little less detailed; needs a worker with one (`GET /v1/models`: tiny_vae). Jobs of either share batches.",
+    )
     priority: Priority = Priority.normal
     preview_every: int = Field(
         0, ge=0, le=1000, description="Send a small preview image on the events stream every k steps (0 = off)."

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     lora_cache_mb: int = Field(
         1024, ge=0, description="Memory the worker's loaded LoRAs may hold; the least recently used go first.",
     )
+    tiny_vae: Path | None = Field(
+        None, description="TAESD for `\"vae\": \"tiny\"` requests and live previews: a diffusers AutoencoderTiny "
+        "folder, or taesd_encoder.safetensors and taesd_decoder.safetensors (their folder, or either file).",
+    )
     max_batch_images: int = Field(8, ge=1, le=64, description="Images per UNet batch.")
     # 0: a batch takes the compatible jobs already waiting. Under load jobs pile up while a batch runs, so the next
     # batch fills anyway; a window would only delay a lone job (measured: +30 ms p50 for 30 ms).

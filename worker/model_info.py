@@ -33,4 +33,5 @@ def describe_model(pipe: Pipeline, checkpoint: Path | None) -> LoadedModel:
         device=str(pipe.device),
         dtype=str(pipe.precision.unet).removeprefix("torch."),
         loras=directory_names(pipe.loras.directory),
+        tiny_vae=pipe.tiny_vae is not None,
     )

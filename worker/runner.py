@@ -121,6 +121,7 @@ def to_request(spec: JobSpec, storage: Storage | None = None) -> GenerationReque
         init_image=init_image,
         mask=mask,
         loras=[LoraRef(lora.name, lora.scale) for lora in p.loras],
+        vae=p.vae,
     )
 
 

@@ -61,7 +61,8 @@ def load_resident(settings: Settings) -> Resident:
 
             started = time.monotonic()
             pipe = Pipeline.load(
-                settings.checkpoint, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle
+                settings.checkpoint, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
+                tiny_vae=settings.tiny_vae,
             )
             pipe.loras.configure(settings.lora_dir, settings.lora_cache_mb * 2**20)
             seconds = time.monotonic() - started
