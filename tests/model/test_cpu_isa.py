@@ -1,7 +1,7 @@
 """Packed layers under each oneDNN instruction set: the plain layers' numbers, and no weight reorder per call.
 
 oneDNN reads ``ONEDNN_MAX_CPU_ISA`` once, when it loads, so each cap runs in its own interpreter: on an AVX-512
-CPU, AVX2 caps it to the kernels an AVX2-only CPU gets (a weight packed for the wrong kernel is reordered again
+CPU, AVX2 caps it (and MKL and ATen) to the kernels an AVX2-only CPU gets (a weight packed for the wrong kernel is reordered again
 on every call there, which is what packing for the real input avoids).
 """
 
@@ -59,9 +59,10 @@ print(json.dumps(errors))
 
 def run_check(isa: str | None) -> tuple[dict[str, float], list[str]]:
     env = {**os.environ, "ONEDNN_VERBOSE": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("ONEDNN_MAX_CPU_ISA", None)
-    if isa:
-        env["ONEDNN_MAX_CPU_ISA"] = isa
+    for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"):
+        env.pop(name, None)
+    if isa:  # MKL (plain fp32 linear layers) and ATen's own kernels capped alike
+        env.update(ONEDNN_MAX_CPU_ISA=isa, MKL_ENABLE_INSTRUCTIONS=isa, ATEN_CPU_CAPABILITY=isa.lower())
     out = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=ROOT, capture_output=True, text=True,
                          check=True, timeout=300).stdout.splitlines()
     calls = out[out.index("CALLS BEGIN") + 1 : out.index("CALLS END")]
