@@ -1,8 +1,8 @@
 """Packed layers under each oneDNN instruction set: the plain layers' numbers, and no weight reorder per call.
 
 oneDNN reads ``ONEDNN_MAX_CPU_ISA`` once, when it loads, so each cap runs in its own interpreter: on an AVX-512
-CPU, AVX2 caps it (and MKL and ATen) to the kernels an AVX2-only CPU gets (a weight packed for the wrong kernel is reordered again
-on every call there, which is what packing for the real input avoids).
+CPU, AVX2 caps it (and MKL and ATen) to the kernels an AVX2-only CPU gets (a weight packed for the wrong kernel is
+reordered again on every call there, which is what packing for the real input avoids).
 """
 
 from __future__ import annotations
