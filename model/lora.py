@@ -55,6 +55,7 @@ class LoraWeights:
     """A loaded LoRA file: its adapters per network, keyed by our module path."""
 
     path: Path
+    stamp: tuple[int, int] = (0, 0)  # the file's size and modification time when read
     unet: dict[str, Adapter] = field(default_factory=dict)
     text: dict[str, Adapter] = field(default_factory=dict)
 
@@ -215,6 +216,7 @@ class LoraCache:
             self._entries.move_to_end(path)
             return entry[1]
         weights = read_lora(path, self.names, device=self.device, dtypes=self.dtypes)
+        weights.stamp = stamp
         self._entries[path] = (stamp, weights)
         self._entries.move_to_end(path)
         while len(self._entries) > 1 and self.nbytes > self.max_bytes:

@@ -74,10 +74,11 @@ class RowAdapters:
             yield
             return
         owner_list = owners.tolist() if isinstance(owners, torch.Tensor) else list(owners)
-        groups: list[tuple[int, torch.Tensor | None]] = []  # (set, its rows; None = every row)
+        device = next(iter(next(iter(self.pairs.values())).values())).down.device
+        groups: list[tuple[int, torch.Tensor | None]] = []  # (set, its rows on the device; None = every row)
         for index in dict.fromkeys(owner_list):
             rows = [b for b, o in enumerate(owner_list) if o == index]
-            groups.append((index, None if len(rows) == len(owner_list) else torch.tensor(rows)))
+            groups.append((index, None if len(rows) == len(owner_list) else torch.tensor(rows, device=device)))
         handles = []
         for path, pairs in self.pairs.items():
             module = self.network.get_submodule(path)
@@ -100,8 +101,7 @@ def _hook(pairs: dict[int, _Pair], groups: list[tuple[int, torch.Tensor | None]]
             if rows is None:
                 output.add_(pair.delta(x, size).to(output.dtype))
             else:
-                idx = rows.to(x.device)
-                output.index_add_(0, idx, pair.delta(x.index_select(0, idx), size).to(output.dtype))
+                output.index_add_(0, rows, pair.delta(x.index_select(0, rows), size).to(output.dtype))
         return output
 
     return hook
@@ -168,5 +168,5 @@ class LoraLibrary:
         sets = [[(self.load(ref), ref.scale) for ref in r.loras] for r in requests]
         unet = RowAdapters(self.unet, sets, "unet")
         text = RowAdapters(self.text_encoder, sets, "text")
-        keys = ["|".join(f"{w.path}:{s!r}" for w, s in loras if w.text) for loras in sets]
+        keys = ["|".join(f"{w.path}@{w.stamp}:{s!r}" for w, s in loras if w.text) for loras in sets]
         return LoraBatch(unet or None, text or None, keys)
