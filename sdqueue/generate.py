@@ -64,6 +64,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="apply a LoRA .safetensors file (kohya / A1111 or diffusers), scale default 1; repeatable")
     p.add_argument("--lora-dir", type=Path, default=os.environ.get("SDQ_LORA_DIR"),
                    help="where <lora:name:weight> tags in the prompt find name.safetensors (default: $SDQ_LORA_DIR)")
+    p.add_argument("--tiny-vae", type=Path, default=None, metavar="PATH",
+                   help="decode (and encode the init image) with TAESD: a diffusers AutoencoderTiny folder, or "
+                   "taesd_encoder/decoder.safetensors (their folder or either file); pairs well with --sampler lcm")
 
 
 def output_paths(output: Path, n: int) -> list[Path]:
@@ -116,9 +119,11 @@ def run(args: argparse.Namespace) -> int:
         prompt=prompt, negative_prompt=o["negative_prompt"], task=task, width=width, height=height,
         steps=o["steps"], guidance_scale=o["guidance_scale"], sampler=o["sampler"], karras=o["karras"], eta=o["eta"],
         seed=seed, n=o["n"], strength=strength, init_image=init, mask=mask, loras=loras,
+        vae="tiny" if args.tiny_vae else "full",
     )
     try:
-        pipe = Pipeline.load(args.checkpoint, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+        pipe = Pipeline.load(args.checkpoint, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                             tiny_vae=args.tiny_vae)
         pipe.loras.configure(args.lora_dir, pipe.loras.max_bytes)
         pipe.check(request)
     except (ValueError, OSError) as exc:
