@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import webuiapi
 from PIL import Image
 
 from tests.e2e.conftest import Service
@@ -56,3 +57,10 @@ def test_two_loras_in_one_batch_give_the_pixels_of_each_alone(service: Service, 
 
     r = service.http.post("/v1/txt2img", json={**JOB, "prompt": "a boat", "loras": [{"name": "absent"}]})
     assert r.status_code == 422 and "'absent' is not available" in r.json()["error"]["message"]
+
+    # The AUTOMATIC1111 layer, with its usual client: the prompt's tag applies the LoRA as the native field does.
+    a1111 = webuiapi.WebUIApi(baseurl=f"{service.url}/sdapi/v1")
+    assert [lora["name"] for lora in a1111.get_loras()] == ["ink", "neon"]
+    result = a1111.txt2img(prompt="a lighthouse <lora:ink:0.8>", width=64, height=64, steps=4, cfg_scale=6.0,
+                           sampler_name="Euler", seed=1)
+    assert np.array_equal(np.asarray(result.image.convert("RGB"), dtype=np.int16), pixels(service, alone[0]))
