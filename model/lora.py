@@ -5,7 +5,8 @@ A LoRA adds ``up @ down * alpha / rank`` to a layer's weight; here it is never m
 
 - kohya / A1111: ``{name}.lora_down.weight`` [r, in] (conv: [r, in, kh, kw]), ``{name}.lora_up.weight``
   [out, r] (conv: [out, r, 1, 1]), optionally ``{name}.alpha``: the layer's scale is alpha / r, 1 without alpha.
-- diffusers / PEFT: ``{name}.lora_A.weight`` (= down), ``{name}.lora_B.weight`` (= up); the scale comes from the
+- diffusers / PEFT: ``{name}.lora_A.weight`` (= down; older files: ``lora.down.weight``), ``{name}.lora_B.weight``
+  (= up; ``lora.up.weight``); the scale comes from the
   PEFT config diffusers writes into the file's metadata (``lora_adapter_metadata``: ``unet.r``,
   ``unet.lora_alpha``, their ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``), else 1 (diffusers' rule).
 
@@ -32,7 +33,9 @@ from model.lora_names import LoraNames, Network, Target
 log = logging.getLogger(__name__)
 
 _KOHYA = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-_PEFT = {"lora_A.weight": "down", "lora_B.weight": "up", "alpha": "alpha"}
+# PEFT's names, and the lora.down / lora.up of diffusers' files before PEFT (diffusers reads them as lora_A / lora_B)
+_PEFT = {"lora_A.weight": "down", "lora_B.weight": "up", "alpha": "alpha", "lora.down.weight": "down",
+         "lora.up.weight": "up"}
 _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 

@@ -84,6 +84,19 @@ def test_both_formats_load_the_same_layers(pipe: Pipeline, loras: dict[str, Path
     assert peft.unet["out.2"].scale == 3.0 and peft.unet["input_blocks.1.0.emb_layers.1"].scale == 0.25
 
 
+def test_diffusers_files_from_before_peft_load_the_same(pipe: Pipeline, loras: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    with safe_open(str(loras["peft"]), framework="pt") as f:
+        old = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): f.get_tensor(k)
+               for k in f.keys()}  # noqa: SIM118
+        metadata = f.metadata()
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=metadata)
+    a = pipe.loras.load(LoraRef("p", path=loras["peft"]))
+    b = pipe.loras.load(LoraRef("o", path=tmp_path / "old.safetensors"))
+    assert a.unet.keys() == b.unet.keys() and a.text.keys() == b.text.keys()
+    assert all(torch.equal(a.unet[k].up, b.unet[k].up) and a.unet[k].scale == b.unet[k].scale for k in a.unet)
+
+
 def test_a_job_is_the_same_alone_or_batched_with_other_loras(pipe: Pipeline, loras: dict[str, Path]) -> None:
     a, b = LoraRef("peft", 0.7, loras["peft"]), LoraRef("other", -0.5, loras["other"])
     unet_only = LoraRef("unet_only", 1.0, loras["unet_only"])
