@@ -11,7 +11,7 @@ from core.catalog import LoadedModel, publish_model
 SD15 = LoadedModel(name="v1-5-pruned-emaonly", hash="6ce0161689", sha256="6ce0161689" + "0" * 54,
                    inpainting_unet=False, device="cuda", dtype="float16")
 INPAINT = LoadedModel(name="sd-v1-5-inpainting", hash="c6bbc15e32", sha256="c6bbc15e32" + "1" * 54,
-                      inpainting_unet=True, device="cpu", dtype="bfloat16")
+                      inpainting_unet=True, device="cpu", dtype="bfloat16", tiny_vae=True)
 
 
 def start_worker(
@@ -40,8 +40,10 @@ def test_models_are_grouped_per_checkpoint_with_their_workers(client: TestClient
 
     assert client.get("/v1/models").json() == {"models": [
         {"name": "sd-v1-5-inpainting", "hash": "c6bbc15e32", "sha256": INPAINT.sha256, "inpainting_unet": True,
+         "tiny_vae": True,
          "workers": [{"name": "cpu-1", "device": "cpu", "dtype": "bfloat16"}]},
         {"name": "v1-5-pruned-emaonly", "hash": "6ce0161689", "sha256": SD15.sha256, "inpainting_unet": False,
+         "tiny_vae": False,
          "workers": [{"name": "gpu-a", "device": "cuda", "dtype": "float16"},
                      {"name": "gpu-b", "device": "cuda", "dtype": "float16"}]},
     ]}
@@ -59,4 +61,5 @@ def test_samplers_with_a1111_names_and_options(client: TestClient) -> None:
         {"name": "euler", "display_name": "Euler", "karras": True, "eta": False},
         {"name": "euler_a", "display_name": "Euler a", "karras": True, "eta": False},
         {"name": "dpmpp_2m", "display_name": "DPM++ 2M", "karras": True, "eta": False},
+        {"name": "lcm", "display_name": "LCM", "karras": False, "eta": False},
     ]}
