@@ -20,6 +20,7 @@ scheduler process rides out outages the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -163,6 +164,12 @@ class WebhookWorker(SimpleWorker):
         super().handle_exception(job, *exc_info)
 
     # RQ hooks: registration, heartbeat, commands ---------------------------------------------------------------
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        # RQ installs its signal handlers only after registering and starting the scheduler, which may wait for
+        # Redis: a SIGTERM meanwhile would kill the sender without its teardown.
+        self._install_signal_handlers()
+        super().bootstrap(*args, **kwargs)
+
     def _set_ip_address(self, connection: Redis) -> None:
         set_ip_address = super()._set_ip_address
         self.wait_for_redis(lambda: set_ip_address(connection), "naming the sender's connection")
@@ -227,6 +234,14 @@ class WebhookWorker(SimpleWorker):
         self.redis_link.failed(exc, "listening for worker commands")
         time.sleep(self.heartbeat_s)
 
+    def _shutdown(self) -> None:
+        # Called from the SIGTERM/SIGINT handler. RQ raises StopRequested here when idle, which can land between a
+        # dequeue and the delivery's start, and writes to Redis when busy, which can raise into a delivery; a flag
+        # is safe anywhere, and the idle wait is a heartbeat long.
+        self._stop_requested = True
+        if self.scheduler:
+            self.stop_scheduler()
+
     def check_for_suspension(self, burst: bool) -> None:
         check = super().check_for_suspension
         self._tolerate(lambda: check(burst), "checking whether workers are suspended")
@@ -275,12 +290,13 @@ class WebhookWorker(SimpleWorker):
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
         """RQ's dequeue loop, waiting out Redis errors of every kind (RQ's waits out only a refused connection);
-        None once idle for ``max_idle_time``, or (burst mode) when the queue is empty."""
+        None once a shutdown was requested, once idle for ``max_idle_time``, or (burst mode) when the queue is
+        empty."""
         self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + ",".join(self.queue_names()))
         idle_until = None if max_idle_time is None else time.monotonic() + max_idle_time
         backoff = Backoff(self.heartbeat_s)
-        while True:
+        while not self._stop_requested:
             self.heartbeat()
             if self.should_run_maintenance_tasks:
                 self.run_maintenance_tasks()
@@ -298,7 +314,18 @@ class WebhookWorker(SimpleWorker):
                 backoff.wait()
             else:
                 self.redis_link.answered()
+                if result is not None and self._stop_requested:
+                    # The shutdown signal arrived while this message was being popped: give it back, first in line.
+                    self.wait_for_redis(functools.partial(self._push_back, *result), f"giving {result[0].id} back")
+                    return None
                 return result
+        return None
+
+    def _push_back(self, job: Job, queue: Queue) -> None:
+        with self.connection.pipeline() as pipe:
+            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # where RQ's single-queue dequeue put it
+            pipe.execute()
 
 
 class PatientScheduler(RQScheduler):

@@ -205,3 +205,8 @@ def test_the_sender_imports_neither_torch_nor_the_worker() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_sigterm_stops_an_idle_sender_with_exit_code_0(sender: Sender) -> None:
+    sender.proc.terminate()
+    assert sender.proc.wait(30) == 0, sender.tail()
