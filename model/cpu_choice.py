@@ -2,9 +2,11 @@
 
 Whether packing pays depends on the CPU and on the kernel oneDNN selects for it (on an AVX2-only CPU a packed fp32
 linear layer can lose to MKL's plain one), so no choice is made in advance. On a network's first pass each packed
-layer runs both ways on the real input and adds both times to its kind's totals; from the second pass on, each
-kind takes the path with the smaller total, logged once per network and kind. A kind that is never faster packed
-so runs plain, and no CPU runs slower than plain PyTorch by more than the self-check's noise.
+layer runs both ways on the real input and adds both times to its kind's totals, until the kind's totals reach
+``MEASURE_BUDGET_S`` or the pass ends (a layer's second call); then the kind takes the path with the smaller total,
+logged once per network and kind, and its other layers follow without measuring. A kind that is not faster packed
+so runs plain, and no CPU runs slower than plain PyTorch by more than the self-check's noise. The budget bounds
+the self-check's cost (each measured layer runs four times) to a few seconds per network at any image size.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from enum import Enum
 import torch
 
 log = logging.getLogger(__name__)
+
+MEASURE_BUDGET_S = 0.5  # measured seconds (both paths) after which a kind is decided
 
 
 class LayerPath(str, Enum):
@@ -45,6 +49,7 @@ class PathChooser:
     """The per-kind choice for one network (UNet, VAE, text encoder): measured first, then fixed."""
 
     network: str
+    budget_s: float = MEASURE_BUDGET_S
     totals: dict[str, Totals] = field(default_factory=dict)
     decided: dict[str, LayerPath] = field(default_factory=dict)
 
@@ -61,7 +66,7 @@ class PathChooser:
         t = self.totals.get(kind, Totals())
         path = faster(t.packed_s, t.plain_s)
         self.decided[kind] = path
-        log.info("%s %s layers: %s (first pass over %d layers: packed %.1f ms, plain %.1f ms; %s)",
+        log.info("%s %s layers: %s (measured on %d layers: packed %.1f ms, plain %.1f ms; %s)",
                  self.network, kind, path.value, t.layers, 1e3 * t.packed_s, 1e3 * t.plain_s, cpu_isa())
         return path
 
@@ -76,6 +81,8 @@ class PathChooser:
         middle = time.perf_counter()
         out = packed()
         self.record(kind, time.perf_counter() - middle, middle - start)
+        if self.totals[kind].packed_s + self.totals[kind].plain_s >= self.budget_s:
+            self.decide(kind)
         return out
 
 

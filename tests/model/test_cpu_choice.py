@@ -31,7 +31,7 @@ def test_fake_timings_pick_the_faster_path_per_kind(caplog: pytest.LogCaptureFix
         assert chooser.decide("linear") is LayerPath.PLAIN
         chooser.record("linear", 0.0, 1.0)  # decided once: later timings change nothing
         assert chooser.decide("linear") is LayerPath.PLAIN
-    assert "UNet conv3x3 layers: packed (first pass over 2 layers: packed 30.0 ms, plain 45.0 ms" in caplog.text
+    assert "UNet conv3x3 layers: packed (measured on 2 layers: packed 30.0 ms, plain 45.0 ms" in caplog.text
     assert caplog.text.count("UNet linear layers: plain") == 1
     assert faster(1.0, 1.0) is LayerPath.PLAIN  # a tie keeps plain PyTorch
 
@@ -41,7 +41,7 @@ def test_the_chooser_picks_a_path_on_this_machine_and_logs_it(
 ) -> None:
     c = load_components(tiny_checkpoint)
     unet, vae = copy.deepcopy(c.unet), copy.deepcopy(c.vae)
-    chooser, vae_chooser = PathChooser("UNet"), PathChooser("VAE")
+    chooser, vae_chooser = PathChooser("UNet", budget_s=1e9), PathChooser("VAE", budget_s=1e9)  # the whole pass
     assert prepack(unet, chooser) > 20 and prepack(vae, vae_chooser) > 20
     x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.full((2,), 321)
     z = torch.randn(1, 4, 8, 8)
@@ -76,3 +76,16 @@ def test_packed_and_plain_paths_give_the_plain_networks_numbers(tiny_checkpoint:
         ours, plain = text(input_ids=ids).last_hidden_state, c.text_encoder(input_ids=ids).last_hidden_state
         assert torch.allclose(ours, plain, atol=1e-4, rtol=1e-4)
     assert {layer.path for layer in layers(unet) + layers(text) if layer.path is not None} == {path}
+
+
+def test_a_kind_is_decided_once_its_measuring_budget_is_spent(tiny_checkpoint: Path) -> None:
+    c = load_components(tiny_checkpoint)
+    unet = copy.deepcopy(c.unet)
+    chooser = PathChooser("UNet", budget_s=0.0)  # decided by the first layer of each kind measured
+    prepack(unet, chooser)
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.full((2,), 321)
+    with torch.inference_mode():
+        assert torch.allclose(unet(x, t, ctx), c.unet(x, t, ctx), atol=1e-4, rtol=1e-4)  # one pass decides all
+    assert set(chooser.decided) == {"conv3x3", "conv1x1", "linear", "upsample"}
+    assert {kind: t.layers for kind, t in chooser.totals.items()} == dict.fromkeys(chooser.decided, 1)
+    assert sum(layer.measured for layer in layers(unet)) == 4
