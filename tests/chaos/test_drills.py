@@ -18,7 +18,8 @@ from tests.chaos.cluster import Cluster
 
 log = logging.getLogger(__name__)
 
-PASSING = ("worker_sigkill", "api_sigkill", "queue_burst", "poison_job", "webhook_after_crash")
+PASSING = ("worker_sigkill", "redis_restart", "redis_full", "api_sigkill", "queue_burst", "poison_job",
+           "webhook_after_crash")
 
 
 @pytest.mark.parametrize("name", PASSING)
