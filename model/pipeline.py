@@ -111,7 +111,13 @@ class Pipeline:
     def use_tiny_vae(self, path: str | Path) -> None:
         """Load TAESD for requests with ``vae="tiny"`` (decode, and encode for image tasks) and for previews."""
         self.tiny_vae = load_tiny_vae(path, device=self.device, dtype=self.precision.vae)
-        if self.device.type == "cpu" and self.precision.vae == torch.float32:
+        if self.device.type != "cpu":
+            return
+        # as _tune_for_cpu does for the other networks; TAESD 512x512 decode measured 1.38 s packed, 1.50 s NHWC,
+        # 1.69 s plain, diffusers 1.86 s (2 busy cores)
+        if can_prepack(self.precision.vae):
+            log.info("TinyAutoencoder: %d packable layers", prepack(self.tiny_vae, PathChooser("TinyAutoencoder")))
+        elif self.precision.vae == torch.float32:
             self.tiny_vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]
 
     @property
