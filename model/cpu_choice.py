@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MEASURE_BUDGET_S = 0.5  # measured seconds (both paths) after which a kind is decided
+MEASURE_BUDGET_S = 0.25  # measured seconds (both paths) after which a kind is decided
 
 
 class LayerPath(str, Enum):
