@@ -323,6 +323,11 @@ class Pipeline:
         else a cheap linear map (no VAE)."""
         if self.tiny_vae is None:
             return latents_to_preview(latents)
+        h, w = latents.shape[-2:]
+        shrink = max(h, w) * self.latent_scale / PREVIEW_SIDE
+        if shrink > 1:  # decode no more pixels than the preview shows: a 512px image's preview costs 1/4 decode
+            latents = F.interpolate(latents.float(), size=(max(1, round(h / shrink)), max(1, round(w / shrink))),
+                                    mode="area")
         decoded = self.tiny_vae.decode(latents.to(self.device, self.precision.vae))
         images = tensor_to_images(decoded)
         side = PREVIEW_SIDE / max(images[0].size) if images else 1.0  # the size latents_to_preview gives

@@ -112,6 +112,20 @@ def test_previews_are_taesd_decodes(ref: Reference, taesd: tuple[AutoencoderTiny
     assert np.abs(pixels([preview]) - pixels([cheap])).mean() > 5
 
 
+def test_previews_of_large_latents_decode_at_preview_size(pipe: Pipeline) -> None:
+    latents = torch.randn((1, 4, 64, 48), generator=torch.Generator().manual_seed(1))  # a 512x384 image
+    calls: list[tuple[int, ...]] = []
+    assert pipe.tiny_vae is not None
+    hook = pipe.tiny_vae.decoder.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    try:
+        [preview] = pipe.preview(latents)
+    finally:
+        hook.remove()
+    assert preview.size == (192, 256)
+    assert calls == [(1, 4, 32, 24)]  # half the latent side: 256 px decoded, not 512
+    assert np.asarray(preview).std() > 1.0
+
+
 def test_tiny_is_refused_without_a_tiny_vae(ref: Reference) -> None:
     plain = Pipeline.load(ref.folder, device="cpu", dtype="float32")
     with pytest.raises(ValueError, match="vae 'tiny' needs a tiny VAE"):
