@@ -7,6 +7,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -15,7 +16,7 @@ from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core import apikeys
+from core import apikeys, rules
 from core.webhooks import AllowList, signing_key
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,18 @@ class Settings(BaseSettings):
         "folder, or taesd_encoder.safetensors and taesd_decoder.safetensors (their folder, or either file).",
     )
     max_batch_images: int = Field(8, ge=1, le=64, description="Images per UNet batch.")
+    compile: Literal["off", "default", "max"] = Field(
+        "off", description="torch.compile the UNet and the VAE decoder (whole graphs): default = inductor, max = "
+        "max-autotune (on CUDA with CUDA graphs). Off by default: the CUDA default awaits measurement.",
+    )
+    warmup_shapes: str = Field(
+        "", description="Shapes the worker runs once before it registers, e.g. `512x512:1,2,4,8 768x768:1` "
+        "(WIDTHxHEIGHT:BATCH_SIZES, space-separated); other shapes still work.",
+    )
+    pad_to_warmed: bool = Field(
+        False, description="On CUDA, pad a batch with throwaway rows up to the nearest warmed batch size of its "
+        "shape (SDQ_WARMUP_SHAPES), so it reuses that shape's compiled graphs.",
+    )
     # 0: a batch takes the compatible jobs already waiting. Under load jobs pile up while a batch runs, so the next
     # batch fills anyway; a window would only delay a lone job (measured: +30 ms p50 for 30 ms).
     batch_window_ms: int = Field(
@@ -179,6 +192,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port], no path (or *)")
         return v
 
+    @field_validator("warmup_shapes")
+    @classmethod
+    def _check_warmup_shapes(cls, v: str) -> str:
+        parse_warmup_shapes(v)
+        return v
+
     @field_validator("api_keys")
     @classmethod
     def _check_api_keys(cls, v: str) -> str:
@@ -190,6 +209,39 @@ class Settings(BaseSettings):
 
     def cors_origin_list(self) -> list[str]:
         return _split(self.cors_origins)
+
+
+@dataclass(frozen=True)
+class WarmupShape:
+    """One image size and the batch sizes (images per UNet batch) the worker warms up for it."""
+
+    width: int
+    height: int
+    batch_sizes: tuple[int, ...]
+
+
+_WARMUP_SHAPE = re.compile(r"(\d+)x(\d+):(\d+(?:,\d+)*)")
+MAX_WARMUP_BATCH = 64  # the largest SDQ_MAX_BATCH_IMAGES
+
+
+def parse_warmup_shapes(value: str) -> list[WarmupShape]:
+    """``512x512:1,2,4 768x768:1`` -> shapes; ValueError saying what is wrong with which entry."""
+    shapes = []
+    for entry in value.replace(";", " ").split():
+        match = _WARMUP_SHAPE.fullmatch(entry)
+        if match is None:
+            raise ValueError(f"{entry!r} is not WIDTHxHEIGHT:BATCH[,BATCH...], e.g. 512x512:1,2,4,8")
+        width, height = int(match[1]), int(match[2])
+        for name, side in (("width", width), ("height", height)):
+            try:
+                rules.check_side(name, side)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r}: {exc}") from None
+        sizes = tuple(sorted({int(b) for b in match[3].split(",")}))
+        if sizes[0] < 1 or sizes[-1] > MAX_WARMUP_BATCH:
+            raise ValueError(f"{entry!r}: batch sizes must be between 1 and {MAX_WARMUP_BATCH}")
+        shapes.append(WarmupShape(width, height, sizes))
+    return shapes
 
 
 _ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?")

@@ -1,0 +1,65 @@
+"""``SDQ_COMPILE``: ``torch.compile`` of the UNet and the VAE decoder, each as one whole graph.
+
+``fullgraph=True`` makes a graph break an error instead of a silent slowdown (tests/model/test_compile.py checks
+the networks with ``torch._dynamo.explain``). Shapes are static (``dynamic=False``): each image size and batch size
+compiles once, which is what CUDA graphs need and what the worker's warm-up (``model/warmup.py``) pays for ahead of
+the first job. Past dynamo's recompile limit a new shape runs eagerly; it never fails.
+
+The compiled callables share the eager modules' parameters, so LoRA side paths, which change per batch, keep using
+the eager UNet (``Pipeline`` picks it for batches with LoRAs) and loading or swapping weights needs no recompile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Literal, cast
+
+import torch
+from torch import nn
+
+from model.vae import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+CompileMode = Literal["off", "default", "max"]
+COMPILE_MODES: tuple[CompileMode, ...] = ("off", "default", "max")
+RECOMPILE_LIMIT = 64  # shapes one network may compile for: a worker serving several sizes and batch sizes
+
+
+def inductor_mode(mode: CompileMode, device: torch.device) -> str:
+    """torch.compile's ``mode`` for ours: max = max-autotune, which on CUDA also captures CUDA graphs."""
+    if mode == "default":
+        return "default"
+    return "max-autotune" if device.type == "cuda" else "max-autotune-no-cudagraphs"
+
+
+def compile_network(module: nn.Module, mode: CompileMode, device: torch.device) -> Callable[..., torch.Tensor]:
+    """``module`` compiled as one static-shape graph (``mode`` off: the module itself)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
+    if mode == "off":
+        return module
+    _raise_recompile_limit()
+    compiled = torch.compile(module, fullgraph=True, dynamic=False, mode=inductor_mode(mode, device))
+    log.info("%s: torch.compile mode=%s (compiled on first use of each shape)", type(module).__name__,
+             inductor_mode(mode, device))
+    return cast(Callable[..., torch.Tensor], compiled)
+
+
+def compile_decode(
+    vae: AutoencoderKL, mode: CompileMode, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The VAE's ``decode`` (unscaled latents -> image) with its decoder compiled; ``post_quant_conv`` (one 1x1
+    conv) stays eager. Mode off: ``vae.decode`` itself."""
+    if mode == "off":
+        return vae.decode
+    decoder = compile_network(vae.decoder, mode, device)
+    return lambda z: decoder(vae.post_quant_conv(z))
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name) < RECOMPILE_LIMIT:
+        setattr(config, name, RECOMPILE_LIMIT)
