@@ -218,7 +218,8 @@ def main() -> None:
     if args.write:
         isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
         kernels = f"ONEDNN_MAX_CPU_ISA={isa}" if isa else "native ISA"
-        write_section(f"Model speed on the CPU: where the time goes ({kernels}, {args.dtype})", body)
+        sizes = ", ".join(f"{size}x{size}" for size in args.sizes)
+        write_section(f"Model speed on the CPU: where the time goes ({kernels}, {args.dtype}, {sizes})", body)
 
 
 if __name__ == "__main__":
