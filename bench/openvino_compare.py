@@ -144,7 +144,8 @@ def main() -> None:
     if args.write:
         isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
         kernels = f"ONEDNN_MAX_CPU_ISA={isa}" if isa else "native ISA"
-        write_section(f"Model: sdqueue vs OpenVINO (CPU, {kernels}, {args.dtype})", body)
+        sizes = ", ".join(f"{size}x{size}" for size in args.sizes)
+        write_section(f"Model: sdqueue vs OpenVINO (CPU, {kernels}, {args.dtype}, {sizes})", body)
     if tmp is not None:
         tmp.cleanup()
 
