@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
+from model.prompts import Break, parse_prompt_attention, split_chunks
+
 log = logging.getLogger(__name__)
 
 MAX_LENGTH = 77  # positions of the CLIP text encoder, BOS and EOS included
@@ -43,6 +45,20 @@ class TokenizedBatch:
     truncated: list[bool]  # the prompt had more than max_length - 2 content tokens and was cut
 
 
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt as the text encoder takes it: one row of ids and one of weights per chunk."""
+
+    ids: list[list[int]]  # per chunk, max_length ids (77 for SD): BOS, up to 75 tokens, EOS, then pad
+    weights: list[list[float]]  # per chunk, max_length weights: 1 for BOS, EOS and pad
+    num_tokens: int  # content tokens of the whole prompt (weight syntax and BOS / EOS not counted), before any cut
+    truncated: bool  # it had more than max_chunks chunks; the ones past the limit were dropped
+
+    @property
+    def weighted(self) -> bool:
+        return any(w != 1.0 for row in self.weights for w in row)
+
+
 class ClipTokenizer:
     """Prompts to the fixed-length id rows the CLIP text encoder takes."""
 
@@ -58,6 +74,7 @@ class ClipTokenizer:
         self.vocab_size = len(tokenizer)
         self.max_length = max_length
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN], vocab[tokenizer.pad_token]
+        self.comma_id = vocab.get(",</w>")  # where A1111 prefers to end a full chunk
 
     @classmethod
     def from_vocabulary(
@@ -113,6 +130,25 @@ class ClipTokenizer:
             input_ids=ids,
             num_tokens=[len(tokens) for tokens in content],
             truncated=[len(tokens) > keep for tokens in content],
+        )
+
+    def prompt_chunks(self, text: str, max_chunks: int) -> PromptTokens:
+        """``text`` with A1111's weight syntax and BREAK, in chunks of max_length - 2 tokens (``model.prompts``),
+        each a full row: what A1111 feeds its text encoder. At most ``max_chunks`` chunks are kept.
+
+        A prompt without weight syntax and of at most 75 tokens gives one row equal to ``tokenize``'s."""
+        fragments = parse_prompt_attention(text)
+        texts = [f[0] for f in fragments if not isinstance(f, Break)]
+        ids = iter(self._tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])
+        tokenized = [f if isinstance(f, Break) else (next(ids), f[1]) for f in fragments]
+        chunks = split_chunks(tokenized, self.comma_id, self.max_length - 2)
+        kept = chunks[:max_chunks]
+        pad = self.max_length - 2
+        return PromptTokens(
+            ids=[[self.bos_id, *c.tokens, self.eos_id] + [self.pad_id] * (pad - len(c.tokens)) for c in kept],
+            weights=[[1.0, *c.weights] + [1.0] * (pad - len(c.tokens) + 1) for c in kept],
+            num_tokens=sum(len(c.tokens) for c in chunks),
+            truncated=len(chunks) > max_chunks,
         )
 
 

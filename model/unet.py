@@ -94,12 +94,14 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # ".0": index 1 was dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         context = x if context is None else context
         B, N, _ = x.shape
         q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)  # [B, heads, tokens, head_dim]
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = attention(q, k, v)  # [B, heads, N, head_dim]
+        out = attention(q, k, v, context_mask)  # [B, heads, N, head_dim]
         return self.to_out(out.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -133,9 +135,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))  # self-attention over image tokens
-        x = x + self.attn2(self.norm2(x), context)  # cross-attention to the text tokens
+        x = x + self.attn2(self.norm2(x), context, context_mask)  # cross-attention to the text tokens
         return x + self.ff(self.norm3(x))
 
 
@@ -154,7 +156,7 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.linear:
@@ -163,7 +165,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, context_mask)
         if self.linear:
             h = self.proj_out(h)
         h = h.transpose(1, 2).reshape(B, C, H, W)
@@ -185,13 +187,14 @@ class TimestepBlock(nn.ModuleList):
     """One entry of input_blocks / middle_block / output_blocks: layers run in order, each fed what it needs."""
 
     def forward(  # type: ignore[override]
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, upsample_size: tuple[int, int] | None = None
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, upsample_size: tuple[int, int] | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, context_mask)
             elif isinstance(layer, Upsample):
                 assert upsample_size is not None, "an Upsample block needs the size of the next skip connection"
                 x = layer(x, upsample_size)
@@ -239,18 +242,22 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [B, in, h, w], timesteps [B] or [] (int or float), context [B, 77, 768] -> eps [B, out, h, w]."""
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, in, h, w], timesteps [B] or [] (int or float), context [B, 77 * chunks, 768] -> eps [B, out, h, w].
+
+        ``context_mask`` [B, 77 * chunks] bool: the context positions each row attends to (None = all)."""
         t = timesteps.to(x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # [B, 1280]
         skips = []
         h = x
         for block in self.input_blocks:  # [B, 320, 64, 64] ... [B, 1280, 8, 8]
-            h = block(h, emb, context)
+            h = block(h, emb, context, context_mask=context_mask)
             skips.append(h)
-        h = self.middle_block(h, emb, context)  # [B, 1280, 8, 8]
+        h = self.middle_block(h, emb, context, context_mask=context_mask)  # [B, 1280, 8, 8]
         for block in self.output_blocks:  # [B, 1280, 8, 8] ... [B, 320, 64, 64]
             h = torch.cat([h, skips.pop()], dim=1)
             size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None  # where the next skip joins
-            h = block(h, emb, context, upsample_size=size)
+            h = block(h, emb, context, upsample_size=size, context_mask=context_mask)
         return self.out(h)  # [B, 4, 64, 64]
