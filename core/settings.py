@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     )
     max_batch_images: int = Field(8, ge=1, le=64, description="Images per UNet batch.")
     compile: Literal["off", "default", "max"] = Field(
-        "off", description="torch.compile the UNet and the VAE decoder (whole graphs): default = inductor, max = "
-        "max-autotune (on CUDA with CUDA graphs). Off by default: the CUDA default awaits measurement.",
+        "off", description="torch.compile the UNet and the VAE decoder (whole graphs): default = inductor kernels, "
+        "max = the same plus CUDA graphs (on CUDA). Off by default: the CUDA default awaits measurement.",
     )
     warmup_shapes: str = Field(
         "", description="Shapes the worker runs once before it registers, e.g. `512x512:1,2,4,8 768x768:1` "

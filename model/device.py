@@ -78,6 +78,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``. On CUDA one pinned, non-blocking copy: a plain copy from pageable
+    memory waits for the GPU to finish its queue first. Elsewhere a plain ``.to`` (the same tensor on the CPU)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class Precision:
     """The dtype of each network. The VAE stays in a dtype that does not overflow (fp16 VAEs give NaNs)."""
