@@ -35,6 +35,10 @@ class WorkerMetrics:
             "sdq_job_run_seconds", "Job run time in the worker, started to finished.", buckets=RUN_BUCKETS, registry=r
         )
         self.model_load_seconds = Gauge("sdq_model_load_seconds", "Time to load the checkpoint at start.", registry=r)
+        self.warmup_seconds = Gauge(
+            "sdq_warmup_seconds", "Time the warm-up of SDQ_WARMUP_SHAPES took at start, before the worker registered.",
+            registry=r,
+        )
         self.jobs = Counter("sdq_worker_jobs", "Jobs this worker finished, by outcome.", ["outcome"], registry=r)
         self.busy = Gauge("sdq_worker_busy", "1 while the worker collects or runs a batch, 0 while idle.", registry=r)
 
