@@ -4,6 +4,7 @@
 the networks with ``torch._dynamo.explain``). Shapes are static (``dynamic=False``): each image size and batch size
 compiles once, which is what CUDA graphs need and what the worker's warm-up (``model/warmup.py``) pays for ahead of
 the first job. Past dynamo's recompile limit a new shape runs eagerly; it never fails.
+Networks with the CPU's oneDNN-prepacked layers stay eager: dynamo cannot trace their opaque weights.
 
 The compiled callables share the eager modules' parameters, so LoRA side paths, which change per batch, keep using
 the eager UNet (``Pipeline`` picks it for batches with LoRAs) and loading or swapping weights needs no recompile.
@@ -18,6 +19,7 @@ from typing import Literal, cast
 import torch
 from torch import nn
 
+from model.cpu_pack import ChosenLayer
 from model.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,11 @@ def compile_network(module: nn.Module, mode: CompileMode, device: torch.device) 
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
     if mode == "off":
+        return module
+    if any(isinstance(m, ChosenLayer) for m in module.modules()):
+        # oneDNN-prepacked weights (model/cpu_pack.py, the CPU's fast path) are opaque tensors dynamo cannot trace
+        log.warning("%s has oneDNN-prepacked layers, which torch.compile cannot trace: it runs eagerly",
+                    type(module).__name__)
         return module
     _raise_recompile_limit()
     compiled = torch.compile(module, fullgraph=True, dynamic=False, mode=inductor_mode(mode, device))
