@@ -74,7 +74,7 @@ BAD_REQUESTS: list[tuple[str, Any, str, str]] = [
     ("guidance NaN literal", '{"prompt": "a", "guidance_scale": NaN}', "guidance_scale", "finite number"),
     ("guidance 'NaN' string", {**TINY, "guidance_scale": "NaN"}, "guidance_scale", "finite number"),
     ("guidance Infinity", '{"prompt": "a", "guidance_scale": Infinity}', "guidance_scale", "finite number"),
-    ("unknown sampler", {**TINY, "sampler": "plms"}, "sampler", "'ddim', 'euler', 'euler_a' or 'dpmpp_2m', got 'plms'"),
+    ("unknown sampler", {**TINY, "sampler": "plms"}, "sampler", "'ddim', 'euler', 'euler_a', 'dpmpp_2m', 'lcm' or 'tcd', got 'plms'"),
     ("20,000-char prompt", {**TINY, "prompt": "x" * 20_000}, "prompt", "at most 4000 characters"),
     ("prompt is a number", {**TINY, "prompt": 12}, "prompt", "valid string, got 12"),
     ("width is a word", {**TINY, "width": "wide"}, "width", "valid integer"),
