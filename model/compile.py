@@ -3,7 +3,8 @@
 ``fullgraph=True`` makes a graph break an error instead of a silent slowdown (tests/model/test_compile.py checks
 the networks with ``torch._dynamo.explain``). Shapes are static (``dynamic=False``): each image size and batch size
 compiles once, which is what CUDA graphs need and what the worker's warm-up (``model/warmup.py``) pays for ahead of
-the first job. Past dynamo's recompile limit a new shape runs eagerly; it never fails.
+the first job. Past dynamo's recompile limit (``RECOMPILE_LIMIT`` shapes) a new shape runs eagerly: with
+``fullgraph=True`` dynamo would raise there instead (``CompiledNetwork``).
 Networks with the CPU's oneDNN-prepacked layers stay eager: dynamo cannot trace their opaque weights.
 
 The compiled callables share the eager modules' parameters, so LoRA side paths, which change per batch, keep using
@@ -51,7 +52,26 @@ def compile_network(module: nn.Module, mode: CompileMode, device: torch.device) 
     compiled = torch.compile(module, fullgraph=True, dynamic=False, mode=inductor_mode(mode, device))
     log.info("%s: torch.compile mode=%s (compiled on first use of each shape)", type(module).__name__,
              inductor_mode(mode, device))
-    return cast(Callable[..., torch.Tensor], compiled)
+    return CompiledNetwork(module, cast(Callable[..., torch.Tensor], compiled))
+
+
+class CompiledNetwork:
+    """``compiled``, or ``module`` itself for a call dynamo refuses to compile because it has compiled too many
+    shapes already (``fullgraph=True`` makes that an error rather than a silent fallback)."""
+
+    def __init__(self, module: nn.Module, compiled: Callable[..., torch.Tensor]) -> None:
+        self.module = module
+        self.compiled = compiled
+        self.warned = False
+
+    def __call__(self, *args: torch.Tensor | None) -> torch.Tensor:
+        try:
+            return self.compiled(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            if not self.warned:
+                log.warning("%s: compiled for too many shapes; new shapes run eagerly", type(self.module).__name__)
+                self.warned = True
+            return cast(torch.Tensor, self.module(*args))
 
 
 def compile_decode(
