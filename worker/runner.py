@@ -157,6 +157,11 @@ class BatchRunner:
         self.observe = observe
         self.webhooks = webhooks
         self.redis = redis or Link("Redis")
+        # On the CPU, a network's first pass measures each layer kind packed and plain (``model.cpu_choice``) and
+        # only then fixes the path, so that pass mixes paths. The first batch is run once with its results dropped,
+        # so every image is computed on the settled paths: the same request gives the same pixels in every batch.
+        device = getattr(pipe, "device", None)
+        self.self_check_pending = getattr(device, "type", None) == "cpu"
 
     def run(self, items: Sequence[BatchItem]) -> Finished:
         """Yield every item exactly once with its outcome, as soon as that item is done."""
@@ -180,6 +185,10 @@ class BatchRunner:
         retry: Retry | None = None
         try:
             with self._deadline(items):
+                if self.self_check_pending:
+                    self.self_check_pending = False
+                    log.info("first batch: run once for the CPU self-check, then again for its results")
+                    self.pipe.generate([item.request for item in items])
                 results = self.pipe.generate([item.request for item in items], callback=reporter)
         except JobTimeoutException:
             exc_info = current_exc_info()
