@@ -152,7 +152,7 @@ def test_model_names_and_setting_the_model_the_worker_holds(running: Service, ap
 
     assert names == [f"{model['name']} [{model['hash']}]"]
     assert api.util_get_current_model() == names[0]
-    assert api.util_get_sampler_names() == ["DDIM", "DPM++ 2M", "Euler", "Euler a"]
+    assert api.util_get_sampler_names() == ["DDIM", "DPM++ 2M", "Euler", "Euler a", "LCM", "TCD"]
 
 
 def test_bad_inputs_are_422_naming_the_a1111_field_and_queue_nothing(api: webuiapi.WebUIApi, redis: Redis) -> None:
