@@ -64,7 +64,7 @@ class GenerationParams(BaseModel):
     )
     sampler: Sampler = Sampler.euler_a
     karras: bool = Field(False, description="Karras sigmas (euler, euler_a, dpmpp_2m).")
-    eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM eta (0 = deterministic).")
+    eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM eta, TCD gamma (0 = deterministic).")
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="null or -1 = random; image i uses seed+i.")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images to generate.")
     loras: list[LoraRequest] = Field(

@@ -29,13 +29,14 @@ class Sampler(str, Enum):
     euler_a = "euler_a"
     dpmpp_2m = "dpmpp_2m"
     lcm = "lcm"
+    tcd = "tcd"
 
 
 @dataclass(frozen=True)
 class SamplerTraits:
     a1111_name: str  # the name AUTOMATIC1111 shows and writes into image metadata
     karras: bool  # accepts Karras sigma spacing
-    eta: bool  # accepts a non-zero eta (stochastic DDIM)
+    eta: bool  # accepts a non-zero eta (stochastic DDIM; TCD's gamma)
     max_steps: int = MAX_STEPS  # LCM picks its steps from a fixed 50-step distillation schedule
 
 
@@ -45,8 +46,10 @@ SAMPLERS: dict[Sampler, SamplerTraits] = {
     Sampler.euler_a: SamplerTraits("Euler a", karras=True, eta=False),
     Sampler.dpmpp_2m: SamplerTraits("DPM++ 2M", karras=True, eta=False),
     Sampler.lcm: SamplerTraits("LCM", karras=False, eta=False, max_steps=LCM_ORIGINAL_STEPS),
+    Sampler.tcd: SamplerTraits("TCD", karras=False, eta=True, max_steps=LCM_ORIGINAL_STEPS),
 }
 SAMPLER_NAMES: tuple[str, ...] = tuple(s.value for s in SAMPLERS)
+_ETA_SAMPLERS = frozenset(s.value for s, traits in SAMPLERS.items() if traits.eta)
 
 
 def sampler(name: str) -> Sampler:
@@ -100,12 +103,13 @@ def batch_key(
 ) -> str:
     """Requests with equal keys can run as one UNet batch: the same task, size, sampler and schedule.
 
-    Guidance, prompts, seeds and image counts may differ inside a batch; the first step (img2img) and DDIM's eta may
-    not, since the pipeline runs one schedule and one eta per batch. ``strength`` is ignored for txt2img.
+    Guidance, prompts, seeds and image counts may differ inside a batch; the first step (img2img) and the eta of
+    DDIM and TCD may not, since the pipeline runs one schedule and one eta per batch. ``strength`` is ignored for
+    txt2img.
     """
     key = f"{task}:{width}x{height}:{sampler}:{int(karras)}:{steps}"
     if task != "txt2img":
         key += f":from{start_step(steps, strength)}"
-    if sampler == Sampler.ddim.value:
+    if sampler in _ETA_SAMPLERS:
         key += f":eta{eta:g}"
     return key

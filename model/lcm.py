@@ -47,6 +47,30 @@ def boundary_scalings(timestep: float) -> tuple[float, float]:
     return SIGMA_DATA**2 / (s * s + SIGMA_DATA**2), s / math.sqrt(s * s + SIGMA_DATA**2)
 
 
+def tcd_step(
+    plan: SamplingPlan, i: int, x: torch.Tensor, eps: torch.Tensor, memory: torch.Tensor | None,
+    noise: NoiseFn, eta: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TCD (Zheng et al. 2024, "Trajectory Consistency Distillation", eq. 9, strategic stochastic sampling), as
+    diffusers' ``TCDScheduler``: x̂_0 = (x - √(1-ᾱ_t)·ε)/√ᾱ_t; to s = ⌊(1-γ)·t'⌋: x_s = √ᾱ_s·x̂_0 + √(1-ᾱ_s)·ε; then,
+    but at the last step, forward to t': x' = √(ᾱ'/ᾱ_s)·x_s + √(1-ᾱ'/ᾱ_s)·z. γ is ``eta``; t' = 0 after the last step.
+    """
+    assert plan.train_sigmas is not None  # make_plan sets them for tcd
+    s_now = float(plan.sigmas[i])
+    a_now = 1 / (1 + s_now**2)
+    last = i == plan.num_steps - 1
+    t_next = 0 if last else int(plan.timesteps[i + 1])
+    t_s = int(torch.floor((1 - eta) * torch.tensor(t_next)))  # in float32, as diffusers rounds it
+    s_s = float(plan.train_sigmas[t_s])
+    a_s = 1 / (1 + s_s**2)
+    x0 = (x - math.sqrt(s_now**2 * a_now) * eps) / math.sqrt(a_now)
+    x_s = math.sqrt(a_s) * x0 + math.sqrt(s_s**2 * a_s) * eps
+    if last or eta == 0:
+        return x_s, memory
+    a_next = 1 / (1 + float(plan.sigmas[i + 1]) ** 2)
+    return math.sqrt(a_next / a_s) * x_s + math.sqrt(1 - a_next / a_s) * noise(x).to(x), memory
+
+
 def lcm_step(
     plan: SamplingPlan, i: int, x: torch.Tensor, eps: torch.Tensor, memory: torch.Tensor | None,
     noise: NoiseFn, eta: float,

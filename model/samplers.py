@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from core import rules
-from model.lcm import lcm_step, lcm_timesteps
+from model.lcm import lcm_step, lcm_timesteps, tcd_step
 from model.schedule import NoiseSchedule
 
-_VARIANCE_PRESERVING = ("ddim", "dpmpp_2m", "lcm")
+_VARIANCE_PRESERVING = ("ddim", "dpmpp_2m", "lcm", "tcd")
+_CONSISTENCY = ("lcm", "tcd")  # steps picked from the 50-step distillation schedule (model/lcm.py)
 _INTEGER_TIMESTEPS = ("ddim", "dpmpp_2m")  # diffusers rounds these samplers' timesteps to integers
 _KARRAS_RHO = 7.0
 
@@ -54,6 +55,7 @@ class SamplingPlan:
     timesteps: torch.Tensor  # [num_steps] float32, the model's time input at each step
     sigmas: torch.Tensor  # [num_steps + 1] float32, σ before each step; the last entry is σ after the last step
     init_noise_sigma: float  # txt2img start: x_T = noise · init_noise_sigma
+    train_sigmas: torch.Tensor | None = None  # TCD: σ of every training step (it steps through others)
 
     @property
     def num_steps(self) -> int:
@@ -102,7 +104,7 @@ def make_plan(
         raise ValueError(f"strength must be in [0, 1], got {strength}")
 
     train_sigmas = schedule.train_sigmas().numpy()  # float32, as diffusers interpolates them
-    if sampler == "lcm":  # LCM's own spacing (model/lcm.py), whatever the config's timestep_spacing
+    if sampler in _CONSISTENCY:  # their own spacing (model/lcm.py), whatever the config's timestep_spacing
         timesteps = lcm_timesteps(steps, schedule.num_train_timesteps)
     else:
         timesteps = _spaced_timesteps(schedule, steps, sampler)
@@ -137,6 +139,7 @@ def make_plan(
         timesteps=torch.from_numpy(timesteps[t_start:].astype(np.float32)),
         sigmas=torch.from_numpy(sigmas[t_start:]),
         init_noise_sigma=init_noise_sigma,
+        train_sigmas=schedule.train_sigmas() if sampler == "tcd" else None,
     )
 
 
@@ -263,6 +266,7 @@ STEP_FUNCTIONS: dict[str, StepFn] = {
     "euler_a": euler_ancestral_step,
     "dpmpp_2m": dpmpp_2m_step,
     "lcm": lcm_step,
+    "tcd": tcd_step,
 }
 
 

@@ -30,7 +30,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="what to draw")
     p.add_argument("-o", "--output", default=None,
                    help="output file (default out.png); with --n > 1 files are numbered: out-0.png, out-1.png, ...")
-    helps = {"seed": "image i uses seed + i (default: random)", "eta": "DDIM eta (default 0)",
+    helps = {"seed": "image i uses seed + i (default: random)", "eta": "DDIM eta, TCD gamma (default 0)",
              "n": "number of images (default 1)"}
     for side in ("width", "height"):
         helps[side] = f"default: the init image's {side}, else {_DEFAULTS[side]}"

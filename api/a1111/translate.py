@@ -52,6 +52,7 @@ SAMPLER_ALIASES: dict[Sampler, tuple[str, ...]] = {
     Sampler.euler_a: ("k_euler_a", "k_euler_ancestral"),
     Sampler.dpmpp_2m: ("k_dpmpp_2m",),
     Sampler.lcm: ("k_lcm",),
+    Sampler.tcd: ("k_tcd",),
 }
 OWN_SCHEDULE: dict[Sampler, str] = {Sampler.dpmpp_2m: "karras"}  # A1111 1.9+ `options={"scheduler": "karras"}`
 _SAMPLER_NAMES = {name.lower(): s for s in SAMPLERS for name in (SAMPLERS[s].a1111_name, *SAMPLER_ALIASES[s])}

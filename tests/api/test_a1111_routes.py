@@ -68,7 +68,7 @@ def test_samplers_schedulers_and_empty_lists_have_a1111s_shapes(client: TestClie
     samplers = client.get("/sdapi/v1/samplers").json()
     schedulers = client.get("/sdapi/v1/schedulers").json()
 
-    assert [s["name"] for s in samplers] == ["DDIM", "Euler", "Euler a", "DPM++ 2M", "LCM"]
+    assert [s["name"] for s in samplers] == ["DDIM", "Euler", "Euler a", "DPM++ 2M", "LCM", "TCD"]
     assert {s["name"]: s["options"] for s in samplers}["DPM++ 2M"] == {"scheduler": "karras"}
     assert [(s["name"], s["label"]) for s in schedulers] == [
         ("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras")]

@@ -62,4 +62,5 @@ def test_samplers_with_a1111_names_and_options(client: TestClient) -> None:
         {"name": "euler_a", "display_name": "Euler a", "karras": True, "eta": False},
         {"name": "dpmpp_2m", "display_name": "DPM++ 2M", "karras": True, "eta": False},
         {"name": "lcm", "display_name": "LCM", "karras": False, "eta": False},
+        {"name": "tcd", "display_name": "TCD", "karras": False, "eta": True},
     ]}

@@ -14,8 +14,8 @@ TINY = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 4}
     ("fields", "field", "message"),
     [
         ({"sampler": "ddim", "karras": True}, "karras", "karras sigmas apply to euler, euler_a, dpmpp_2m, not ddim"),
-        ({"sampler": "euler_a", "eta": 0.5}, "eta", "eta applies to ddim only, got eta 0.5 with euler_a"),
-        ({"eta": 0.3}, "eta", "eta applies to ddim only, got eta 0.3 with euler_a"),  # the default sampler
+        ({"sampler": "euler_a", "eta": 0.5}, "eta", "eta applies to ddim, tcd only, got eta 0.5 with euler_a"),
+        ({"eta": 0.3}, "eta", "eta applies to ddim, tcd only, got eta 0.3 with euler_a"),  # the default sampler
     ],
 )
 def test_an_option_the_sampler_does_not_take_is_a_422_naming_it(

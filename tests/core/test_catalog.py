@@ -31,5 +31,5 @@ def test_listed_options_are_the_ones_the_sampler_accepts(info: SamplerInfo) -> N
     if info.eta:
         assert run().shape == x.shape
     else:
-        with pytest.raises(ValueError, match="eta applies to ddim only"):
+        with pytest.raises(ValueError, match="eta applies to ddim, tcd only"):
             run()

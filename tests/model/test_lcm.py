@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    LCMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    TCDScheduler,
+)
 from PIL import Image
 
 from core import rules
@@ -161,4 +166,60 @@ def test_one_image_is_the_same_alone_and_in_a_batch(pipe: Pipeline) -> None:
     alone = pixels(pipe.generate([a])[0].images)  # type: ignore[union-attr]
     together = pipe.generate([b, a])
     assert np.abs(pixels(together[1].images) - alone).max() <= 1  # type: ignore[union-attr]
+
+
+
+# TCD: the LCM schedule, γ (eta) picks the intermediate step -------------------------------------------------------
+def run_tcd_diffusers(steps: int, strength: float, gamma: float) -> torch.Tensor:
+    scheduler = TCDScheduler.from_config({**SD15_SCHEDULER, "original_inference_steps": 50})
+    scheduler.set_timesteps(steps)
+    noise_fn = RowNoise(SEEDS)
+    clean = clean_latents(len(SEEDS))
+    noise = noise_fn(clean)
+    timesteps = scheduler.timesteps
+    if strength < 1:
+        t_start = rules.start_step(steps, strength)
+        timesteps = timesteps[t_start:]
+        scheduler.set_begin_index(t_start)
+        x = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(SEEDS)))
+    else:
+        x = noise * scheduler.init_noise_sigma
+    for t in timesteps:
+        eps = toy_eps(scheduler.scale_model_input(x, t), t.to(torch.float32).expand(len(SEEDS)))
+        x = scheduler.step(eps, t, x, eta=gamma, generator=noise_fn.generators).prev_sample
+    return x
+
+
+@pytest.mark.parametrize(("steps", "strength", "gamma"),
+                         [(1, 1.0, 0.3), (4, 1.0, 0.3), (6, 1.0, 0.0), (4, 1.0, 1.0), (6, 0.7, 0.3)])
+def test_tcd_loop_matches_diffusers(steps: int, strength: float, gamma: float) -> None:
+    plan = make_plan(NoiseSchedule.sd15(), "tcd", steps, strength=strength)
+    noise_fn = RowNoise(SEEDS)
+    clean = clean_latents(len(SEEDS))
+    x = initial_latents(plan, noise_fn(clean), clean if strength < 1 else None)
+    ours = sample(plan, toy_eps, x, noise=noise_fn, eta=gamma)
+    theirs = run_tcd_diffusers(steps, strength, gamma)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert ours.abs().max().item() < 10 and ours.std().item() > 0.1
+
+
+def test_tcd_gamma_is_part_of_the_batch_key() -> None:
+    a = GenerationRequest(prompt="a", sampler="tcd", steps=4, eta=0.3)
+    b = GenerationRequest(prompt="a", sampler="tcd", steps=4, eta=0.5)
+    assert a.batch_key() != b.batch_key()
+    assert a.batch_key() == GenerationRequest(prompt="b", sampler="tcd", steps=4, eta=0.3, seed=9).batch_key()
+
+
+def test_tcd_txt2img_matches_diffusers(ref: Reference, pipe: Pipeline) -> None:
+    req = GenerationRequest(prompt="a photo of a cat", width=W, height=H, steps=4, guidance_scale=1.0,
+                            sampler="tcd", eta=0.3, seed=4, n=2)
+    ours = pixels(pipe.generate([req])[0].images)  # type: ignore[union-attr]
+    sd = StableDiffusionPipeline(vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer, unet=ref.unet,
+                                 scheduler=TCDScheduler.from_config({**SD15_SCHEDULER, "original_inference_steps": 50}),
+                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    out = sd(req.prompt, num_inference_steps=4, guidance_scale=1.0, num_images_per_prompt=2, eta=0.3, height=H,
+             width=W, generator=[torch.Generator("cpu").manual_seed(4 + i) for i in range(2)], output_type="np")
+    assert np.abs(ours - np.round(out.images * 255).astype(np.int16)).max() <= 2
+    assert ours.std() > 1.0
 

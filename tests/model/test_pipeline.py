@@ -198,7 +198,7 @@ def test_long_prompt_is_reported_truncated(pipe: Pipeline) -> None:
         ({"steps": 151}, "steps must be between 1 and 150, got 151"),  # the API's limit (core.rules), not 1000
         ({"n": 9}, "n must be between 1 and 8, got 9"),
         ({"sampler": "ddim", "karras": True}, "karras sigmas apply to euler, euler_a, dpmpp_2m, not ddim"),
-        ({"eta": 0.5}, "eta applies to ddim only, got eta 0.5 with euler_a"),
+        ({"eta": 0.5}, "eta applies to ddim, tcd only, got eta 0.5 with euler_a"),
         ({"sampler": "plms"}, "unknown sampler 'plms'; valid samplers: ddim, euler, euler_a, dpmpp_2m"),
         ({"task": "img2img", "strength": 1.5, "init_image": Image.new("RGB", (W, H))},
          "strength must be between 0 and 1, got 1.5"),

@@ -268,7 +268,7 @@ def test_make_plan_rejects_bad_input(kwargs: dict[str, Any], message: str) -> No
 def test_eta_is_for_ddim_only() -> None:
     plan: SamplingPlan = make_plan(NoiseSchedule.sd15(), "euler_a", 5)
     x = initial_latents(plan, clean_latents(2))
-    with pytest.raises(ValueError, match=r"eta applies to ddim only, got eta 0.3 with euler_a"):
+    with pytest.raises(ValueError, match=r"eta applies to ddim, tcd only, got eta 0.3 with euler_a"):
         sample(plan, toy_eps, x, noise=RowNoise([1, 2]), eta=0.3)
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\], got 1.5"):
         sample(make_plan(NoiseSchedule.sd15(), "ddim", 5), toy_eps, x, noise=RowNoise([1, 2]), eta=1.5)
