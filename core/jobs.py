@@ -295,6 +295,17 @@ class JobError(BaseModel):
     message: str
 
 
+class TokenCounts(BaseModel):
+    """How the text encoder saw a job's prompts (docs/prompts.md)."""
+
+    prompt: int = Field(description="CLIP tokens of the prompt, weight syntax, BOS and EOS not counted.")
+    negative_prompt: int = Field(description="CLIP tokens of the negative prompt, counted the same way.")
+    chunks: int = Field(
+        description="75-token chunks encoded for the prompt and for the negative prompt (the shorter one is padded "
+        f"with empty chunks); at most {rules.MAX_PROMPT_CHUNKS}, past which the job's warnings say what was cut.",
+    )
+
+
 class JobPublic(BaseModel):
     """A job as clients see it (GET /v1/jobs/{id})."""
 
@@ -313,4 +324,5 @@ class JobPublic(BaseModel):
     seeds: list[int]
     images: list[ImageRecord] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    tokens: TokenCounts | None = Field(default=None, description="Succeeded jobs: the prompts' CLIP token counts.")
     error: JobError | None = None

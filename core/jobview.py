@@ -18,7 +18,7 @@ from rq.registry import CanceledJobRegistry
 from rq.results import Result
 
 from core.attempts import died_message, read_counts
-from core.jobs import ImageRecord, JobError, JobPublic, JobSpec, Priority, Progress, Status, Timings
+from core.jobs import ImageRecord, JobError, JobPublic, JobSpec, Priority, Progress, Status, Timings, TokenCounts
 from core.queue_stats import eta_seconds
 from core.queues import JOB_FUNC, PRIORITY_ORDER, Keys
 from core.storage.base import Storage
@@ -134,6 +134,8 @@ def _build(job: Job, storage: Storage, attempts: int, given_back: int, value: di
             ImageRecord.model_validate({**img, "url": storage.url(img["key"])}) for img in value.get("images", [])
         ]
         view.warnings = list(value.get("warnings", view.warnings))
+        if "tokens" in value:
+            view.tokens = TokenCounts.model_validate(value["tokens"])
         view.timings.run_seconds = value.get("timings", {}).get("run_seconds")
         view.progress = Progress(step=view.params.steps, total=view.params.steps, percent=100.0)
     elif view.status is Status.failed:

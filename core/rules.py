@@ -21,6 +21,9 @@ LCM_ORIGINAL_STEPS = 50  # the schedule LCM models were distilled on (diffusers'
 GUIDANCE_OFF = 1.0  # a guidance scale at or below this runs without classifier-free guidance (one UNet pass)
 MAX_LORAS = 8  # LoRAs of one request
 MAX_LORA_SCALE = 10.0  # |scale| of a LoRA (A1111 accepts negative weights: they push away from the LoRA)
+# 75-token chunks of a prompt (A1111 sets no limit): every row of a batch attends over the longest prompt's
+# chunks, so one very long prompt costs its batch mates time. Chunks past the limit are dropped with a warning.
+MAX_PROMPT_CHUNKS = 8
 
 
 class Sampler(str, Enum):

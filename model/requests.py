@@ -64,12 +64,25 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    """The images of one request, in seed order, and what the prompt encoder had to cut."""
+    """The images of one request, in seed order, its prompts' token counts and what the prompt encoder had to cut."""
 
     images: list[Image.Image]
     seeds: list[int]
-    prompt_truncated: bool = False
+    prompt_truncated: bool = False  # more than core.rules.MAX_PROMPT_CHUNKS chunks: the rest was dropped
     negative_prompt_truncated: bool = False
+    prompt_tokens: int = 0  # CLIP tokens of the prompt (weight syntax, BOS and EOS not counted), before any cut
+    negative_prompt_tokens: int = 0
+    prompt_chunks: int = 1  # 75-token chunks encoded for the prompt, and for the negative prompt (padded to it)
+
+    def warnings(self) -> list[str]:
+        """What the prompt encoder had to cut, in words, for the job's warnings."""
+        limit = rules.MAX_PROMPT_CHUNKS
+        return [f"{name} has {tokens} CLIP tokens, more than fit in {limit} chunks of 75: only its first {limit} "
+                "chunks were used"
+                for name, cut, tokens in (("prompt", self.prompt_truncated, self.prompt_tokens),
+                                          ("negative prompt", self.negative_prompt_truncated,
+                                           self.negative_prompt_tokens))
+                if cut]
 
 
 @dataclass

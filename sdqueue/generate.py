@@ -139,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     assert result is not None  # nothing cancels a local run
-    if result.prompt_truncated:
-        log.warning("the prompt was longer than 77 CLIP tokens and was truncated")
+    for warning in result.warnings():
+        log.warning("%s", warning)
     for path, image, image_seed in zip(output_paths(Path(args.output or "out.png"), request.n), result.images,
                                        result.seeds, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,10 @@ from tests.model.conftest import SD15_SCHEDULER_CONFIG, random_reference_modules
 from tests.model.reference import reference_scheduler
 
 CLIP_MERGES = 49152 - 256 - 2
-LONG_PROMPT = "a watercolor painting of a lighthouse on a cliff at dawn, " * 8  # over 75 tokens: cut
+_SCENE = "a watercolor painting of a lighthouse on a cliff at dawn, "  # 12 CLIP tokens, the last a comma
+LONG_PROMPT = _SCENE * 8  # 96 tokens: two chunks, cut after the comma closing token 72 (A1111's comma backtrack)
+# Prompts whose 75-token chunks are known by construction: their text per chunk, for diffusers' prompt_embeds.
+KNOWN_CHUNKS = {LONG_PROMPT: [_SCENE * 6, _SCENE * 2]}
 
 
 @functools.cache
@@ -75,10 +78,25 @@ def diffusers_pixels(folder: Path, req: GenerationRequest) -> np.ndarray:
     pipe.scheduler = reference_scheduler(req.sampler, req.karras)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.n)]
-    out = pipe(req.prompt, negative_prompt=req.negative_prompt, num_inference_steps=req.steps,
+    texts: dict[str, Any] = {"prompt": req.prompt, "negative_prompt": req.negative_prompt}
+    if req.prompt in KNOWN_CHUNKS or req.negative_prompt in KNOWN_CHUNKS:  # A1111's chunks, as diffusers embeddings
+        cond, uncond = (KNOWN_CHUNKS.get(t, [t]) for t in (req.prompt, req.negative_prompt))
+        count = max(len(cond), len(uncond))
+        texts = {"prompt_embeds": chunk_embeds(pipe, cond + [""] * (count - len(cond))),
+                 "negative_prompt_embeds": chunk_embeds(pipe, uncond + [""] * (count - len(uncond)))}
+    out = pipe(**texts, num_inference_steps=req.steps,
                guidance_scale=req.guidance_scale, num_images_per_prompt=req.n, generator=generators,
                height=req.height, width=req.width, output_type="np")
     return np.round(out.images * 255).astype(np.int16)
+
+
+def chunk_embeds(pipe: StableDiffusionPipeline, chunks: list[str]) -> torch.Tensor:
+    """[1, 77 * len(chunks), D]: each chunk's text through diffusers' tokenizer (77 ids) and text encoder, joined."""
+    ids = pipe.tokenizer(chunks, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert all((row == 49407).any() for row in ids[:, 1:])  # every chunk fits: nothing is cut
+    with torch.no_grad():
+        z = pipe.text_encoder(ids).last_hidden_state  # [chunks, 77, D]
+    return z.reshape(1, -1, z.shape[-1])
 
 
 def pixels(images: list[Image.Image]) -> np.ndarray:

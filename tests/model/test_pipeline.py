@@ -184,10 +184,11 @@ def test_strength_zero_returns_the_input_through_the_vae(ref: Reference, pipe: P
     assert np.abs(ours[0] - ours[1]).max() > 2  # each image decodes its own posterior sample
 
 
-def test_long_prompt_is_reported_truncated(pipe: Pipeline) -> None:
+def test_long_prompt_is_chunked_not_truncated(pipe: Pipeline) -> None:
     req = GenerationRequest(prompt="cat " * 100, width=W, height=H, steps=1, sampler="euler")
     result = pipe.generate([req])[0]
-    assert result is not None and result.prompt_truncated and not result.negative_prompt_truncated
+    assert result is not None and not result.prompt_truncated and not result.negative_prompt_truncated
+    assert (result.prompt_tokens, result.negative_prompt_tokens, result.prompt_chunks) == (100, 0, 2)
 
 
 @pytest.mark.parametrize(

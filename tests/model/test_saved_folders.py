@@ -54,7 +54,8 @@ def test_pipeline_matches_diffusers_on_a_saved_folder(saved: Path, sampler: str)
                             height=64, steps=5, guidance_scale=6.0, sampler=sampler, karras=sampler == "dpmpp_2m",
                             seed=21, n=2)
     result = Pipeline.load(saved, device="cpu", dtype="float32").generate([req])[0]
-    assert result is not None and result.prompt_truncated
+    assert result is not None and not result.prompt_truncated
+    assert (result.prompt_tokens, result.prompt_chunks) == (96, 2)
     ours = pixels(result.images)
     assert np.abs(ours - diffusers_pixels(saved, req)).max() <= 2
     assert ours.std() > 1.0
