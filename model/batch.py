@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from core import rules
+from model.device import to_device
 from model.lora_rows import RowAdapters
 from model.requests import GenerationRequest, StepCallback, StepEvent
 from model.samplers import SamplingPlan, StepControl
 
-# (latents [B, C, h, w] in the UNet's dtype, timesteps [B], text context [B, 77, D]) -> ε [B, 4, h, w]
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (latents [B, C, h, w] in the UNet's dtype, timesteps [B], text context [B, 77 * chunks, D], the context positions
+# each row attends to [B, 77 * chunks] bool or None = all) -> ε [B, 4, h, w]
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 Posterior = tuple[torch.Tensor, torch.Tensor | None]  # VAE posterior (mean, std) of one image, unscaled, float32;
 # std None: a deterministic encoder (TAESD), whose latents draw no noise
 
@@ -75,6 +77,7 @@ class Batch:
         uncond: torch.Tensor,
         plan: SamplingPlan,
         adapters: RowAdapters | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> None:
         self.denoiser = denoiser
         self.adapters = adapters  # per-request LoRA side paths (model.lora_rows), owned by row_request
@@ -94,8 +97,14 @@ class Batch:
         self.guidance = torch.tensor(
             [r.guidance_scale for r in requests for _ in range(r.n)], dtype=torch.float32, device=device
         )
-        self.cond = cond[self.row_request.to(cond.device)]  # [rows, 77, C]
+        # the rows with classifier-free guidance, known on the host: choosing them on the device would sync each step
+        self.guided_rows = [i for i, r in enumerate(r for r in requests for _ in range(r.n))
+                            if r.guidance_scale > rules.GUIDANCE_OFF]
+        self.guided = to_device(torch.tensor(self.guided_rows, dtype=torch.long), device)
+        self.cond = cond[self.row_request.to(cond.device)]  # [rows, 77 * chunks, C]
         self.uncond = uncond[self.row_request.to(uncond.device)]
+        # [rows, L]: a request's own text positions, when its prompts have fewer chunks than the longest (text_encoding)
+        self.context_mask = None if context_mask is None else context_mask[self.row_request.to(context_mask.device)]
 
         noise, image_latents, masks, masked_latents = [], [], [], []
         row = 0
@@ -106,11 +115,11 @@ class Batch:
                 g = self.generators[row]
                 if encoded.image is not None:
                     image_latents.append(scale * posterior_sample(g, *encoded.image))
-                noise.append(torch.randn((1, 4, h, w), generator=g, dtype=torch.float32).to(device))
+                noise.append(torch.randn((1, 4, h, w), generator=g, dtype=torch.float32))
                 if encoded.masked is not None:
                     masked_latents.append(scale * posterior_sample(g, *encoded.masked))
                 row += 1
-        self.noise0 = torch.cat(noise)  # [rows, 4, h, w]
+        self.noise0 = to_device(torch.cat(noise), device)  # [rows, 4, h, w], the whole batch in one copy
         self.image_latents = torch.cat(image_latents) if image_latents else None
         self.start_latents = self.image_latents if first.denoising_strength < 1.0 else None
         self.masks = torch.cat(masks)[self.row_request.to(device)] if masks else None  # [rows, 1, h, w]
@@ -123,17 +132,19 @@ class Batch:
         x = model_input
         if self.inpaint9:
             x = torch.cat([x, self.masks, self.masked_latents], dim=1)  # type: ignore[list-item]
-        guided = torch.nonzero(self.guidance > rules.GUIDANCE_OFF).flatten()
-        k = guided.numel()
+        guided, k = self.guided, len(self.guided_rows)
         inputs = torch.cat([x[guided], x]) if k else x
         context = torch.cat([self.uncond[guided], self.cond]) if k else self.cond
         ts = torch.cat([timesteps[guided], timesteps]) if k else timesteps
+        mask = self.context_mask
+        if mask is not None and k:
+            mask = torch.cat([mask[guided], mask])
         if self.adapters is None:
-            out = unet(inputs.to(dtype), ts, context).float()  # [k + rows, 4, h, w]
+            out = unet(inputs.to(dtype), ts, context, mask).float()  # [k + rows, 4, h, w]
         else:  # UNet row -> request, for its LoRAs: the guided rows' unconditional passes, then every row
-            owners = torch.cat([self.row_request[guided.cpu()], self.row_request]) if k else self.row_request
+            owners = torch.cat([self.row_request[self.guided_rows], self.row_request]) if k else self.row_request
             with self.adapters.rows(owners):
-                out = unet(inputs.to(dtype), ts, context).float()
+                out = unet(inputs.to(dtype), ts, context, mask).float()
         eps = out[k:].clone()
         if k:
             eps_uncond = out[:k]
@@ -145,7 +156,7 @@ class Batch:
         """Fresh noise for the sampler: row b from image b's own generator."""
         shape = (1, *like.shape[1:])
         rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.cat(rows).to(like.device)
+        return to_device(torch.cat(rows), like.device)
 
     def step_callback(self, user: StepCallback | None) -> Callable[[int, torch.Tensor], StepControl | None]:
         total = self.plan.num_steps
@@ -182,7 +193,12 @@ class Batch:
         self.row_request = self.row_request[keep]
         self.generators = [g for g, kept in zip(self.generators, keep_mask.tolist(), strict=True) if kept]
         self.guidance = self.guidance[dev]
+        kept_rows = {old: new for new, old in enumerate(keep.tolist())}
+        self.guided_rows = [kept_rows[i] for i in self.guided_rows if i in kept_rows]
+        self.guided = to_device(torch.tensor(self.guided_rows, dtype=torch.long), dev.device)
         self.cond, self.uncond, self.noise0 = self.cond[dev], self.uncond[dev], self.noise0[dev]
+        if self.context_mask is not None:
+            self.context_mask = self.context_mask[dev]
         if self.image_latents is not None:
             self.image_latents = self.image_latents[dev]
         if self.masks is not None:

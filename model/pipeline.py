@@ -2,10 +2,10 @@
 
 Stages (as in diffusers' StableDiffusionPipeline.__call__, for a heterogeneous batch):
   1. check the requests and that they can share one batch
-  2. encode prompts and negative prompts (CLIP)
+  2. encode prompts and negative prompts (CLIP; weights and 75-token chunks as A1111, ``text_encoding.py``)
   3. prepare latents: per image a CPU generator seeded ``seed + i`` (see ``noise.py``)
   4. denoise: one UNet call per step for the whole batch, classifier-free guidance per sample
-  5. decode with the VAE (in slices) and convert to PIL images
+  5. decode with the VAE (in slices, big images in tiles: ``vae_decode.py``) and convert to PIL images
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from core import rules
-from model.batch import Batch, BatchCancelled, Denoiser, EncodedInputs, InputNeeds, Posterior
+from model.batch import Batch, BatchCancelled, Denoiser, EncodedInputs, InputNeeds, Posterior, UNetFn
+from model.compile import CompileMode, compile_decode, compile_network
 from model.cpu_choice import PathChooser
 from model.cpu_pack import can_prepack, prepack
 from model.device import Precision, keep_freed_memory, resolve_device, resolve_precision
@@ -31,14 +32,16 @@ from model.requests import GenerationRequest, GenerationResult, StepCallback, Va
 from model.samplers import initial_latents, make_plan, sample
 from model.schedule import NoiseSchedule
 from model.taesd import TinyAutoencoder, load_tiny_vae
+from model.text_encoding import encode_prompts
 from model.threads import set_cpu_threads
 from model.tokenizer import ClipTokenizer
+from model.vae_decode import DecodeFn, decode_latents, slice_rows
+from model.warmup import BatchPadding
 from model.weights import Components, load_components
 
 log = logging.getLogger(__name__)
 
 PREVIEW_SIDE = 256  # longest side of a TAESD preview, as the cheap previews
-VAE_SLICE = 4  # images decoded per VAE call: bounds memory at large sizes
 TEXT_CACHE_SIZE = 256  # text embeddings kept (118 KiB each in bf16, 236 KiB in fp32)
 
 
@@ -65,6 +68,10 @@ class Pipeline:
         self.loras = LoraLibrary(components.unet, components.text_encoder, device,
                                  {"unet": precision.unet, "text": precision.text})
         self.tiny_vae: TinyAutoencoder | None = None  # TAESD (use_tiny_vae): "vae": "tiny" requests and previews
+        # what a batch without LoRAs runs (compiled by use_compile), and the full VAE's decode
+        self.fast_unet: UNetFn = components.unet
+        self.vae_decode: DecodeFn = components.vae.decode
+        self.batch_padding: BatchPadding | None = None  # set by a worker that pads batches to warmed sizes
 
     @classmethod
     def load(
@@ -75,6 +82,7 @@ class Pipeline:
         dtype: str = "auto",
         allow_pickle: bool = False,
         tiny_vae: str | Path | None = None,
+        compile_mode: CompileMode = "off",
     ) -> Pipeline:
         """Load a single-file checkpoint or diffusers folder from a local path onto ``device``, and optionally a
         tiny VAE (TAESD, ``model/taesd.py``)."""
@@ -106,7 +114,13 @@ class Pipeline:
         pipe = cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
         if tiny_vae is not None:
             pipe.use_tiny_vae(tiny_vae)
+        pipe.use_compile(compile_mode)
         return pipe
+
+    def use_compile(self, mode: CompileMode) -> None:
+        """``torch.compile`` the UNet (for batches without LoRAs) and the VAE decoder (``model/compile.py``)."""
+        self.fast_unet = compile_network(self.components.unet, mode, self.device)
+        self.vae_decode = compile_decode(self.components.vae, mode, self.device)
 
     def use_tiny_vae(self, path: str | Path) -> None:
         """Load TAESD for requests with ``vae="tiny"`` (decode, and encode for image tasks) and for previews."""
@@ -185,6 +199,8 @@ class Pipeline:
         """Run ``requests`` as one batch. A request cancelled through ``callback`` gets ``None``."""
         if not requests:
             return []
+        if self.batch_padding is not None and (padded := self.batch_padding.generate(self, requests, callback)):
+            return padded
         for r in requests:
             self.check(r)
         keys = {r.batch_key() for r in requests}
@@ -197,13 +213,13 @@ class Pipeline:
         lora = self.loras.batch(requests)
 
         # 2. text
-        tokens = self.tokenizer.tokenize([r.prompt for r in requests] + [r.negative_prompt for r in requests])
-        embeddings = self._encode_text(tokens.input_ids, lora, owners=list(range(len(requests))) * 2)
-        cond, uncond = embeddings[: len(requests)], embeddings[len(requests):]
+        text = encode_prompts(self.tokenizer, lambda ids, owners: self._encode_text(ids, lora, owners),
+                              [r.prompt for r in requests], [r.negative_prompt for r in requests])
 
         # 3. latents, per image from its own generator
         inputs = self._encode_inputs(requests, InputNeeds.of(first, self.is_inpaint))
-        batch = Batch(self._denoiser(), requests, inputs, cond, uncond, plan, lora.unet)
+        denoiser = self._denoiser(eager=lora.unet is not None)
+        batch = Batch(denoiser, requests, inputs, text.cond, text.uncond, plan, lora.unet, text.mask)
         x = initial_latents(plan, batch.noise0, batch.start_latents)
         if plan.num_steps == 0:  # strength 0: nothing to denoise, the input comes back (through the VAE)
             final = x
@@ -224,8 +240,11 @@ class Pipeline:
             results[req_index] = GenerationResult(
                 images=images[offset : offset + r.n],
                 seeds=rules.image_seeds(r.seed, r.n),
-                prompt_truncated=tokens.truncated[req_index],
-                negative_prompt_truncated=tokens.truncated[len(requests) + req_index],
+                prompt_truncated=text.prompts[req_index].truncated,
+                negative_prompt_truncated=text.negatives[req_index].truncated,
+                prompt_tokens=text.prompts[req_index].num_tokens,
+                negative_prompt_tokens=text.negatives[req_index].num_tokens,
+                prompt_chunks=text.chunks[req_index],
             )
             offset += r.n
         return results
@@ -256,9 +275,11 @@ class Pipeline:
             self._text_cache.popitem(last=False)
         return out
 
-    def _denoiser(self) -> Denoiser:
+    def _denoiser(self, eager: bool = False) -> Denoiser:
+        """``eager``: the module itself, whose LoRA side paths change per batch; else the compiled one, if any."""
         c = self.components
-        return Denoiser(c.unet, self.precision.unet, self.device, c.is_inpaint, c.scaling_factor, self.latent_scale)
+        unet = c.unet if eager else self.fast_unet
+        return Denoiser(unet, self.precision.unet, self.device, c.is_inpaint, c.scaling_factor, self.latent_scale)
 
     def _encode_inputs(self, requests: Sequence[GenerationRequest], needs: InputNeeds) -> list[EncodedInputs]:
         """What each request's rows start from: its image's posteriors and its mask at latent size."""
@@ -306,14 +327,16 @@ class Pipeline:
         images: list[Image.Image | None] = [None] * latents.shape[0]
         for choice in dict.fromkeys(choices):
             rows = [i for i, c in enumerate(choices) if c == choice]
-            for start in range(0, len(rows), VAE_SLICE):
-                part = rows[start : start + VAE_SLICE]
+            step = slice_rows(latents.shape[-2] * self.latent_scale, latents.shape[-1] * self.latent_scale)
+            for start in range(0, len(rows), step):
+                part = rows[start : start + step]
                 if choice == "tiny":
                     assert self.tiny_vae is not None  # TAESD takes UNet latents (diffusers: its scaling_factor 1)
                     decoded = self.tiny_vae.decode(latents[part].to(self.device, self.precision.vae))
                 else:
                     chunk = latents[part] / self.components.scaling_factor
-                    decoded = self.components.vae.decode(chunk.to(self.device, self.precision.vae))
+                    decoded = decode_latents(self.vae_decode, chunk.to(self.device, self.precision.vae),
+                                             self.latent_scale)
                 for row, image in zip(part, tensor_to_images(decoded), strict=True):
                     images[row] = image
         return [image for image in images if image is not None]

@@ -62,7 +62,7 @@ def load_resident(settings: Settings) -> Resident:
             started = time.monotonic()
             pipe = Pipeline.load(
                 settings.checkpoint, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
-                tiny_vae=settings.tiny_vae,
+                tiny_vae=settings.tiny_vae, compile_mode=settings.compile,
             )
             pipe.loras.configure(settings.lora_dir, settings.lora_cache_mb * 2**20)
             seconds = time.monotonic() - started
@@ -85,15 +85,12 @@ def build_result(
     pipeline_seconds: float,
 ) -> dict[str, Any]:
     """Write the images and return the job's RQ result, as the service contract defines it."""
-    warnings = []
-    if result.prompt_truncated:
-        warnings.append("prompt truncated to 77 CLIP tokens")
-    if result.negative_prompt_truncated:
-        warnings.append("negative prompt truncated to 77 CLIP tokens")
     records = store_images(storage, spec, result.images, result.seeds, model)
     return {
         "images": records,
-        "warnings": warnings,
+        "warnings": result.warnings(),
+        "tokens": {"prompt": result.prompt_tokens, "negative_prompt": result.negative_prompt_tokens,
+                   "chunks": result.prompt_chunks},
         "timings": {"run_seconds": round(run_seconds, 4), "pipeline_seconds": round(pipeline_seconds, 4)},
     }
 
