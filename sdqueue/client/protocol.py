@@ -63,6 +63,8 @@ class GenerateOptions(TypedDict, total=False):
     output_quality: int
     webhook: str | None
     webhook_events_filter: list[Literal["start", "progress", "completed"]]
+    loras: list[dict[str, Any]]  # [{"name": a name from GET /v1/loras, "scale": 0.8}]
+    vae: Literal["full", "tiny"]
 
 
 class Img2ImgOptions(GenerateOptions, total=False):
