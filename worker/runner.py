@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import sys
@@ -187,8 +188,9 @@ class BatchRunner:
             with self._deadline(items):
                 if self.self_check_pending:
                     self.self_check_pending = False
-                    log.info("first batch: run once for the CPU self-check, then again for its results")
-                    self.pipe.generate([item.request for item in items])
+                    # One step at full strength: the same networks and shapes (rows, size, guidance), at a step's cost.
+                    log.info("first batch: one step for the CPU self-check, then the batch for its results")
+                    self.pipe.generate([dataclasses.replace(item.request, steps=1, strength=1.0) for item in items])
                 results = self.pipe.generate([item.request for item in items], callback=reporter)
         except JobTimeoutException:
             exc_info = current_exc_info()

@@ -29,7 +29,8 @@ from tests.redis_server import RedisServer, free_port
 from tests.sdqueue import live
 
 QUICK = ["--width", "64", "--height", "64", "--steps", "8", "--sampler", "euler"]
-SLOW = ["--width", "256", "--height", "256", "--steps", "150", "--n", "2", "--sampler", "euler"]
+# Long enough to be interrupted mid-run on a fast machine (each test cancels it).
+SLOW = ["--width", "384", "--height", "384", "--steps", "150", "--n", "2", "--sampler", "euler"]
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but tab and newline: \r, escape sequences, ...
 
 
@@ -62,6 +63,16 @@ def wait_for_text(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeou
         assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{log.read_text(errors='replace')}"
         time.sleep(0.1)
     return found
+
+
+def wait_running(url: str, job_id: str, timeout: float = 60) -> None:
+    """Until the API shows the job running: the plain progress lines come every few seconds, so the log alone
+    cannot tell that the job is still mid-run."""
+    deadline = time.monotonic() + timeout
+    with Client(url) as client:
+        while client.get(job_id).status is not Status.running:
+            assert time.monotonic() < deadline, f"job {job_id} not running within {timeout} s"
+            time.sleep(0.1)
 
 
 def test_submit_writes_the_images_and_shows_progress_without_control_characters(
@@ -121,7 +132,7 @@ def test_ctrl_c_with_cancel_on_interrupt_cancels_the_job(running: Service, tmp_p
     proc = start_submit("an interrupted cat", "--server", running.url, *SLOW, "--cancel-on-interrupt", cwd=tmp_path,
                         log=log)
     job_id = wait_for_text(log, r"job ([0-9a-f]{32}) queued", proc).group(1)
-    wait_for_text(log, r"steps: ", proc)  # running
+    wait_running(running.url, job_id)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 130
     with Client(running.url) as client:
@@ -133,7 +144,7 @@ def test_ctrl_c_without_a_terminal_to_ask_leaves_the_job_running(running: Servic
     log = tmp_path / "submit.log"
     proc = start_submit("a cat left alone", "--server", running.url, *SLOW, cwd=tmp_path, log=log)
     job_id = wait_for_text(log, r"job ([0-9a-f]{32}) queued", proc).group(1)
-    wait_for_text(log, r"steps: ", proc)
+    wait_running(running.url, job_id)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 130
     text = log.read_text()
@@ -176,6 +187,7 @@ def test_ctrl_c_on_a_terminal_asks_and_a_yes_cancels_the_job(running: Service, t
     try:
         job_id = read_until(r"job ([0-9a-f]{32}) queued").group(1)
         read_until(r"\r.*steps: +[0-9]+%")  # tqdm redrawing its line
+        wait_running(running.url, job_id)
         proc.send_signal(signal.SIGINT)
         read_until(rf"cancel job {job_id}\? \[y/N\]")
         os.write(master, b"y\n")
