@@ -10,6 +10,7 @@ Stages (as in diffusers' StableDiffusionPipeline.__call__, for a heterogeneous b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -28,6 +29,8 @@ from model.cpu_pack import can_prepack, prepack
 from model.device import Precision, keep_freed_memory, resolve_device, resolve_precision
 from model.images import image_to_tensor, latents_to_preview, mask_to_tensor, tensor_to_images
 from model.lora_rows import NO_LORA, LoraBatch, LoraLibrary
+from model.open_clip import pad_token_for
+from model.prediction import PredictionChoice, choose_prediction_type
 from model.requests import GenerationRequest, GenerationResult, StepCallback, VaeChoice
 from model.samplers import initial_latents, make_plan, sample
 from model.schedule import NoiseSchedule
@@ -83,9 +86,11 @@ class Pipeline:
         allow_pickle: bool = False,
         tiny_vae: str | Path | None = None,
         compile_mode: CompileMode = "off",
+        prediction_type: PredictionChoice = "auto",
     ) -> Pipeline:
         """Load a single-file checkpoint or diffusers folder from a local path onto ``device``, and optionally a
-        tiny VAE (TAESD, ``model/taesd.py``)."""
+        tiny VAE (TAESD, ``model/taesd.py``). ``prediction_type`` "auto": the folder's scheduler config, or for a
+        single file the rule of ``model/prediction.py``; "epsilon" / "v_prediction" overrule both."""
         dev = resolve_device(device)
         precision = resolve_precision(dev, dtype)
         components = load_components(
@@ -99,7 +104,7 @@ class Pipeline:
         if components.tokenizer_dir is not None:
             tokenizer = ClipTokenizer.from_folder(components.tokenizer_dir)
         else:
-            tokenizer = ClipTokenizer.bundled()
+            tokenizer = ClipTokenizer.bundled(pad_token_for(components.text_encoder.config))
         positions = components.text_encoder.config.max_position_embeddings
         if tokenizer.max_length > positions:
             raise ValueError(f"the tokenizer's model_max_length ({tokenizer.max_length}) exceeds the text encoder's "
@@ -108,6 +113,7 @@ class Pipeline:
             schedule = NoiseSchedule.from_diffusers_config(components.scheduler_config)
         else:
             schedule = NoiseSchedule.sd15()
+        schedule = dataclasses.replace(schedule, prediction_type=choose_prediction_type(components, prediction_type))
         if dev.type == "cpu":
             _tune_for_cpu(components, precision)
         log.info("loaded %s on %s (unet %s, vae %s)", checkpoint, dev, precision.unet, precision.vae)

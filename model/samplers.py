@@ -1,5 +1,5 @@
-"""Samplers for ε-prediction models: DDIM (η), Euler, Euler ancestral, DPM++ 2M, with optional Karras sigmas,
-and LCM (its step and spacing in ``model/lcm.py``, matching diffusers' ``LCMScheduler``).
+"""Samplers for ε- and v-prediction models: DDIM (η), Euler, Euler ancestral, DPM++ 2M, with optional Karras
+sigmas, and LCM and TCD (their steps and spacing in ``model/lcm.py``, matching diffusers' ``LCMScheduler``).
 
 Each sampler is one step function with one signature; ``sample`` owns the loop (model call, callback,
 dropping cancelled rows). The numbers match diffusers' ``DDIMScheduler``, ``EulerDiscreteScheduler``,
@@ -9,6 +9,9 @@ with the same schedule config.
 Noise levels are kept as σ = √((1-ᾱ)/ᾱ). Euler and Euler a loop over x = x_0 + σ·ε (k-diffusion's form);
 DDIM and DPM++ 2M loop over x = √ᾱ·x_0 + √(1-ᾱ)·ε with ᾱ = 1/(1+σ²) (diffusers' form for them), so the
 latents seen by callbacks and ``add_noise`` are the ones diffusers has at the same step.
+
+Every step function takes ε. A v-prediction model's output is turned into ε in ``sample``, once for all samplers
+(``SamplingPlan.eps_from_v``), after classifier-free guidance, which is linear and so the same on v as on ε.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ _CONSISTENCY = ("lcm", "tcd")  # steps picked from the 50-step distillation sche
 _INTEGER_TIMESTEPS = ("ddim", "dpmpp_2m")  # diffusers rounds these samplers' timesteps to integers
 _KARRAS_RHO = 7.0
 
-# (model_input [B,4,h,w] scaled as the sampler requires, timesteps [B] float32) -> predicted noise ε [B,4,h,w]
+# (model_input [B,4,h,w] scaled as the sampler requires, timesteps [B] float32) -> the model's prediction [B,4,h,w]:
+# the noise ε, or v for a plan whose prediction_type is "v_prediction"
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Standard normal noise shaped like its argument; row b drawn from sample b's own generator.
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -56,6 +60,7 @@ class SamplingPlan:
     sigmas: torch.Tensor  # [num_steps + 1] float32, σ before each step; the last entry is σ after the last step
     init_noise_sigma: float  # txt2img start: x_T = noise · init_noise_sigma
     train_sigmas: torch.Tensor | None = None  # TCD: σ of every training step (it steps through others)
+    prediction_type: str = "epsilon"  # what the model outputs: "epsilon" or "v_prediction" (model.schedule)
 
     @property
     def num_steps(self) -> int:
@@ -80,6 +85,16 @@ class SamplingPlan:
             return clean + sigma * noise
         alpha = 1 / math.sqrt(1 + sigma * sigma)
         return alpha * clean + (sigma * alpha) * noise
+
+    def eps_from_v(self, v: torch.Tensor, model_input: torch.Tensor, step: int) -> torch.Tensor:
+        """ε = √ᾱ·v + √(1-ᾱ)·x_t (Salimans & Ho 2022, v = √ᾱ·ε - √(1-ᾱ)·x_0), ᾱ = 1/(1+σ²).
+
+        ``model_input`` is x_t in both loop forms: x/√(σ²+1) of x = x_0 + σ·ε is √ᾱ·x_0 + √(1-ᾱ)·ε. For Euler this
+        is diffusers' x̂_0 = -σ/√(σ²+1)·v + x/(σ²+1) written as ε = (x - x̂_0)/σ.
+        """
+        sigma = float(self.sigmas[step])
+        alpha = 1 / math.sqrt(1 + sigma * sigma)  # √ᾱ
+        return alpha * v + (sigma * alpha) * model_input
 
     def model_input(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Scale the latents to unit variance for the model: x/√(σ²+1) in the x_0 + σ·ε form."""
@@ -140,6 +155,7 @@ def make_plan(
         sigmas=torch.from_numpy(sigmas[t_start:]),
         init_noise_sigma=init_noise_sigma,
         train_sigmas=schedule.train_sigmas() if sampler == "tcd" else None,
+        prediction_type=schedule.prediction_type,
     )
 
 
@@ -172,7 +188,10 @@ def sample(
         if x.shape[0] == 0:  # every sample was cancelled
             break
         t = torch.full((x.shape[0],), float(plan.timesteps[i]), dtype=torch.float32, device=x.device)
-        eps = eps_model(plan.model_input(x, i), t).to(torch.float32)
+        model_input = plan.model_input(x, i)
+        eps = eps_model(model_input, t).to(torch.float32)
+        if plan.prediction_type == "v_prediction":
+            eps = plan.eps_from_v(eps, model_input, i)
         x, memory = step_fn(plan, i, x, eps, memory, noise, eta)
         if callback is not None and (control := callback(i, x)) is not None:
             if control.keep is not None:

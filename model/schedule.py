@@ -1,4 +1,5 @@
-"""The training noise schedule of an SD 1.x model: ᾱ_t for t = 0..T-1 and how inference steps are spaced."""
+"""The training noise schedule of an SD model: ᾱ_t for t = 0..T-1, how inference steps are spaced, and what the
+model predicts (ε, or v = √ᾱ·ε - √(1-ᾱ)·x_0 for SD 2.x 768-v models)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear")
 
 # Scheduler-config switches whose non-default values change the maths in ways the samplers do not implement.
@@ -28,10 +30,10 @@ class NoiseSchedule:
     prediction_type: str = "epsilon"
 
     def __post_init__(self) -> None:
-        if self.prediction_type == "v_prediction":
-            raise ValueError("v-prediction models (SD 2.x 768) are not supported yet")
-        if self.prediction_type != "epsilon":
-            raise ValueError(f"prediction_type must be 'epsilon', got {self.prediction_type!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}"
+            )
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(
                 f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {self.timestep_spacing!r}"

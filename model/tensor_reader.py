@@ -15,6 +15,7 @@ import os
 import pickle
 import struct
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,35 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Part of a stored tensor, as a network needs it: rows [start, stop) of its first dimension (a fused q/k/v
+    projection), then transposed when asked (a matrix stored for ``x @ w``)."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+    transpose: bool = False
+
+    def shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        shape = list(stored)
+        if self.rows is not None:
+            shape[0] = len(range(shape[0])[self.rows[0] : self.rows[1]])
+        return tuple(reversed(shape)) if self.transpose else tuple(shape)
+
+    def cut(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            tensor = tensor[self.rows[0] : self.rows[1]]
+        return (tensor.T if self.transpose else tensor).contiguous()  # a copy: the whole tensor is not kept
+
+
+# Where a network's tensor comes from: a stored tensor by name, or a slice of one.
+Source = str | TensorSlice
+
+
+def source_name(source: Source) -> str:
+    return source if isinstance(source, str) else source.name
 
 
 class _SafetensorsFile:
@@ -104,8 +134,17 @@ class TensorReader:
         self._loaded: dict[str, torch.Tensor] = {}  # pickles: memory-mapped by torch.load
         self._staging = _Staging()
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Tensor ``name`` on the CPU; floating-point tensors converted to ``dtype`` when it is given."""
+    def shape(self, source: Source) -> tuple[int, ...]:
+        """The shape of ``source`` (a stored tensor, or the slice of one that ``get`` gives)."""
+        if isinstance(source, TensorSlice):
+            return source.shape(self.shapes[source.name])
+        return self.shapes[source]
+
+    def get(self, source: Source, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``source`` on the CPU; floating-point tensors converted to ``dtype`` when it is given."""
+        if isinstance(source, TensorSlice):
+            return source.cut(self.get(source.name, dtype))
+        name = source
         if name in self._files:
             return self._files[name].read(name, self._staging, dtype)
         tensor = self._loaded[name]

@@ -90,9 +90,10 @@ class ClipTokenizer:
 
     @classmethod
     @functools.cache
-    def bundled(cls) -> ClipTokenizer:
-        """The CLIP vocabulary shipped in the ``open_clip_torch`` wheel (loaded once, then shared)."""
-        return cls.from_vocabulary(*_vocab_from_merges(_read_bundled_merges()))
+    def bundled(cls, pad_token: str = EOS_TOKEN) -> ClipTokenizer:
+        """The CLIP vocabulary shipped in the ``open_clip_torch`` wheel (loaded once per pad token, then shared).
+        SD 1.x pads with ``<|endoftext|>``, SD 2.x with ``!`` (id 0; ``model.open_clip.pad_token_for``)."""
+        return cls.from_vocabulary(*_vocab_from_merges(_read_bundled_merges()), pad_token=pad_token)
 
     @classmethod
     def from_folder(cls, path: Path) -> ClipTokenizer:

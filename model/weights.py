@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from model import diffusers_format, single_file
+from model import diffusers_format, open_clip, single_file
 from model.clip_config import clip_text_config, state_dict_prefix
 from model.single_file import (
     HEADS_METADATA_KEY,
@@ -32,7 +32,7 @@ from model.single_file import (
     VAE_PREFIX,
     CheckpointError,
 )
-from model.tensor_reader import TensorReader
+from model.tensor_reader import Source, TensorReader, source_name
 from model.unet import UNetConfig, UNetModel
 from model.vae import AutoencoderKL, VAEConfig
 
@@ -65,7 +65,7 @@ class _Part:
     label: str
     module: nn.Module
     reader: TensorReader
-    sources: dict[str, str]  # module key -> checkpoint key
+    sources: Mapping[str, Source]  # module key -> checkpoint key (or a slice of that tensor)
     unexpected: list[str]  # checkpoint keys of this network that no module key takes
     checkpoint_name: Callable[[str], str]  # module key -> the name the checkpoint should have used
 
@@ -82,11 +82,11 @@ def _check(parts: list[_Part], stray: list[str], source: Path) -> None:
     for part in parts:
         expected = {k: tuple(v.shape) for k, v in part.module.state_dict().items()}
         missing += [part.checkpoint_name(k) for k in expected if k not in part.sources]
-        unexpected += part.unexpected + [src for k, src in part.sources.items() if k not in expected]
+        unexpected += part.unexpected + [source_name(src) for k, src in part.sources.items() if k not in expected]
         for key, src in part.sources.items():
-            have = part.reader.shapes[src]
+            have = part.reader.shape(src)
             if key in expected and not _fits(have, expected[key]):
-                wrong.append(f"{src}: checkpoint {list(have)}, network {list(expected[key])}")
+                wrong.append(f"{source_name(src)}: checkpoint {list(have)}, network {list(expected[key])}")
     if missing or unexpected or wrong:
         sections = [_listing(title, items) for title, items in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
@@ -130,19 +130,29 @@ def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list
     unet_shapes, vae_shapes, text_shapes = ({k: reader.shapes[v] for k, v in g.items()}
                                             for g in (groups.unet, groups.vae, groups.text))
     heads = json.loads(reader.metadata.get(HEADS_METADATA_KEY, "{}"))
+    # SD 2.x: an OpenCLIP text encoder, of which the last layer goes unused (model/open_clip.py)
+    sd2 = open_clip.has_open_clip(reader.shapes, open_clip.SD2_PREFIX) and not groups.text
     unet, vae, text = _build(
         single_file.infer_unet_config(unet_shapes, heads),
         single_file.infer_vae_config(vae_shapes),
-        single_file.infer_clip_config(text_shapes, heads),
+        open_clip.config_from_open_clip(reader.shapes, open_clip.SD2_PREFIX, -1, heads.get("text_num_attention_heads"))
+        if sd2 else single_file.infer_clip_config(text_shapes, heads),
     )
     text_prefix = state_dict_prefix(text)
+    text_part = _Part("text_encoder", text, reader, {text_prefix + k: v for k, v in groups.text.items()}, [],
+                      lambda k: TEXT_MODEL_PREFIX + k.removeprefix(text_prefix))
+    stray = groups.stray
+    if sd2:
+        found = open_clip.open_clip_sources(reader.shapes, open_clip.SD2_PREFIX, text)
+        text_part = _Part("text_encoder", text, reader, found.sources, found.unexpected,
+                          partial(open_clip.checkpoint_name, prefix=open_clip.SD2_PREFIX, model=text))
+        stray = [name for name in stray if not name.startswith(open_clip.SD2_PREFIX)]
     parts = [
         _Part("unet", unet, reader, groups.unet, [], lambda k: UNET_PREFIX + k),
         _Part("vae", vae, reader, groups.vae, [], lambda k: VAE_PREFIX + k),
-        _Part("text_encoder", text, reader, {text_prefix + k: v for k, v in groups.text.items()}, [],
-              lambda k: TEXT_MODEL_PREFIX + k.removeprefix(text_prefix)),
+        text_part,
     ]
-    return parts, groups.stray, {"scaling_factor": SD1_SCALING_FACTOR, "tokenizer_dir": None, "scheduler_config": None}
+    return parts, stray, {"scaling_factor": SD1_SCALING_FACTOR, "tokenizer_dir": None, "scheduler_config": None}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -235,11 +245,15 @@ def load_components(
 
 
 def _save(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Path:
+    """The original layout; an OpenCLIP (GELU) text encoder as SD 2.x holds it, with its unused last layer."""
     text_prefix = state_dict_prefix(text_encoder)
     tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     tensors |= {VAE_PREFIX + k: v for k, v in vae.state_dict().items()}
-    tensors |= {TEXT_MODEL_PREFIX + k.removeprefix(text_prefix): v
-                for k, v in text_encoder.state_dict().items()}
+    if open_clip.uses_open_clip(text_encoder.config):
+        tensors |= open_clip.to_open_clip(text_encoder, open_clip.SD2_PREFIX, unused_layers=1)
+    else:
+        tensors |= {TEXT_MODEL_PREFIX + k.removeprefix(text_prefix): v
+                    for k, v in text_encoder.state_dict().items()}
     heads = {"unet_num_heads": unet.config.num_heads, "unet_num_head_channels": unet.config.num_head_channels,
              "text_num_attention_heads": text_encoder.config.num_attention_heads}
     path.parent.mkdir(parents=True, exist_ok=True)

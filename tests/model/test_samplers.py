@@ -320,8 +320,7 @@ def test_schedule_honours_config_values() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"prediction_type": "v_prediction"}, r"v-prediction models \(SD 2.x 768\) are not supported yet"),
-        ({"prediction_type": "sample"}, r"prediction_type must be 'epsilon', got 'sample'"),
+        ({"prediction_type": "sample"}, r"prediction_type must be one of epsilon, v_prediction, got 'sample'"),
         ({"beta_schedule": "squaredcos_cap_v2"}, r"beta_schedule must be one of linear, scaled_linear, got 'squa"),
         ({"timestep_spacing": "even"}, r"timestep_spacing must be one of leading, trailing, linspace, got 'even'"),
         ({"trained_betas": [0.1, 0.2]}, r"trained_betas must hold num_train_timesteps=1000 values, got shape \[2\]"),
