@@ -60,6 +60,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    default=os.environ.get("SDQ_DTYPE", "auto"))
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=os.environ.get("SDQ_DEVICE", "auto"))
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickles (loaded with weights_only)")
+    p.add_argument("--prediction-type", choices=("auto", "epsilon", "v_prediction"),
+                   default=os.environ.get("SDQ_PREDICTION_TYPE", "auto"),
+                   help="what the UNet predicts; auto: the folder's scheduler config, or for a single SD 2.x file a "
+                   "probe of the UNet (default: $SDQ_PREDICTION_TYPE or auto)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="apply a LoRA .safetensors file (kohya / A1111 or diffusers), scale default 1; repeatable")
     p.add_argument("--lora-dir", type=Path, default=os.environ.get("SDQ_LORA_DIR"),
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         pipe = Pipeline.load(args.checkpoint, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                             tiny_vae=args.tiny_vae)
+                             tiny_vae=args.tiny_vae, prediction_type=args.prediction_type)
         pipe.loras.configure(args.lora_dir, pipe.loras.max_bytes)
         pipe.check(request)
     except (ValueError, OSError) as exc:

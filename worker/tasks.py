@@ -62,7 +62,7 @@ def load_resident(settings: Settings) -> Resident:
             started = time.monotonic()
             pipe = Pipeline.load(
                 settings.checkpoint, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
-                tiny_vae=settings.tiny_vae, compile_mode=settings.compile,
+                tiny_vae=settings.tiny_vae, compile_mode=settings.compile, prediction_type=settings.prediction_type,
             )
             pipe.loras.configure(settings.lora_dir, settings.lora_cache_mb * 2**20)
             seconds = time.monotonic() - started
