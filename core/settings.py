@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     allow_pickle: bool = Field(False, description="Allow .ckpt pickles (loaded with weights_only=True).")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="What the UNet predicts. auto: a diffusers folder's scheduler config; for a single file, "
-        "epsilon for SD 1.x, and for SD 2.x one UNet call on a fixed input decides (as AUTOMATIC1111).",
+        "epsilon for SD 1.x, and for SD 2.x one UNet call on seeded noise decides.",
     )
     lora_dir: Path | None = Field(
         None, description="Folder of LoRA .safetensors files (kohya / A1111 or diffusers / PEFT); a request names "

@@ -3,15 +3,22 @@
 A diffusers folder says it: ``prediction_type`` in ``scheduler/scheduler_config.json``. A single file does not.
 The rule for those (``SDQ_PREDICTION_TYPE=auto``):
 
-- an SD 1.x text encoder (OpenAI CLIP): ε, without running anything; no v-prediction SD 1.x models exist;
-- an OpenCLIP text encoder (SD 2.x): the UNet runs once on a fixed input, as AUTOMATIC1111 decides it: latents of
-  0.5 everywhere at the noisiest timestep (999), a constant text context. At that noise level x_t is almost pure
-  noise, so an ε model gives back roughly its input, while a v model predicts v = √ᾱ·ε - √(1-ᾱ)·x_0 ≈ -x̂_0,
-  which does not follow the input. v when the mean of (output - input) is below -1.
+- an SD 1.x text encoder (OpenAI CLIP): ε, without running anything; SD 1.x was trained for ε only;
+- an OpenCLIP text encoder (SD 2.x, whose 512 models predict ε and 768 ones v): the UNet runs once, as
+  AUTOMATIC1111 decides it, and its output tells. Unlike AUTOMATIC1111's probe (latents of 0.5 everywhere, an
+  empirical threshold on mean(output - input)), ours gives the UNet what it was trained on: seeded standard-normal
+  latents at the noisiest timestep, and the empty prompt's text context.
 
-The threshold is AUTOMATIC1111's, an empirical one from trained SD 2.x checkpoints (SD 2.0 / 2.1 512-base: ε, 768-v:
-v). It says nothing about random or untrained weights, and a fine-tune far from its base could fool it. Set
-``SDQ_PREDICTION_TYPE`` (``epsilon`` or ``v_prediction``) to overrule it, and for a folder's config too.
+Why it separates the two: at t = 999, ᾱ ≈ 0.0047 for SD's schedule (a = √ᾱ ≈ 0.068, b = √(1-ᾱ) ≈ 0.998), so
+x_t = a·x_0 + b·ε is almost ε. The statistic is the least-squares slope of the output on the input. For data of
+mean μ and variance s² (s ≈ 1 for SD's scaled latents) the best predictions are affine in x_t, with slopes
+b/(a²s² + b²) ≈ 1 for ε and a·b·(1 - s²)/(a²s² + b²) ≈ 0.068·(1 - s²) for v = a·ε - b·x_0 (its x_t-parts cancel),
+whatever μ. ε when the slope is above ``EPSILON_SLOPE`` = 0.5: for every s up to ~14, while a v model's slope stays
+below 0.07.
+
+Limits: the argument holds for a trained model; random or untrained weights give an arbitrary answer, and a
+fine-tune far from its base could in principle fool it. Not verified here on published SD 2.x weights. Set
+``SDQ_PREDICTION_TYPE`` (``epsilon`` or ``v_prediction``) to overrule the rule, and a folder's config too.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from model.clip_config import BOS_TOKEN_ID, EOS_TOKEN_ID
 from model.open_clip import uses_open_clip
 from model.schedule import PREDICTION_TYPES
 from model.weights import Components
@@ -31,34 +39,35 @@ log = logging.getLogger(__name__)
 PredictionChoice = Literal["auto", "epsilon", "v_prediction"]
 PREDICTION_CHOICES = ("auto", *PREDICTION_TYPES)
 
-PROBE_TIMESTEP = 999.0  # the noisiest training step
-PROBE_VALUE = 0.5  # every latent and context value of the probe
-PROBE_SIDE = 8  # latent side: 64 image pixels, divisible by 2 for every downsampling of SD's 4 levels
-PROBE_TOKENS = 2
-V_THRESHOLD = -1.0  # mean(output - input) below it: v
+PROBE_TIMESTEP = 999.0  # the noisiest step of SD's 1000 training steps
+PROBE_SIDE = 16  # latent side (128 image pixels): 1024 values; divisible by the 8 of SD's 4 levels
+PROBE_SEED = 0
+EPSILON_SLOPE = 0.5  # slope of output on input above it: ε
 
-# (latents [1, 4, h, w], timesteps [1], context [1, tokens, D], context mask None) -> prediction [1, 4, h, w]
+# (latents [1, C, h, w], timesteps [1], context [1, L, D], context mask None) -> prediction [1, 4, h, w]
 ProbeUNet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, None], torch.Tensor]
 
 
 @torch.inference_mode()
-def probe_statistic(unet: ProbeUNet, in_channels: int, context_dim: int, device: torch.device,
-                    dtype: torch.dtype) -> float:
-    """mean(UNet(x, 999, c) - x) on the probe input (x = c = 0.5 everywhere); input channels past the first 4
-    (an inpainting UNet's mask and masked image) are 0.5 too."""
-    x = torch.full((1, in_channels, PROBE_SIDE, PROBE_SIDE), PROBE_VALUE, device=device, dtype=dtype)
-    t = torch.full((1,), PROBE_TIMESTEP, device=device)
-    context = torch.full((1, PROBE_TOKENS, context_dim), PROBE_VALUE, device=device, dtype=dtype)
-    out = unet(x, t, context, None).float()
-    return float((out - x[:, : out.shape[1]].float()).mean())
+def probe_slope(unet: ProbeUNet, in_channels: int, context: torch.Tensor) -> float:
+    """Least-squares slope of UNet(x, 999, context) on x, for seeded standard-normal latents x (CPU generator).
+    Input channels past the first 4 (an inpainting UNet's mask and masked image) are zero."""
+    noise = torch.randn((1, 4, PROBE_SIDE, PROBE_SIDE), generator=torch.Generator("cpu").manual_seed(PROBE_SEED))
+    extra = torch.zeros((1, in_channels - 4, PROBE_SIDE, PROBE_SIDE))
+    x = torch.cat([noise, extra], dim=1).to(context)
+    t = torch.full((1,), PROBE_TIMESTEP, device=context.device)
+    out = unet(x, t, context, None).float().flatten().cpu()
+    centred = noise.flatten() - noise.mean()
+    return float(((out - out.mean()) * centred).sum() / (centred * centred).sum())
 
 
-def looks_like_v_prediction(unet: ProbeUNet, in_channels: int, context_dim: int, device: torch.device,
-                            dtype: torch.dtype) -> bool:
+def looks_like_v_prediction(unet: ProbeUNet, in_channels: int, context: torch.Tensor) -> bool:
     """The probe of the module docstring: True when the UNet's output looks like v rather than ε."""
-    statistic = probe_statistic(unet, in_channels, context_dim, device, dtype)
-    verdict = statistic < V_THRESHOLD
-    log.info("prediction probe: mean(output - input) = %.3f at t=999: %s", statistic,
+    slope = probe_slope(unet, in_channels, context)
+    if slope != slope:  # NaN: a broken network; ε, the default, and SDQ_PREDICTION_TYPE can say otherwise
+        log.warning("prediction probe: the UNet's output is not finite; taking epsilon")
+    verdict = slope < EPSILON_SLOPE
+    log.info("prediction probe: slope of output on input at t=999: %.3f: %s", slope,
              "v-prediction" if verdict else "epsilon")
     return verdict
 
@@ -79,16 +88,26 @@ def resolve_prediction_type(
     return "v_prediction" if probe() else "epsilon"
 
 
+def empty_prompt_context(components: Components) -> torch.Tensor:
+    """[1, positions, D]: the text encoder's output for the empty prompt, BOS, EOS, then OpenCLIP's pad id 0."""
+    encoder = components.text_encoder
+    positions = int(encoder.config.max_position_embeddings)
+    ids = torch.zeros((1, positions), dtype=torch.long)
+    ids[0, :2] = torch.tensor([BOS_TOKEN_ID, EOS_TOKEN_ID])
+    device = next(encoder.parameters()).device
+    with torch.inference_mode():
+        context: torch.Tensor = encoder(input_ids=ids.to(device)).last_hidden_state
+    return context.to(next(components.unet.parameters()))  # the UNet's device and dtype
+
+
 def choose_prediction_type(components: Components, choice: str) -> str:
     """``resolve_prediction_type`` for loaded components, probing their UNet where the rule needs it."""
     unet = components.unet
-    param = next(unet.parameters())
 
     def probe() -> bool:
-        return looks_like_v_prediction(unet, unet.config.in_channels, unet.config.context_dim, param.device,
-                                       param.dtype)
+        return looks_like_v_prediction(unet, unet.config.in_channels, empty_prompt_context(components))
 
     chosen = resolve_prediction_type(choice, components.scheduler_config,
                                      uses_open_clip(components.text_encoder.config), probe)
-    log.info("%s: %s (SDQ_PREDICTION_TYPE=%s)", components.source.name, chosen, choice)
+    log.info("%s: %s (prediction type %s)", components.source.name, chosen, choice)
     return chosen
