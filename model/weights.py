@@ -87,6 +87,7 @@ def _check(parts: list[_Part], stray: list[str], source: Path) -> None:
             have = part.reader.shape(src)
             if key in expected and not _fits(have, expected[key]):
                 wrong.append(f"{source_name(src)}: checkpoint {list(have)}, network {list(expected[key])}")
+    missing = list(dict.fromkeys(missing))  # q, k and v of a fused OpenCLIP projection share one name
     if missing or unexpected or wrong:
         sections = [_listing(title, items) for title, items in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
