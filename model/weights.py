@@ -140,14 +140,15 @@ def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list
         if sd2 else single_file.infer_clip_config(text_shapes, heads),
     )
     text_prefix = state_dict_prefix(text)
-    text_part = _Part("text_encoder", text, reader, {text_prefix + k: v for k, v in groups.text.items()}, [],
-                      lambda k: TEXT_MODEL_PREFIX + k.removeprefix(text_prefix))
     stray = groups.stray
     if sd2:
         found = open_clip.open_clip_sources(reader.shapes, open_clip.SD2_PREFIX, text)
         text_part = _Part("text_encoder", text, reader, found.sources, found.unexpected,
                           partial(open_clip.checkpoint_name, prefix=open_clip.SD2_PREFIX, model=text))
         stray = [name for name in stray if not name.startswith(open_clip.SD2_PREFIX)]
+    else:
+        text_part = _Part("text_encoder", text, reader, {text_prefix + k: v for k, v in groups.text.items()}, [],
+                          lambda k: TEXT_MODEL_PREFIX + k.removeprefix(text_prefix))
     parts = [
         _Part("unet", unet, reader, groups.unet, [], lambda k: UNET_PREFIX + k),
         _Part("vae", vae, reader, groups.vae, [], lambda k: VAE_PREFIX + k),
