@@ -9,6 +9,7 @@ the server could not be reached or could not take the job; 2 the API refused the
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Set explicitly, as `sdqueue dev` does: a process started in the background by a shell or a CI runner inherits
+    # SIGINT ignored, and then Ctrl-C (or a supervisor's SIGINT) would never reach the questions below.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.mask is not None and args.init_image is None:
         return _fail("--mask needs --init-image", EXIT_REFUSED)
     with Client(args.server, args.api_key) as client:
