@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -21,15 +23,30 @@ PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 request_id: ContextVar[str | None] = ContextVar("sdq_request_id", default=None)
 job_id: ContextVar[str | None] = ContextVar("sdq_job_id", default=None)
-_CONTEXT = {"request_id": request_id, "job_id": job_id}
+job_ids: ContextVar[list[str] | None] = ContextVar("sdq_job_ids", default=None)  # the jobs of a worker's batch
+_CONTEXT: dict[str, ContextVar[str | None] | ContextVar[list[str] | None]] = {
+    "request_id": request_id, "job_id": job_id, "job_ids": job_ids,
+}
 # LogRecord attributes that are not `extra=` fields, so that the JSON lines carry only what code added on purpose
 # (and not uvicorn's `color_message`, its message with terminal colour codes).
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime",
                                                                                    "color_message"}
 
 
+@contextmanager
+def jobs(ids: Sequence[str]) -> Iterator[None]:
+    """Lines logged inside name these jobs: ``job_id`` for one job, ``job_ids`` (the list) for a batch of several."""
+    one = job_id.set(ids[0] if len(ids) == 1 else None)
+    many = job_ids.set(list(ids) if len(ids) > 1 else None)
+    try:
+        yield
+    finally:
+        job_id.reset(one)
+        job_ids.reset(many)
+
+
 class ContextFilter(logging.Filter):
-    """Copies the bound request id and job id onto each record (a record's own `extra=` value wins)."""
+    """Copies the bound request id and job id(s) onto each record (a record's own `extra=` value wins)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         for name, var in _CONTEXT.items():

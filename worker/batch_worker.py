@@ -25,6 +25,7 @@ from redis import Redis
 from rq.job import Job
 from rq.queue import Queue
 
+from core import logs
 from core.catalog import publish_model
 from core.jobs import JobSpec
 from core.outages import quick_client
@@ -137,30 +138,32 @@ class BatchWorker(RQWorker):
             runs = self.books.start(claims, batch_images)
             self.batch_ids = {run.id for run in runs}
             self._enter(Phase.running)
-            log.info("batch of %d jobs, %d images", len(runs), batch_images)
-            with Heartbeat(self.books, self.heartbeat_s) as heartbeat:
+            with logs.jobs([run.id for run in runs]), Heartbeat(self.books, self.heartbeat_s) as heartbeat:
+                log.info("batch of %d jobs, %d images", len(runs), batch_images)
                 heartbeat.track(runs)
                 # 4. read each job's inputs; a job the model cannot run fails alone, before the batch
                 items = []
                 for run, spec in zip(runs, specs, strict=True):
-                    if isinstance(spec, Error):  # no readable spec: it fails alone, with the parse error
-                        self.finalizer.finalize(heartbeat, run, None, spec)
-                        continue
-                    try:
-                        # reads img2img / inpaint inputs, waiting out a storage outage for as long as the job may
-                        request = to_request(spec, self.finalizer.storage_for(run))
-                        self.resident.pipe.check(request)
-                    except StorageUnavailable:
-                        self.finalizer.finalize(heartbeat, run, spec, GiveBack(current_exc_info()))
-                        continue
-                    except Exception:
-                        self.finalizer.finalize(heartbeat, run, spec, Error(current_exc_info()))
-                        continue
+                    with logs.jobs([run.id]):
+                        if isinstance(spec, Error):  # no readable spec: it fails alone, with the parse error
+                            self.finalizer.finalize(heartbeat, run, None, spec)
+                            continue
+                        try:
+                            # reads img2img / inpaint inputs, waiting out a storage outage for as long as the job may
+                            request = to_request(spec, self.finalizer.storage_for(run))
+                            self.resident.pipe.check(request)
+                        except StorageUnavailable:
+                            self.finalizer.finalize(heartbeat, run, spec, GiveBack(current_exc_info()))
+                            continue
+                        except Exception:
+                            self.finalizer.finalize(heartbeat, run, spec, Error(current_exc_info()))
+                            continue
                     items.append(BatchItem(run, spec, request))
                 # 5. run them; each job's outcome comes back as soon as it is known
                 for item, outcome in self.runner.run(items):
                     # 6. write its images, record the outcome in RQ, announce it
-                    self.finalizer.finalize(heartbeat, item.run, item.spec, outcome)
+                    with logs.jobs([item.run.id]):
+                        self.finalizer.finalize(heartbeat, item.run, item.spec, outcome)
         finally:
             self._enter(Phase.stopping if self.stop_requested else Phase.idle)
 

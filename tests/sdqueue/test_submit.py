@@ -157,13 +157,16 @@ def test_ctrl_c_without_a_terminal_to_ask_leaves_the_job_running(running: Servic
 
 def test_the_api_and_the_worker_log_json_lines(running: Service, tmp_path: Path) -> None:
     """SDQ_LOG_FORMAT=json (set for this module's service): every line either process wrote is one JSON object."""
-    assert submit("a logged cat", "--server", running.url, *QUICK, cwd=tmp_path).returncode == 0
+    run = submit("a logged cat", "--server", running.url, *QUICK, cwd=tmp_path)
+    assert run.returncode == 0
+    job_id = re.search(r"job ([0-9a-f]{32}) queued", run.stderr).group(1)  # type: ignore[union-attr]
     for name in ("api", "worker"):
         [log] = running.workdir.glob(f"{name}-*.log")
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines), name
-    worker_lines = [line["message"] for line in lines]
-    assert any("batch of 1 jobs" in message for message in worker_lines), worker_lines
+    # the worker's lines about this job's batch name it in a field of their own, not only in the text
+    batch = [line for line in lines if "batch of 1 jobs" in line["message"] and line.get("job_id") == job_id]
+    assert batch, [line for line in lines if "batch of" in line["message"]]
 
 
 def test_ctrl_c_on_a_terminal_asks_and_a_yes_cancels_the_job(running: Service, tmp_path: Path) -> None:
