@@ -32,6 +32,7 @@ from core import apikeys
 from tests.api.test_docs_browser import CHROMEDRIVER, CHROMIUM, console_errors
 from tests.e2e.conftest import ROOT, Service
 from tests.images import noise_image
+from tests.model.lora_files import write_peft_lora
 
 log = logging.getLogger(__name__)
 
@@ -340,3 +341,32 @@ def test_auth_on_a_wrong_key_shows_the_error_and_the_right_key_works(service: Se
     assert page.decoded_images(page.wait_status(job_id, "succeeded")) == [(64, 64)]
     errors = console_errors(browser)  # the browser logs each refused request; nothing else may have failed
     assert all("401" in e for e in errors), errors
+
+
+def test_the_workers_loras_and_vaes_are_offered_and_sent(service: Service, browser: WebDriver, tmp_path: Path) -> None:
+    loras = tmp_path / "loras"
+    write_peft_lora(loras / "ink.safetensors", seed=11)
+    write_peft_lora(loras / "neon.safetensors", seed=12)
+    service.env["SDQ_LORA_DIR"] = str(loras)
+    start(service)
+    page = Playground(browser, service, "loras")
+    page.open()
+    rows = page.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "#lora-list .lora"), "the workers' LoRAs")
+    assert [row.text for row in rows] == ["ink", "neon"] and not page.by_id("loras-empty").is_displayed()
+    # no worker holds a tiny VAE: the full one is chosen, the tiny one is offered disabled, with the reason
+    options = {o.get_attribute("value"): o.is_enabled() for o in page.by_id("vae").find_elements(By.TAG_NAME, "option")}
+    assert options == {"full": True, "tiny": False}
+    assert page.by_id("vae-help").is_displayed()
+
+    rows[0].find_element(By.CSS_SELECTOR, 'input[type="checkbox"]').click()
+    scale = rows[0].find_element(By.CLASS_NAME, "lora-scale")
+    scale.clear()
+    scale.send_keys("0.7")
+    page.fill(prompt="a lighthouse in ink", width="64", height="64", steps="4")
+    job_id = page.submit()
+    card = page.wait_status(job_id, "succeeded")
+    assert page.decoded_images(card) == [(64, 64)]
+    params = service.http.get(f"/v1/jobs/{job_id}").json()["params"]
+    assert params["loras"] == [{"name": "ink", "scale": 0.7}] and params["vae"] == "full"
+    page.screenshot("loras")
+    assert console_errors(browser) == []

@@ -1,6 +1,7 @@
 // The playground page: wires the API key, the job form, the init image and the job list together.
 
 import { ApiError, apiKey, getJson, postJson, setApiKey } from "./api.js";
+import { Catalog } from "./catalog.js";
 import { JobForm } from "./form.js";
 import { ImageInput } from "./imageinput.js";
 import { JobList } from "./jobs.js";
@@ -17,6 +18,8 @@ function describe(err) {
 }
 
 const form = new JobForm($("generate"));
+const catalog = new Catalog({ list: $("lora-list"), empty: $("loras-empty"), vae: $("vae"), vaeHelp: $("vae-help") });
+form.catalog = catalog;
 const formMessage = (message) => {
   show($("form-message"), message);
   if (message) $("form-message").scrollIntoView({ block: "nearest" }); // below the fold on a phone
@@ -58,10 +61,22 @@ async function loadLimits() {
     form.applyLimits(limits);
     images.maxBytes = limits.max_image_bytes;
     show($("key-message"), "");
+    await loadCatalog();
     return true;
   } catch (err) {
     show($("key-message"), describe(err));
     return false;
+  }
+}
+
+// The LoRAs and the tiny VAE the live workers offer (behind the key too, like the limits).
+async function loadCatalog() {
+  try {
+    const [loras, models] = await Promise.all([getJson("v1/loras"), getJson("v1/models")]);
+    catalog.showLoras(loras.loras, form.property("LoraRequest", "scale"));
+    catalog.showModels(models.models);
+  } catch (err) {
+    formMessage(`the workers' LoRAs and models cannot be read: ${describe(err)}`);
   }
 }
 

@@ -10,6 +10,7 @@ export class JobForm {
   constructor(form) {
     this.form = form;
     this.schemas = null;
+    this.catalog = null; // a Catalog (catalog.js): the LoRAs chosen
     this.fields = [...form.querySelectorAll("[data-field]")];
     this.margins = [...form.querySelectorAll("[data-outpaint]")];
     for (const radio of form.querySelectorAll('input[name="mode"]')) {
@@ -121,6 +122,8 @@ export class JobForm {
         if (input.value.trim() !== "") body.outpaint[input.dataset.outpaint] = Number(input.value);
       }
     }
+    const loras = this.catalog?.chosen() ?? [];
+    if (loras.length) body.loras = loras;
     if (this.form.elements.previews.checked) {
       const steps = body.steps ?? this.property(SCHEMAS[this.mode], "steps")?.default ?? PREVIEWS;
       body.preview_every = Math.max(1, Math.round(steps / PREVIEWS));
