@@ -15,7 +15,7 @@ from rq import Queue
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.jobstore import live_worker_count, queue_depths
+from core.jobstore import live_worker_count
 from core.queues import Keys
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,13 @@ class _QueueCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("sdq_redis_up", "Whether the API reached Redis during this scrape.")
         try:
-            depths = queue_depths(self.redis, self.keys)
+            names = self.keys.all_queues(self.redis)
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.llen(Queue(name, connection=self.redis).key)
+            depths = dict(zip(names, (int(n) for n in pipe.execute()), strict=True))
             workers = live_worker_count(self.redis, self.keys)
-            by_status = self._jobs_by_status()
+            by_status = self._jobs_by_status(names)
         except RedisError as exc:
             log.warning("metrics: Redis unreachable: %s", exc)
             up.add_metric([], 0)
@@ -80,14 +84,16 @@ class _QueueCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        depth = GaugeMetricFamily("sdq_queue_depth", "Jobs waiting per queue.", labels=["queue"])
-        for priority, n in depths.items():
-            depth.add_metric([self.keys.queue(priority)], n)
+        depth = GaugeMetricFamily("sdq_queue_depth", "Jobs waiting per queue (model: \"\" for jobs that name none).",
+                                  labels=["queue", "model", "priority"])
+        for name, n in depths.items():
+            model, priority = self.keys.parse(name) or (None, None)
+            depth.add_metric([name, model or "", priority.value if priority else ""], n)
         yield depth
         yield GaugeMetricFamily("sdq_workers", "Live workers registered on sdqueue's queues.", value=workers)
         yield by_status
 
-    def _jobs_by_status(self) -> GaugeMetricFamily:
+    def _jobs_by_status(self, names: list[str]) -> GaugeMetricFamily:
         """Running jobs, and finished ones until they expire (SDQ_RESULT_TTL_S), from RQ's registries."""
         family = GaugeMetricFamily(
             "sdq_jobs_by_status", "Jobs running, and ended jobs not yet expired, per queue (RQ registries).",
@@ -95,7 +101,7 @@ class _QueueCollector(Collector):
         )
         pipe = self.redis.pipeline(transaction=False)
         rows = []
-        for name in self.keys.queues():
+        for name in names:
             queue = Queue(name, connection=self.redis)
             for status, registry in _REGISTRIES.items():
                 pipe.zcard(registry(queue=queue).key)

@@ -43,7 +43,7 @@ from api.errors import ApiError
 from api.instrumentation import ApiMetrics
 from api.limits import KeyLimits
 from api.submitter import QueueFullError, Submitter
-from core import commit, eventlog, jobstore
+from core import commit, eventlog, fleet, jobstore
 from core.catalog import live_loras, tiny_vae_served
 from core.commit import KeyRecord
 from core.jobs import JobPublic, JobSpec
@@ -118,6 +118,14 @@ class Intake:
                 f"is {caller.max_priority.value!r})",
                 field="priority",
             )
+        try:  # the model it runs on (core.fleet), before anything is queued
+            model = await to_thread.run_sync(fleet.route, self.s.redis, self.s.keys, spec.params.model,
+                                             self.s.settings.default_model)
+        except fleet.ModelRefused as exc:
+            if on_refused is not None:
+                await on_refused()
+            raise ApiError(422, "invalid_request", str(exc), field="model") from None
+        spec = spec.model_copy(update={"params": spec.params.model_copy(update={"model": model})})
         if spec.params.loras:  # a name no live worker can load is refused before anything is queued
             announced = await to_thread.run_sync(live_loras, self.s.redis, self.s.keys)
             problem = unknown_loras(spec.params.loras, announced)

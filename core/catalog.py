@@ -66,6 +66,7 @@ class ModelInfo(BaseModel):
     inpainting_unet: bool
     tiny_vae: bool = Field(False, description="A live worker of this model holds a tiny VAE: `vae: tiny` runs.")
     workers: list[ModelWorker] = Field(description="Live workers with this model loaded.")
+    queued: int = Field(0, description="Jobs waiting on this model's queues (jobs that name no model not counted).")
 
 
 class ModelList(BaseModel):
@@ -104,11 +105,24 @@ def loaded_models(redis: Redis, keys: Keys) -> ModelList:
     for worker, loaded in _live_models(redis, keys):
         entry = models.setdefault((loaded.name, loaded.sha256), ModelInfo(
             name=loaded.name, hash=loaded.hash, sha256=loaded.sha256, inpainting_unet=loaded.inpainting_unet,
-            tiny_vae=False, workers=[],
+            tiny_vae=False, workers=[], queued=0,
         ))
         entry.workers.append(ModelWorker(name=worker, device=loaded.device, dtype=loaded.dtype))
         entry.tiny_vae = entry.tiny_vae or loaded.tiny_vae
-    return ModelList(models=sorted(models.values(), key=lambda m: (m.name, m.sha256 or "")))
+    listed = sorted(models.values(), key=lambda m: (m.name, m.sha256 or ""))
+    pipe = redis.pipeline(transaction=False)
+    for entry in listed:
+        for name in keys.queues(entry.name):
+            pipe.llen(Queue(name, connection=redis).key)
+    lengths = iter(int(n) for n in pipe.execute()) if listed else iter(())
+    for entry in listed:
+        entry.queued = sum(next(lengths) for _ in keys.queues(entry.name))
+    return ModelList(models=listed)
+
+
+def served_models(redis: Redis, keys: Keys) -> list[str]:
+    """The names of the models the live workers hold, sorted."""
+    return sorted({loaded.name for _, loaded in _live_models(redis, keys)})
 
 
 def tiny_vae_served(redis: Redis, keys: Keys) -> bool:

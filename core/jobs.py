@@ -11,7 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from core import loras as lora_names
 from core import rules
 from core.loras import LoraRequest
-from core.rules import MAX_GUIDANCE, MAX_IMAGES, MAX_LORAS, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, Sampler
+from core.rules import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_LORAS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    MODEL_NAME_PATTERN,
+    Sampler,
+)
 from core.webhooks import split_webhook_url
 
 MAX_PROMPT_CHARS = 4000
@@ -55,6 +65,11 @@ class GenerationParams(BaseModel):
         description="May be empty for img2img and inpaint: the image alone then steers the result.",
     )
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(
+        None, pattern=MODEL_NAME_PATTERN, examples=["v1-5-pruned-emaonly"],
+        description="A model from `GET /v1/models`. Left out: the deployment's default (SDQ_DEFAULT_MODEL), else the "
+        "one model served; with several models served and no default it is required.",
+    )
     width: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     height: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     steps: int = Field(30, ge=1, le=MAX_STEPS)
@@ -262,10 +277,12 @@ class JobSpec(BaseModel):
     def batch_key(self) -> str:
         """Jobs with equal keys can run in one UNet batch (``core.rules.batch_key``)."""
         p = self.params
-        return rules.batch_key(
+        key = rules.batch_key(
             task=self.task, width=p.width, height=p.height, sampler=p.sampler.value, karras=p.karras, steps=p.steps,
             strength=self.denoising_strength(), eta=p.eta,
         )
+        # jobs of different models never meet in a worker's queues; the key says so too
+        return key if p.model is None else f"{p.model}|{key}"
 
 
 class ImageRecord(BaseModel):

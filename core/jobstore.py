@@ -93,22 +93,26 @@ def enqueue_many(
     With `wait_on_disk_ms`, it returns once the jobs are fsynced (else `commit.NotOnDisk`).
     """
     keys = Keys(settings.queue_prefix)
-    depths = queue_depths(redis, keys)
-    waiting = sum(depths.values())
+    # per model: what waits before its jobs (its own queues and those of jobs that name no model), one round trip
+    # each; the limit applies to that count too
+    depths_of: dict[str | None, dict[Priority, int]] = {}
     retry = Retry(max=settings.job_retries) if settings.job_retries else None
     positions: list[int | None] = []
     accepted: list[JobSpec] = []
-    by_priority: dict[Priority, list[EnqueueData]] = {}
+    by_queue: dict[str, list[EnqueueData]] = {}
     for spec in specs:
-        if limit is not None and waiting >= limit:
+        model = spec.params.model
+        if model not in depths_of:
+            depths_of[model] = queue_depths(redis, keys, model)
+        depths = depths_of[model]
+        if limit is not None and sum(depths.values()) >= limit:
             positions.append(None)
             continue
         priority = spec.params.priority
         positions.append(jobs_ahead(depths, priority))
         depths[priority] += 1
-        waiting += 1
         accepted.append(spec)
-        by_priority.setdefault(priority, []).append(Queue.prepare_data(
+        by_queue.setdefault(keys.queue(priority, model), []).append(Queue.prepare_data(
             JOB_FUNC,
             kwargs={"spec": spec.model_dump(mode="json")},
             job_id=spec.id,
@@ -126,8 +130,8 @@ def enqueue_many(
         with redis.pipeline() as pipe:
             pipe.watch(fence)
             pipe.multi()
-            for priority, datas in by_priority.items():
-                Queue(keys.queue(priority), connection=redis).enqueue_many(datas, pipeline=pipe)
+            for name, datas in by_queue.items():
+                Queue(name, connection=redis).enqueue_many(datas, pipeline=pipe)
             _index_by_owner(pipe, keys, settings, accepted)
             commit.finalize_records(pipe, [records[i] for i in job_ids if records and i in records])
             pipe.execute()
@@ -168,12 +172,16 @@ def created_score(created_at: datetime) -> float:
     return float(round(created_at.timestamp() * 1_000_000))
 
 
-def queue_depths(redis: Redis, keys: Keys) -> dict[Priority, int]:
-    """Jobs waiting in each priority's queue (one round trip)."""
+def queue_depths(redis: Redis, keys: Keys, model: str | None = None) -> dict[Priority, int]:
+    """Jobs waiting at each priority for a worker of ``model``: its model's queue plus the queue of jobs that name
+    no model (for ``None``: that queue alone). One round trip."""
+    names = [[keys.queue(p)] + ([keys.queue(p, model)] if model is not None else []) for p in PRIORITY_ORDER]
     pipe = redis.pipeline(transaction=False)
-    for priority in PRIORITY_ORDER:
-        pipe.llen(Queue(keys.queue(priority), connection=redis).key)
-    return dict(zip(PRIORITY_ORDER, (int(n) for n in pipe.execute()), strict=True))
+    for group in names:
+        for name in group:
+            pipe.llen(Queue(name, connection=redis).key)
+    lengths = iter(int(n) for n in pipe.execute())
+    return {p: sum(next(lengths) for _ in group) for p, group in zip(PRIORITY_ORDER, names, strict=True)}
 
 
 def jobs_ahead(depths: dict[Priority, int], priority: Priority) -> int:

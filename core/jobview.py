@@ -18,7 +18,7 @@ from rq.registry import CanceledJobRegistry
 from rq.results import Result
 
 from core.attempts import died_message, read_counts
-from core.jobs import ImageRecord, JobError, JobPublic, JobSpec, Priority, Progress, Status, Timings, TokenCounts
+from core.jobs import ImageRecord, JobError, JobPublic, JobSpec, Progress, Status, Timings, TokenCounts
 from core.queue_stats import eta_seconds
 from core.queues import JOB_FUNC, PRIORITY_ORDER, Keys
 from core.storage.base import Storage
@@ -61,7 +61,7 @@ def fetch_job(redis: Redis, keys: Keys, job_id: str) -> Job | None:
         job = Job.fetch(job_id, connection=redis)
     except (NoSuchJobError, ValueError):  # ValueError: not a valid RQ job id
         return None
-    if job.func_name != JOB_FUNC or job.origin not in keys.queues():
+    if job.func_name != JOB_FUNC or keys.parse(job.origin) is None:
         return None
     return job
 
@@ -180,12 +180,15 @@ def queue_position(redis: Redis, keys: Keys, job: Job) -> int | None:
     0 when it has left the queue list but not yet started (a worker is taking it); None when it waits elsewhere
     (a retry scheduled for later).
     """
-    priority = Priority(job.origin.removeprefix(keys.prefix + "-"))
+    parsed = keys.parse(job.origin)
+    assert parsed is not None, job.origin  # find_job took only jobs of sdqueue's queues
+    model, priority = parsed
     higher = PRIORITY_ORDER[: PRIORITY_ORDER.index(priority)]
     pipe = redis.pipeline(transaction=False)
     pipe.lpos(Queue(job.origin, connection=redis).key, job.id)
-    for p in higher:
-        pipe.llen(Queue(keys.queue(p), connection=redis).key)
+    for p in higher:  # what the workers that can run it take first: their model's queues and the unnamed ones
+        for name in {keys.queue(p), keys.queue(p, model)}:
+            pipe.llen(Queue(name, connection=redis).key)
     own, *lengths = pipe.execute()
     if job.get_status(refresh=False) in (JobStatus.DEFERRED, JobStatus.SCHEDULED):
         return None
@@ -196,7 +199,7 @@ def live_worker_count(redis: Redis, keys: Keys) -> int:
     """Workers registered on sdqueue's queues whose registration has not expired (a killed worker's key lapses
     after its TTL)."""
     names: set[str] = set()
-    for name in keys.queues():
+    for name in keys.queues():  # every worker listens on the queues of jobs that name no model
         names |= worker_registration.get_keys(Queue(name, connection=redis))
     if not names:
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from redis import Redis
+from rq import Queue
 
 from core.jobs import Priority
 
@@ -13,6 +14,7 @@ JOB_FUNC = "worker.tasks.run_job"
 
 # Dequeue order: a worker always looks at higher priorities first.
 PRIORITY_ORDER: tuple[Priority, ...] = (Priority.high, Priority.normal, Priority.low)
+MODEL_INFIX = "model-"  # a model's queues: {prefix}-model-{name}-{priority}
 
 
 def connect(url: str, socket_timeout: float | None = None) -> Redis:
@@ -35,11 +37,40 @@ class Keys:
     def __init__(self, prefix: str = "sdq") -> None:
         self.prefix = prefix
 
-    def queue(self, priority: Priority | str) -> str:
-        return f"{self.prefix}-{Priority(priority).value}"
+    def queue(self, priority: Priority | str, model: str | None = None) -> str:
+        """The queue of one priority: of one model (``{prefix}-model-{model}-{priority}``), or, for ``None``, the
+        queue of jobs that name no model, which every worker serves (``{prefix}-{priority}``)."""
+        p = Priority(priority).value
+        return f"{self.prefix}-{p}" if model is None else f"{self.prefix}-{MODEL_INFIX}{model}-{p}"
 
-    def queues(self) -> list[str]:
-        return [self.queue(p) for p in PRIORITY_ORDER]
+    def queues(self, model: str | None = None) -> list[str]:
+        """One model's queues (``None``: the queues of jobs that name no model), highest priority first."""
+        return [self.queue(p, model) for p in PRIORITY_ORDER]
+
+    def worker_queues(self, model: str) -> list[str]:
+        """What a worker holding ``model`` listens on, in dequeue order: at each priority its model's queue, then
+        the queue of jobs that name no model (any worker may run those)."""
+        return [name for p in PRIORITY_ORDER for name in (self.queue(p, model), self.queue(p))]
+
+    def parse(self, name: str) -> tuple[str | None, Priority] | None:
+        """(model or None, priority) of one of sdqueue's job queues; None for any other name."""
+        head, _, tail = name.rpartition("-")
+        if tail not in {p.value for p in PRIORITY_ORDER}:
+            return None
+        if head == self.prefix:
+            return None, Priority(tail)
+        model = head.removeprefix(f"{self.prefix}-{MODEL_INFIX}")
+        if model == head or not model:
+            return None
+        return model, Priority(tail)
+
+    def all_queues(self, redis: Redis) -> list[str]:
+        """Every job queue: the ones of jobs naming no model, then each model's that RQ knows (created by an
+        enqueue or a worker listening on it), by model name."""
+        names = {(key.decode() if isinstance(key, bytes) else str(key)).removeprefix(Queue.redis_queue_namespace_prefix)
+                 for key in redis.smembers(Queue.redis_queues_keys)}
+        models = sorted({parsed[0] for name in names if (parsed := self.parse(name)) and parsed[0] is not None})
+        return self.queues() + [name for model in models for name in self.queues(model)]
 
     def webhooks(self) -> str:
         """The RQ queue of webhook deliveries; only `sdqueue webhooks` processes listen on it, never a GPU worker."""

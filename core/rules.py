@@ -24,6 +24,8 @@ MAX_LORA_SCALE = 10.0  # |scale| of a LoRA (A1111 accepts negative weights: they
 # 75-token chunks of a prompt (A1111 sets no limit): every row of a batch attends over the longest prompt's
 # chunks, so one very long prompt costs its batch mates time. Chunks past the limit are dropped with a warning.
 MAX_PROMPT_CHUNKS = 8
+# A model's name, as its workers announce it (a checkpoint's stem, or SDQ_MODEL_NAME): part of its queues' names.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
 
 
 class Sampler(str, Enum):

@@ -44,6 +44,16 @@ class Settings(BaseSettings):
 
     # --- model / worker ---
     checkpoint: Path | None = Field(None, description="SD 1.x .safetensors file or diffusers folder.")
+    model_name: str | None = Field(
+        None, pattern=rules.MODEL_NAME_PATTERN,
+        description="The name this worker's model is served as (jobs' `model`; default: the checkpoint's file or "
+        "folder name without extension, other characters than letters, digits and ._+- replaced by -).",
+    )
+    default_model: str | None = Field(
+        None, pattern=rules.MODEL_NAME_PATTERN,
+        description="The model of jobs that name none (API). Unset: the one model served; with several served, "
+        "jobs must name theirs.",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     allow_pickle: bool = Field(False, description="Allow .ckpt pickles (loaded with weights_only=True).")

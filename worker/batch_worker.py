@@ -81,7 +81,8 @@ class BatchWorker(RQWorker):
         )
         self.sweeper = Sweeper(connection, self.queues, worker_key_prefix=self.redis_worker_namespace_prefix,
                                stranded_after_s=self.lease_s)
-        self.sweep_lock = f"{resident.keys.prefix}:sweep"
+        # per model: each model's workers sweep its queues (and every worker the queues of jobs naming no model)
+        self.sweep_lock = f"{resident.keys.prefix}:sweep:{resident.pipe.name}"
         # A dead worker's jobs come back as soon as their leases lapse (idle or busy), first in line; after an
         # outage, with the same steady contact that RQ's registry cleanup waits for (RQWorker.clean_registries).
         self.push_exc_handler(back_first(connection))

@@ -65,7 +65,7 @@ def main(settings: Settings) -> int:
     warm_up_resident(resident, settings, metrics)  # before BatchWorker registers: ready means warm
     keys = Keys(settings.queue_prefix)
     worker = BatchWorker(
-        keys.queues(),
+        keys.worker_queues(resident.pipe.name),
         connection=connect(settings.redis_url),
         settings=settings,
         resident=resident,

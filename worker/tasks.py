@@ -9,6 +9,7 @@ in the meta and the same result format. It loads the model once per process, on 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ def load_resident(settings: Settings) -> Resident:
                 settings.checkpoint, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
                 tiny_vae=settings.tiny_vae, compile_mode=settings.compile, prediction_type=settings.prediction_type,
             )
+            pipe.name = served_name(settings.model_name, pipe.name)
             pipe.loras.configure(settings.lora_dir, settings.lora_cache_mb * 2**20)
             seconds = time.monotonic() - started
             model = ModelInfo(pipe.name, _short_hash(settings.checkpoint))
@@ -117,3 +119,12 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     pipeline_seconds = time.monotonic() - generate_started
     return build_result(resident.storage, job_spec, result, resident.model, time.monotonic() - started,
                         pipeline_seconds)
+
+
+def served_name(configured: str | None, stem: str) -> str:
+    """The name jobs use for this worker's model: SDQ_MODEL_NAME, else the checkpoint's stem with each run of other
+    characters than those of a model name (``core.rules.MODEL_NAME_PATTERN``) replaced by one ``-``."""
+    if configured:
+        return configured
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-._+")[:128]
+    return name or "model"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
 from api.deps import KeysDep, RedisDep
+from core.catalog import loaded_models
 from core.jobstore import live_worker_count
 
 router = APIRouter(tags=["health"])
@@ -16,6 +17,7 @@ class Readiness(BaseModel):
     ready: bool
     redis: bool
     workers: int
+    models: dict[str, int] = Field(default_factory=dict, description="Live workers per model they hold.")
     reason: str | None = None
 
 
@@ -31,6 +33,7 @@ def readyz(response: Response, redis: RedisDep, keys: KeysDep) -> Readiness:
     try:
         redis.ping()
         workers = live_worker_count(redis, keys)
+        models = {m.name: len(m.workers) for m in loaded_models(redis, keys).models}
     except RedisError as exc:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return Readiness(ready=False, redis=False, workers=0, reason=f"Redis unreachable: {exc}")
@@ -38,4 +41,4 @@ def readyz(response: Response, redis: RedisDep, keys: KeysDep) -> Readiness:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         reason = "no live worker on queues " + ", ".join(keys.queues())
         return Readiness(ready=False, redis=True, workers=0, reason=reason)
-    return Readiness(ready=True, redis=True, workers=workers)
+    return Readiness(ready=True, redis=True, workers=workers, models=models)

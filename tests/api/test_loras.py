@@ -9,7 +9,7 @@ from redis import Redis
 from core.catalog import LoadedModel
 from tests.api.test_models import start_worker
 
-QUEUE = "rq:queue:sdq-normal"
+QUEUE = "rq:queue:sdq-model-sd15-normal"  # the queue of the live workers' model
 
 
 def model(*loras: str) -> LoadedModel:

@@ -32,9 +32,9 @@ def test_metrics_count_requests_jobs_and_queue_depth(client: TestClient) -> None
     assert m[("sdq_http_request_duration_seconds_count", post)] == 3
     assert m[("sdq_jobs_submitted_total", (("priority", "normal"), ("task", "txt2img")))] == 1
     assert m[("sdq_jobs_submitted_total", (("priority", "high"), ("task", "txt2img")))] == 1
-    assert m[("sdq_queue_depth", (("queue", "sdq-normal"),))] == 1
-    assert m[("sdq_queue_depth", (("queue", "sdq-high"),))] == 1
-    assert m[("sdq_queue_depth", (("queue", "sdq-low"),))] == 0
+    assert m[("sdq_queue_depth", (("model", ""), ("priority", "normal"), ("queue", "sdq-normal")))] == 1
+    assert m[("sdq_queue_depth", (("model", ""), ("priority", "high"), ("queue", "sdq-high")))] == 1
+    assert m[("sdq_queue_depth", (("model", ""), ("priority", "low"), ("queue", "sdq-low")))] == 0
     assert m[("sdq_workers", ())] == 0
     assert m[("sdq_redis_up", ())] == 1
 

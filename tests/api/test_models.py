@@ -40,13 +40,33 @@ def test_models_are_grouped_per_checkpoint_with_their_workers(client: TestClient
 
     assert client.get("/v1/models").json() == {"models": [
         {"name": "sd-v1-5-inpainting", "hash": "c6bbc15e32", "sha256": INPAINT.sha256, "inpainting_unet": True,
-         "tiny_vae": True,
+         "tiny_vae": True, "queued": 0,
          "workers": [{"name": "cpu-1", "device": "cpu", "dtype": "bfloat16"}]},
         {"name": "v1-5-pruned-emaonly", "hash": "6ce0161689", "sha256": SD15.sha256, "inpainting_unet": False,
-         "tiny_vae": False,
+         "tiny_vae": False, "queued": 0,
          "workers": [{"name": "gpu-a", "device": "cuda", "dtype": "float16"},
                      {"name": "gpu-b", "device": "cuda", "dtype": "float16"}]},
     ]}
+
+
+def test_jobs_go_to_their_models_queues_and_the_counts_follow(client: TestClient, redis: Redis) -> None:
+    start_worker(redis, "gpu-b", SD15)
+    start_worker(redis, "cpu-1", INPAINT)
+    job = {"prompt": "a cat", "width": 64, "height": 64}
+    for model in ("v1-5-pruned-emaonly", "v1-5-pruned-emaonly", "sd-v1-5-inpainting"):
+        assert client.post("/v1/txt2img", json={**job, "model": model}).status_code == 202
+    r = client.post("/v1/txt2img", json={**job, "model": "absent", "priority": "high"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "model"
+    assert r.json()["error"]["message"] == ("model 'absent' is not served; the live workers hold: "
+                                            "sd-v1-5-inpainting, v1-5-pruned-emaonly")
+    r = client.post("/v1/txt2img", json=job)  # two models, no default: which one would be a guess
+    assert r.status_code == 422 and "model is required" in r.json()["error"]["message"]
+    assert redis.llen("rq:queue:sdq-model-v1-5-pruned-emaonly-normal") == 2
+    assert redis.llen("rq:queue:sdq-model-sd-v1-5-inpainting-normal") == 1
+    assert redis.llen("rq:queue:sdq-normal") == 0 and redis.llen("rq:queue:sdq-model-absent-high") == 0
+    queued = {m["name"]: m["queued"] for m in client.get("/v1/models").json()["models"]}
+    assert queued == {"sd-v1-5-inpainting": 1, "v1-5-pruned-emaonly": 2}
+    assert client.get("/readyz").json()["models"] == {"sd-v1-5-inpainting": 1, "v1-5-pruned-emaonly": 1}
 
 
 def test_a_worker_whose_registration_expired_drops_out(client: TestClient, redis: Redis) -> None:

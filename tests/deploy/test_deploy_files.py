@@ -251,8 +251,11 @@ def test_keda_scales_workers_on_the_rq_queue_lists() -> None:
     assert scaled["scaleTargetRef"]["name"] == "sdqueue-worker"
     triggers = scaled["triggers"]
     assert {t["type"] for t in triggers} == {"redis"}
-    # RQ keeps the waiting job ids of queue <name> in the list rq:queue:<name>
-    assert [t["metadata"]["listName"] for t in triggers] == [f"rq:queue:{q}" for q in Keys().queues()]
+    # RQ keeps the waiting job ids of queue <name> in the list rq:queue:<name>; the workers scale on every queue
+    # they listen on: their model's (named in the config map) and the shared ones
+    model = next(d for _, d in k8s_documents() if d["kind"] == "ConfigMap")["data"]["SDQ_MODEL_NAME"]
+    assert sorted(t["metadata"]["listName"] for t in triggers) == sorted(
+        f"rq:queue:{q}" for q in Keys().worker_queues(model))
     assert scaled["advanced"]["scalingModifiers"]["formula"] == " + ".join(t["name"] for t in triggers)
     auth = docs["TriggerAuthentication"]
     assert all(t["authenticationRef"]["name"] == auth["metadata"]["name"] for t in triggers)
