@@ -93,8 +93,9 @@ def job_view(redis: Redis, keys: Keys, storage: Storage, job: Job) -> JobPublic:
     if status is Status.queued:
         view.queue_position = queue_position(redis, keys, job)
         if view.queue_position is not None:
-            workers = live_worker_count(redis, keys)
-            view.progress.eta_seconds = eta_seconds(redis, keys, view.queue_position, view.params.n, workers)
+            model = view.params.model
+            workers = live_worker_count(redis, keys, model)
+            view.progress.eta_seconds = eta_seconds(redis, keys, view.queue_position, view.params.n, workers, model)
     elif view.finished_at is None and status is Status.canceled:
         view.finished_at = _canceled_at(redis, job, view.started_at or view.created_at)
     elif view.finished_at is None and result is not None:
@@ -195,11 +196,11 @@ def queue_position(redis: Redis, keys: Keys, job: Job) -> int | None:
     return (int(own) if own is not None else 0) + sum(int(n) for n in lengths)
 
 
-def live_worker_count(redis: Redis, keys: Keys) -> int:
-    """Workers registered on sdqueue's queues whose registration has not expired (a killed worker's key lapses
-    after its TTL)."""
+def live_worker_count(redis: Redis, keys: Keys, model: str | None = None) -> int:
+    """Workers registered on sdqueue's queues (given ``model``: on that model's) whose registration has not expired
+    (a killed worker's key lapses after its TTL)."""
     names: set[str] = set()
-    for name in keys.queues():  # every worker listens on the queues of jobs that name no model
+    for name in keys.queues(model):  # every worker listens on the queues of jobs that name no model
         names |= worker_registration.get_keys(Queue(name, connection=redis))
     if not names:
         return 0

@@ -112,6 +112,7 @@ class Keys:
         """Written after a group commit; the AOF holding it means the commit is on disk (SDQ_DURABLE_SUBMIT)."""
         return f"{self.prefix}:durable-probe"
 
-    def stats(self) -> str:
-        """Hash of moving averages the workers record (seconds per image, images per job) for queue ETAs."""
-        return f"{self.prefix}:stats"
+    def stats(self, model: str | None = None) -> str:
+        """Hash of moving averages the workers record (seconds per image, images per job) for queue ETAs: of one
+        model's workers, or (``None``) of all workers."""
+        return f"{self.prefix}:stats" if model is None else f"{self.prefix}:stats:{model}"

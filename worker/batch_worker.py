@@ -184,7 +184,8 @@ class BatchWorker(RQWorker):
     def _observe(self, call: CallStats) -> None:
         self.metrics.pipeline_call(call.images, call.steps, call.steps_per_second, call.seconds)
         try:
-            record_pipeline_call(self.connection, self.resident.keys, call.seconds, call.images, call.jobs)
+            record_pipeline_call(self.connection, self.resident.keys, call.seconds, call.images, call.jobs,
+                                 self.resident.pipe.name)
         except redis.exceptions.RedisError as exc:  # statistics for ETAs: this call's are skipped
             self.redis_link.failed(exc, "recording queue statistics")
 

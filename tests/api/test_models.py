@@ -84,3 +84,20 @@ def test_samplers_with_a1111_names_and_options(client: TestClient) -> None:
         {"name": "lcm", "display_name": "LCM", "karras": False, "eta": False},
         {"name": "tcd", "display_name": "TCD", "karras": False, "eta": True},
     ]}
+
+
+def test_a_queued_jobs_eta_counts_its_models_workers_at_its_models_speed(client: TestClient, redis: Redis) -> None:
+    from core.queue_stats import record_pipeline_call
+    from core.queues import Keys
+
+    keys = Keys("sdq")
+    for name, model in (("fast-1", SD15), ("fast-2", SD15), ("slow", INPAINT)):
+        start_worker(redis, name, model, queues=tuple(keys.worker_queues(model.name)))
+    record_pipeline_call(redis, keys, seconds=2.0, images=2, jobs=2, model=SD15.name)  # 1 s per image
+    record_pipeline_call(redis, keys, seconds=8.0, images=2, jobs=2, model=INPAINT.name)  # 4 s per image
+    job = {"prompt": "a cat", "width": 64, "height": 64}
+    ids = {m: [client.post("/v1/txt2img", json={**job, "model": m}).json()["id"] for _ in range(2)]
+           for m in (SD15.name, INPAINT.name)}
+    eta = {m: [client.get(f"/v1/jobs/{i}").json()["progress"]["eta_seconds"] for i in ids[m]] for m in ids}
+    # second job: one job ahead of it on its model's queue, shared by that model's workers (2 and 1)
+    assert eta == {SD15.name: [1.0, 1.5], INPAINT.name: [4.0, 8.0]}
