@@ -31,6 +31,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="API key, when the server requires one (default: $SDQ_API_KEY)")
     p.add_argument("--priority", choices=[priority.value for priority in Priority], default=None,
                    help="default normal")
+    p.add_argument("--model", default=None,
+                   help="a model the server lists in GET /v1/models (default: the deployment's default model)")
     p.add_argument("--output-format", choices=sorted(EXTENSIONS), default=None, help="default png")
     p.add_argument("--no-wait", action="store_true", help="print the job's id once it is queued, and exit")
     p.add_argument("--cancel-on-interrupt", action="store_true", help="Ctrl-C cancels the job without asking")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _submit(client: Client, args: argparse.Namespace) -> JobPublic:
     options: dict[str, Any] = given_options(args)
-    for name in ("priority", "output_format", "strength"):
+    for name in ("priority", "model", "output_format", "strength"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.mask is not None:

@@ -19,7 +19,8 @@ OpenAI field (`size '1001x512': width must be a multiple of 8, got 1001`).
 | `background` | | auto or opaque; transparent is refused |
 | `stream` | | false only; true is refused |
 | | `priority` | `Caller.default_priority`: normal, or the API key's highest when lower (OpenAI has none) |
-| `model`, `style`, `user` and any other field | | accepted, no effect |
+| `model` | `model` | `dall-e-*`, `gpt-image-*` (OpenAI's names) or none: the default model; else a served one |
+| `style`, `user` and any other field | | accepted, no effect |
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ QUALITY_STEPS: dict[str, int] = {
 }
 DEFAULT_SIZE = (512, 512)  # "auto" for generations: what SD 1.x models were trained at
 ResponseFormat = Literal["b64_json", "url"]
+# OpenAI's model names: clients send them by default, so they mean "the deployment's default model".
+OPENAI_MODEL_PREFIXES = ("dall-e-", "gpt-image-")
 # Native field -> the OpenAI field it came from, for error messages.
 _OPENAI_FIELD = {"width": "size", "height": "size", "steps": "quality", "output_quality": "output_compression"}
 _SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
@@ -51,7 +54,8 @@ class _ImagesRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, description="Any name is accepted; the workers' model answers.")
+    model: str | None = Field(None, description="A model from `GET /v1/models`; OpenAI's names (`dall-e-2`, "
+                                                "`dall-e-3`, `gpt-image-1`, ...) or none: the default model.")
     n: int | None = Field(None, description="Images to generate, 1..8.")
     size: str | None = Field(None, description="`WIDTHxHEIGHT` in pixels, each 64..2048 and a multiple of 8, or "
                                                "`auto`.", examples=["512x512"])
@@ -161,6 +165,8 @@ def variation(request: ImageVariationRequest, priority: Priority = Priority.norm
 
 def _common(request: _ImagesRequest, priority: Priority) -> dict[str, Any]:
     fields: dict[str, Any] = {"seed": request.seed, "priority": priority}
+    if request.model is not None and not request.model.startswith(OPENAI_MODEL_PREFIXES):
+        fields["model"] = request.model
     if request.n is not None:
         fields["n"] = request.n
     return fields

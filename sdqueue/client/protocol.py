@@ -48,6 +48,7 @@ class GenerateOptions(TypedDict, total=False):
     """Optional fields of every task, as `core.jobs.GenerationParams` defines them (tests keep the two equal)."""
 
     negative_prompt: str
+    model: str | None  # a name from GET /v1/models; left out: the deployment's default
     width: int
     height: int
     steps: int

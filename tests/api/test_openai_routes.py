@@ -161,6 +161,9 @@ def test_bad_inputs_are_400s_in_openai_shape_and_queue_nothing(client: TestClien
     assert client.post("/v1/images/generations", json={"size": "64x64"}).json()["error"]["param"] == "prompt"
     bad_format = client.post("/v1/images/generations", json={"prompt": "p", "output_format": "gif"})
     assert (bad_format.status_code, bad_format.json()["error"]["param"]) == (400, "output_format")
+    absent = client.post("/v1/images/generations", json={"prompt": "p", "model": "absent"})
+    assert (absent.status_code, absent.json()["error"]["param"]) == (400, "model")
+    assert "model 'absent' is not served" in absent.json()["error"]["message"]
 
     def edit(files: dict[str, tuple[str, bytes, str]]) -> dict[str, Any]:
         r = client.post("/v1/images/edits", data={"prompt": "a red apple"}, files=files)

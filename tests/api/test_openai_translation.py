@@ -55,13 +55,21 @@ def test_each_quality_is_its_documented_step_count(quality: str, steps: int) -> 
     assert translation.txt2img(generation(quality=quality)).steps == steps
 
 
-def test_unknown_fields_and_any_model_name_are_accepted_and_change_nothing() -> None:
+def test_unknown_fields_and_openai_model_names_are_accepted_and_change_nothing() -> None:
     plain = translation.txt2img(generation())
     extra = translation.txt2img(generation(
         model="gpt-image-2.5-flare", style="vivid", user="u-1", moderation="low", partial_images=0,
         svg={"model": "x"}, background="opaque", stream=False, future_field=[1, 2],
     ))
     assert extra == plain
+    for name in ("dall-e-2", "dall-e-3", "gpt-image-1"):  # the deployment's default model
+        assert translation.txt2img(generation(model=name)).model is None
+
+
+def test_any_other_model_name_is_a_served_model_and_a_bad_one_names_model() -> None:
+    assert translation.txt2img(generation(model="v1-5-pruned-emaonly")).model == "v1-5-pruned-emaonly"
+    error = refused(translation.txt2img, generation(model="no such/model"))
+    assert error.info.field == "model"
 
 
 @pytest.mark.parametrize(("size", "message"), [

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -97,6 +98,17 @@ def test_a_refused_request_exits_2_with_the_api_message(running: Service, tmp_pa
     assert run.returncode == 2
     assert "width must be a multiple of 8, got 513 (422 invalid_request, field width)" in run.stderr
     assert "Traceback" not in run.stderr and not list(tmp_path.iterdir())
+
+
+def test_model_names_the_model_and_one_nobody_serves_is_refused(running: Service, tmp_path: Path) -> None:
+    served = httpx.get(f"{running.url}/v1/models").json()["models"][0]["name"]
+    run = submit("a cat", "--server", running.url, "--model", "absent", *QUICK, cwd=tmp_path)
+    assert run.returncode == 2
+    assert f"model 'absent' is not served; the live workers hold: {served}" in run.stderr
+    run = submit("a cat", "--server", running.url, "--model", served, "--no-wait", *QUICK, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    with Client(running.url) as client:
+        assert client.wait(run.stdout.strip(), timeout=60).params.model == served
 
 
 def test_a_server_that_does_not_answer_exits_1(tmp_path: Path) -> None:
