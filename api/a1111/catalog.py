@@ -4,7 +4,9 @@ of extras sdqueue does not have (upscalers, VAEs, embeddings, scripts), which an
 Models and LoRAs are the live workers' (`core.catalog`), so they follow the workers that run, as `GET /v1/models`
 and `GET /v1/loras` do.
 Options are fixed (`api.a1111.translate.FIXED_OPTIONS`): a POST may "set" an option to the value it has, and
-`sd_model_checkpoint` to a model a live worker holds; anything else is a 422 naming the option.
+`sd_model_checkpoint` to a model a live worker holds; anything else is a 422 naming the option. That choice is
+kept in Redis (``selected_model``) for the whole deployment, as A1111 has one loaded checkpoint for all its clients:
+A1111 requests that name no model then run on it; native and OpenAI requests keep the deployment's default.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from anyio import to_thread
 from fastapi import APIRouter
 from PIL import UnidentifiedImageError
+from redis import Redis
 
 from api import errors
 from api.a1111 import translate
@@ -35,6 +38,7 @@ from api.errors import ApiError
 from api.imageinput import ImageInputError, ImageLimits, decode_base64, open_image
 from core.catalog import ModelInfo, live_loras, loaded_models
 from core.imagefile import read_parameters
+from core.queues import Keys
 from core.rules import SAMPLERS
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], route_class=AuthenticatedRoute)
@@ -43,24 +47,40 @@ _INVALID = errors.responses(422, described={422: "An option sdqueue does not hav
                                                  "message names it."})
 
 
+def _selection_key(keys: Keys) -> str:
+    return f"{keys.prefix}:a1111:sd_model_checkpoint"
+
+
+def selected_model(redis: Redis, keys: Keys) -> str | None:
+    """The model `POST /options` chose for A1111 requests that name none (None: the deployment's default)."""
+    name = redis.get(_selection_key(keys))
+    return name.decode() if isinstance(name, bytes) else name
+
+
 @router.get("/options")
-def a1111_get_options(redis: RedisDep, keys: KeysDep) -> dict[str, Any]:
-    """sdqueue's options under A1111's names; `sd_model_checkpoint` is a live worker's model (null when none)."""
+def a1111_get_options(redis: RedisDep, keys: KeysDep, settings: SettingsDep) -> dict[str, Any]:
+    """sdqueue's options under A1111's names; `sd_model_checkpoint`: the model A1111 requests that name none run
+    on (the last `POST /options` choice, else the default model, else the first live worker's; null when none)."""
     models = loaded_models(redis, keys).models
-    first = models[0] if models else None
+    wanted = selected_model(redis, keys) or settings.default_model
+    shown = next((m for m in models if m.name == wanted), models[0] if models else None)
     return {
         **translate.FIXED_OPTIONS,
-        "sd_model_checkpoint": translate.model_title(first) if first else None,
-        "sd_checkpoint_hash": first.sha256 if first else None,
+        "sd_model_checkpoint": translate.model_title(shown) if shown else None,
+        "sd_checkpoint_hash": shown.sha256 if shown else None,
     }
 
 
 @router.post("/options", responses=_INVALID)
 def a1111_set_options(values: dict[str, Any], redis: RedisDep, keys: KeysDep) -> None:
     """Accepted when every option is at sdqueue's value, and `sd_model_checkpoint` names a model a live worker
-    holds (nothing is switched: each worker keeps its model); 422 naming the first option that is not."""
+    holds: A1111 requests that name no model run on it from then on (no worker switches: each keeps its model);
+    422 naming the first option that is not."""
     models = loaded_models(redis, keys).models if any(k in values for k in translate.MODEL_OPTIONS) else []
     translate.check_options(values, models)
+    for key in translate.MODEL_OPTIONS:
+        if key in values and (found := translate.find_model(models, values[key])):
+            redis.set(_selection_key(keys), found.name)
 
 
 @router.get("/sd-models")

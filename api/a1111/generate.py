@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 
 from api import errors
 from api.a1111 import info, translate
+from api.a1111.catalog import selected_model
 from api.a1111.models import GenerationFields, GenerationResponse, Img2ImgFields, Txt2ImgFields
 from api.deps import CallerDep, ServicesDep
 from api.errors import ApiError
@@ -59,7 +60,8 @@ async def a1111_txt2img(
     fields: Txt2ImgFields, request: Request, response: Response, intake: IntakeDep
 ) -> GenerationResponse | Response:
     """AUTOMATIC1111's txt2img: queue the job, answer when it has ended with its images as raw base64 PNG."""
-    native = translate.txt2img_request(fields, intake.caller.default_priority(), await _models(intake.s, fields))
+    native = translate.txt2img_request(fields, intake.caller.default_priority(), await _models(intake.s, fields),
+                                       await to_thread.run_sync(selected_model, intake.s.redis, intake.s.keys))
     job = await submit_and_wait(request, intake, response, jobstore.new_job_spec(native, "txt2img"), native)
     return await _answer(intake.s, fields, job, fields.model_dump())
 
@@ -70,7 +72,8 @@ async def a1111_img2img(
 ) -> GenerationResponse | Response:
     """AUTOMATIC1111's img2img; with `mask`, an inpaint (white repainted, the rest pasted back)."""
     s = intake.s
-    native = translate.img2img_request(fields, intake.caller.default_priority(), await _models(s, fields))
+    native = translate.img2img_request(fields, intake.caller.default_priority(), await _models(s, fields),
+                                       await to_thread.run_sync(selected_model, s.redis, s.keys))
     limits = ImageLimits.from_settings(s.settings)
     task: TaskKind
     try:

@@ -13,7 +13,8 @@
 - The native models then check every rule, and their messages come back with the A1111 field names
   (`native_error`), as do those of the input images (`image_error`).
 - Options (`override_settings`, `POST /options`): sdqueue's options are fixed, so an option may be "set" to the
-  value it has, and `sd_model_checkpoint` to a model a live worker holds (`check_options`).
+  value it has, and `sd_model_checkpoint` to a model a live worker holds (`check_options`): the job's `model`
+  (`override_settings`), or the model of later A1111 requests that name none (`POST /options`, as A1111 switches).
 """
 
 from __future__ import annotations
@@ -147,16 +148,19 @@ def invalid(field: str, message: str) -> ApiError:
     return ApiError(422, "invalid_request", message, field=field)
 
 
-def txt2img_request(fields: Txt2ImgFields, priority: Priority, models: Sequence[ModelInfo] | None) -> Txt2ImgRequest:
-    """The native txt2img request for an A1111 one (422 naming the A1111 field otherwise)."""
+def txt2img_request(
+    fields: Txt2ImgFields, priority: Priority, models: Sequence[ModelInfo] | None, selected: str | None = None
+) -> Txt2ImgRequest:
+    """The native txt2img request for an A1111 one (422 naming the A1111 field otherwise). Its model: the one
+    `override_settings` names, else `selected` (the last `POST /options` choice), else the deployment's default."""
     _check_supported(fields, "txt2img", models)
-    return _validate(Txt2ImgRequest, _common(fields, priority))
+    return _validate(Txt2ImgRequest, _common(fields, priority, _model(fields, models, selected)))
 
 
 def img2img_request(
-    fields: Img2ImgFields, priority: Priority, models: Sequence[ModelInfo] | None
+    fields: Img2ImgFields, priority: Priority, models: Sequence[ModelInfo] | None, selected: str | None = None
 ) -> Img2ImgRequest | InpaintRequest:
-    """The native img2img request, or inpaint when `mask` is given."""
+    """The native img2img request, or inpaint when `mask` is given; its model as for txt2img."""
     _check_supported(fields, "img2img", models)
     if not fields.init_images:
         raise invalid("init_images", "init_images: one image is required (raw base64 or a data: URL)")
@@ -167,8 +171,8 @@ def img2img_request(
         raise invalid("resize_mode", f"resize_mode: 0 (just resize) or 1 (crop and resize), got "
                                      f"{fields.resize_mode}; resize and fill and latent upscale are not supported")
     native: dict[str, Any] = {
-        **_common(fields, priority), "image": fields.init_images[0], "strength": fields.denoising_strength,
-        "resize_mode": _RESIZE_MODES[fields.resize_mode],
+        **_common(fields, priority, _model(fields, models, selected)), "image": fields.init_images[0],
+        "strength": fields.denoising_strength, "resize_mode": _RESIZE_MODES[fields.resize_mode],
     }
     if fields.mask is None:
         return _validate(Img2ImgRequest, native)
@@ -181,11 +185,20 @@ def img2img_request(
     })
 
 
-def _common(fields: GenerationFields, priority: Priority) -> dict[str, Any]:
+def _model(fields: GenerationFields, models: Sequence[ModelInfo] | None, selected: str | None) -> str | None:
+    """The native `model`: a checkpoint `override_settings` names (checked held by `_check_supported`), else
+    `selected`."""
+    for key in MODEL_OPTIONS:
+        if key in fields.override_settings and (found := find_model(models or [], fields.override_settings[key])):
+            return found.name
+    return selected
+
+
+def _common(fields: GenerationFields, priority: Priority, model: str | None) -> dict[str, Any]:
     sampler, karras = resolve_sampler(fields.sampler_name or fields.sampler_index, fields.scheduler,
                                       "sampler_name" if fields.sampler_name else "sampler_index")
     return {
-        "prompt": fields.prompt, "negative_prompt": fields.negative_prompt, "width": fields.width,
+        "model": model, "prompt": fields.prompt, "negative_prompt": fields.negative_prompt, "width": fields.width,
         "height": fields.height, "steps": fields.steps, "guidance_scale": fields.cfg_scale, "sampler": sampler,
         "karras": karras, "eta": _eta(sampler, fields.eta), "seed": fields.seed,
         "n": fields.batch_size * fields.n_iter, "priority": priority, "preview_every": PREVIEW_EVERY,

@@ -23,7 +23,7 @@ from core.queues import Keys
 from core.settings import Settings
 from tests.api.conftest import LiveServer
 from tests.api.test_metrics import samples
-from tests.api.test_models import SD15, start_worker
+from tests.api.test_models import INPAINT, SD15, start_worker
 from tests.images import noise_image, png_b64
 
 KEY = "sdq_a1111-test-key"
@@ -99,6 +99,17 @@ def test_models_and_options_follow_the_live_workers(client: TestClient, redis: R
     assert other.status_code == 422 and "v1-5-pruned-emaonly [6ce0161689]" in other.json()["error"]["message"]
     fixed = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
     assert fixed.status_code == 422 and fixed.json()["error"]["field"] == "CLIP_stop_at_last_layers"
+
+
+def test_post_options_chooses_the_model_of_a1111_requests_that_name_none(client: TestClient, redis: Redis) -> None:
+    start_worker(redis, "gpu-a", SD15)
+    start_worker(redis, "cpu-1", INPAINT)
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "sd-v1-5-inpainting [c6bbc15e32]"
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": SD15.name}).status_code == 200
+    options = client.get("/sdapi/v1/options").json()
+    assert (options["sd_model_checkpoint"], options["sd_checkpoint_hash"]) == (f"{SD15.name} [{SD15.hash}]",
+                                                                               SD15.sha256)
+    assert redis.get("sdq:a1111:sd_model_checkpoint") == SD15.name.encode()
 
 
 def test_png_info_reads_the_parameters_sdqueue_writes(client: TestClient) -> None:

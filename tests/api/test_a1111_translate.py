@@ -257,7 +257,9 @@ def test_native_validation_messages_come_back_with_the_a1111_field_names(fields:
 
 def test_override_settings_may_name_a_held_model_and_options_at_their_value() -> None:
     for name in ("v1-5 [6ce0161689]", "v1-5", "v1-5.safetensors", "6ce0161689", MODEL.sha256):
-        assert txt2img(override_settings={"sd_model_checkpoint": name}).prompt == "a cat"
+        assert txt2img(override_settings={"sd_model_checkpoint": name}).model == "v1-5"  # the job's model
+        assert img2img(override_settings={"sd_checkpoint_hash": name}).model == "v1-5"
+    assert txt2img().model is None  # the deployment's default
     assert txt2img(override_settings={"CLIP_stop_at_last_layers": 1, "samples_format": "png"}).prompt == "a cat"
 
     other = refused(txt2img, override_settings={"sd_model_checkpoint": "anything-v3 [38c1ebe3]"})
@@ -267,6 +269,13 @@ def test_override_settings_may_name_a_held_model_and_options_at_their_value() ->
     assert other.info.field == "override_settings.sd_model_checkpoint" and "v1-5 [6ce0161689]" in other.info.message
     assert clip_skip.info.field == "override_settings.CLIP_stop_at_last_layers" and "got 2" in clip_skip.info.message
     assert unknown.info.field == "override_settings.img2img_color_correction"
+
+
+def test_without_override_settings_the_model_chosen_by_post_options_is_the_jobs() -> None:
+    fields = Txt2ImgFields.model_validate({"prompt": "a cat"})
+    assert translate.txt2img_request(fields, Priority.normal, None, "sd15").model == "sd15"
+    fields = Txt2ImgFields.model_validate({"prompt": "a cat", "override_settings": {"sd_model_checkpoint": "v1-5"}})
+    assert translate.txt2img_request(fields, Priority.normal, [MODEL], "sd15").model == "v1-5"
 
 
 def test_a_model_is_refused_when_no_live_worker_holds_any() -> None:
