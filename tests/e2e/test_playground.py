@@ -26,7 +26,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from core import apikeys
 from tests.api.test_docs_browser import CHROMEDRIVER, CHROMIUM, console_errors
@@ -357,6 +357,11 @@ def test_the_workers_loras_and_vaes_are_offered_and_sent(service: Service, brows
     options = {o.get_attribute("value"): o.is_enabled() for o in page.by_id("vae").find_elements(By.TAG_NAME, "option")}
     assert options == {"full": True, "tiny": False}
     assert page.by_id("vae-help").is_displayed()
+    # the live workers' models, after "default" (the deployment's)
+    served = service.http.get("/v1/models").json()["models"][0]["name"]
+    model = page.by_id("model")
+    assert [o.get_attribute("value") for o in model.find_elements(By.TAG_NAME, "option")] == ["", served]
+    Select(model).select_by_value(served)
 
     rows[0].find_element(By.CSS_SELECTOR, 'input[type="checkbox"]').click()
     scale = rows[0].find_element(By.CLASS_NAME, "lora-scale")
@@ -368,5 +373,6 @@ def test_the_workers_loras_and_vaes_are_offered_and_sent(service: Service, brows
     assert page.decoded_images(card) == [(64, 64)]
     params = service.http.get(f"/v1/jobs/{job_id}").json()["params"]
     assert params["loras"] == [{"name": "ink", "scale": 0.7}] and params["vae"] == "full"
+    assert params["model"] == served
     page.screenshot("loras")
     assert console_errors(browser) == []

@@ -18,7 +18,8 @@ function describe(err) {
 }
 
 const form = new JobForm($("generate"));
-const catalog = new Catalog({ list: $("lora-list"), empty: $("loras-empty"), vae: $("vae"), vaeHelp: $("vae-help") });
+const catalog = new Catalog({ list: $("lora-list"), empty: $("loras-empty"), vae: $("vae"), vaeHelp: $("vae-help"),
+  model: $("model") });
 form.catalog = catalog;
 const formMessage = (message) => {
   show($("form-message"), message);

@@ -1,12 +1,13 @@
-// What the live workers can run beyond the request schema: the LoRAs they can load (GET /v1/loras) and whether
-// one holds a tiny VAE (GET /v1/models), so the form offers only what a job can use.
+// What the live workers can run beyond the request schema: the LoRAs they can load (GET /v1/loras), the models
+// they hold and whether one holds a tiny VAE (GET /v1/models), so the form offers only what a job can use.
 
 export class Catalog {
-  constructor({ list, empty, vae, vaeHelp }) {
+  constructor({ list, empty, vae, vaeHelp, model }) {
     this.list = list;
     this.empty = empty;
     this.vae = vae;
     this.vaeHelp = vaeHelp;
+    this.model = model;
   }
 
   // One row per LoRA: a checkbox to use it and its scale (the request's `loras[].scale`).
@@ -39,14 +40,24 @@ export class Catalog {
     this.empty.hidden = rows.length > 0;
   }
 
+  // The request's `model`: "default" (not sent: the deployment's default model) or one a live worker holds;
   // `vae: tiny` only where a live worker holds a tiny VAE; the full VAE is always there.
   showModels(models) {
+    const previous = this.model.value;
+    const names = [...new Set(models.map((model) => model.name))];
+    this.model.replaceChildren(new Option("default", ""), ...names.map((name) => new Option(name, name)));
+    this.model.value = names.includes(previous) ? previous : "";
     const tiny = models.some((model) => model.tiny_vae);
     for (const option of this.vae.options) {
       if (option.value === "tiny") option.disabled = !tiny;
     }
     if (!tiny && this.vae.value === "tiny") this.vae.value = "full";
     this.vaeHelp.hidden = tiny;
+  }
+
+  // The request's `model`, or null for the deployment's default.
+  chosenModel() {
+    return this.model.value || null;
   }
 
   // The request's `loras`: the checked rows, in the order listed.

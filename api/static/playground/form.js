@@ -122,6 +122,8 @@ export class JobForm {
         if (input.value.trim() !== "") body.outpaint[input.dataset.outpaint] = Number(input.value);
       }
     }
+    const model = this.catalog?.chosenModel() ?? null;
+    if (model) body.model = model;
     const loras = this.catalog?.chosen() ?? [];
     if (loras.length) body.loras = loras;
     if (this.form.elements.previews.checked) {
