@@ -196,7 +196,7 @@ def all_in_redis(redis: Redis, ids: list[str]) -> bool:
     for job_id in ids:
         pipe.exists(Job.key_for(job_id))
     hashes = sum(pipe.execute())
-    queued = sum(len(Queue(name, connection=redis)) for name in Keys().queues())
+    queued = sum(len(Queue(name, connection=redis)) for name in Keys().all_queues(redis))
     return hashes == len(ids) == queued
 
 

@@ -1,7 +1,8 @@
 """Collect one batch: the head job RQ dequeued, then compatible waiting jobs, claimed one by one from the queues.
 
-Queue layout: one RQ queue per priority (``sdq-high``, ``sdq-normal``, ``sdq-low``), not one per compatibility key.
-The worker groups jobs itself:
+Queue layout: one RQ queue per model and priority (``sdq-model-<model>-high`` ...), beside one per priority for jobs
+that name no model (``sdq-high``, ``sdq-normal``, ``sdq-low``; ``core.queues.Keys.worker_queues``), not one per
+compatibility key. A worker listens on its model's queues and the shared ones only. The worker groups jobs itself:
 
 1. RQ's normal dequeue (``Queue.dequeue_any``, highest priority first) gives the *head* job. It always runs in the
    next batch, so the oldest job of the highest non-empty priority is never passed over: an incompatible job waits at

@@ -2,7 +2,8 @@
 
 The sdqueue worker (``worker.batch_worker``) never calls ``run_job``: it recognises jobs by this name and runs them
 in batches. The function exists so that RQ's job records point at real code, and so that a stock RQ worker
-(``rq worker -w rq.SimpleWorker sdq-high sdq-normal sdq-low``) can still run sdqueue jobs one at a time, with progress
+(``rq worker -w rq.SimpleWorker sdq-model-<model>-high sdq-high ...``, the queues of ``Keys.worker_queues``) can
+still run sdqueue jobs one at a time, with progress
 in the meta and the same result format. It loads the model once per process, on first use.
 """
 
