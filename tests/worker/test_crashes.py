@@ -15,6 +15,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 
+from core.catalog import served_models
 from core.jobview import get_job
 from core.queues import Keys
 from core.storage import LocalStorage
@@ -145,11 +146,13 @@ def test_jobs_claimed_by_a_worker_killed_in_its_collection_window_run_elsewhere_
     print(f"claimed jobs of a killed worker started elsewhere {back_after:.1f} s after the kill")
 
 
-def test_a_queued_job_on_no_list_goes_back_to_its_queue(pool: Pool) -> None:
+@pytest.mark.parametrize("named", [False, True], ids=["shared-queue", "model-queue"])
+def test_a_queued_job_on_no_list_goes_back_to_its_queue(pool: Pool, named: bool) -> None:
     worker = idle_but_frozen(pool)
     try:
-        spec = submit(pool.redis, pool.settings, seed=90)
-        queue_key = Queue(Keys().queue("normal"), connection=pool.redis).key
+        model = served_models(pool.redis, Keys())[0] if named else None  # named: on its model's own queue
+        spec = submit(pool.redis, pool.settings, seed=90, model=model)
+        queue_key = Queue(Keys().queue("normal", model), connection=pool.redis).key
         # What a worker killed between RQ's BLPOP and its claim script leaves: the id off its queue, status queued.
         assert pool.redis.lpop(queue_key) == spec.id.encode()
     finally:
@@ -158,6 +161,6 @@ def test_a_queued_job_on_no_list_goes_back_to_its_queue(pool: Pool) -> None:
 
     job = Job.fetch(spec.id, connection=pool.redis)
     assert job.get_status() == JobStatus.FINISHED, pool.logs()
-    assert job.retries_left == RETRIES
+    assert job.retries_left == RETRIES and job.origin == Keys().queue("normal", model)
     print(f"a stranded job ran {took:.1f} s after its worker resumed")
 
