@@ -150,6 +150,9 @@ class BatchWorker(RQWorker):
                             self.finalizer.finalize(heartbeat, run, None, spec)
                             continue
                         try:
+                            if spec.params.model not in (None, self.resident.pipe.name):  # misrouted: never run it
+                                raise ValueError(f"this job is for model {spec.params.model!r}, and this worker "
+                                                 f"holds {self.resident.pipe.name!r}")
                             # reads img2img / inpaint inputs, waiting out a storage outage for as long as the job may
                             request = to_request(spec, self.finalizer.storage_for(run))
                             self.resident.pipe.check(request)

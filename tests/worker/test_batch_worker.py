@@ -162,6 +162,23 @@ def test_a_job_that_breaks_its_batch_fails_alone(redis: Redis, settings: Setting
     assert [len(requests) for requests in pipe.calls] == [4, 1, 1, 1, 1]  # the batch, then each of its jobs alone
 
 
+def test_a_job_for_another_model_fails_without_running(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
+    own = submit(redis, settings, seed=60, model=tiny_pipe.name)
+    other = submit(redis, settings, seed=61, model="other")
+    keys = Keys(settings.queue_prefix)
+    # a worker listening where it should not (a misconfigured queue list): the batch key keeps the two apart, and
+    # the job of the model it does not hold fails with the reason
+    queues = [*keys.worker_queues(tiny_pipe.name), *keys.queues("other")]
+    BatchWorker(queues, connection=redis, settings=settings, resident=resident(settings, tiny_pipe),
+                metrics=WorkerMetrics()).work(burst=True)
+
+    assert Job.fetch(own.id, connection=redis).get_status() == JobStatus.FINISHED
+    job = Job.fetch(other.id, connection=redis)
+    assert job.get_status() == JobStatus.FAILED
+    assert job.meta["error"]["message"] == f"this job is for model 'other', and this worker holds {tiny_pipe.name!r}"
+    assert not stored_images(settings.data_dir, other.id)
+
+
 def test_rq_stop_job_command_stops_one_job_of_the_batch(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
     keep = submit(redis, settings, steps=30, seed=5)
     stop = submit(redis, settings, steps=30, seed=6)
