@@ -6,7 +6,9 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Worker
 
+from api.main import create_app
 from core.catalog import LoadedModel, publish_model
+from core.settings import Settings
 
 SD15 = LoadedModel(name="v1-5-pruned-emaonly", hash="6ce0161689", sha256="6ce0161689" + "0" * 54,
                    inpainting_unet=False, device="cuda", dtype="float16")
@@ -101,3 +103,17 @@ def test_a_queued_jobs_eta_counts_its_models_workers_at_its_models_speed(client:
     eta = {m: [client.get(f"/v1/jobs/{i}").json()["progress"]["eta_seconds"] for i in ids[m]] for m in ids}
     # second job: one job ahead of it on its model's queue, shared by that model's workers (2 and 1)
     assert eta == {SD15.name: [1.0, 1.5], INPAINT.name: [4.0, 8.0]}
+
+
+def test_the_default_model_queues_before_its_workers_are_up(settings: Settings, redis: Redis) -> None:
+    with TestClient(create_app(settings.model_copy(update={"default_model": "sd15"}))) as client:
+        job = {"prompt": "a cat", "width": 64, "height": 64}
+        r = client.post("/v1/txt2img", json=job)  # no live worker yet: it waits on the default model's queue
+        assert r.status_code == 202 and r.json()["params"]["model"] == "sd15"
+        assert redis.llen("rq:queue:sdq-model-sd15-normal") == 1
+        start_worker(redis, "gpu-a", SD15)  # once workers are up, other models are refused unless served
+        r = client.post("/v1/txt2img", json={**job, "model": "other"})
+        assert r.status_code == 422 and r.json()["error"]["message"] == (
+            "model 'other' is not served; the live workers hold: v1-5-pruned-emaonly")
+        r = client.post("/v1/txt2img", json={**job, "model": SD15.name})
+        assert r.status_code == 202 and r.json()["params"]["model"] == SD15.name
