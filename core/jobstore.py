@@ -86,16 +86,18 @@ def enqueue_many(
     """Enqueue `specs` on their priorities' RQ queues in one transaction; returns each job's queue position, or
     None for a job refused because the queues already hold `limit` jobs.
 
-    Three round trips however many jobs (depths, WATCH, MULTI/EXEC): the API funnels concurrent submissions through
-    here, which is what lets one process accept thousands per second. Retry covers a worker that dies mid-job.
+    A few round trips however many jobs (the queue count, depths per model, WATCH, MULTI/EXEC): the API funnels
+    concurrent submissions through here, which is what lets one process accept thousands per second. Retry covers a
+    worker that dies mid-job.
     `records` (by job id): Idempotency-Key records made final in the transaction. A lost reply is resolved by a
     look-up (`core.commit`): jobs there, this returns; surely not, the error is raised; else `commit.CommitUnknown`.
     With `wait_on_disk_ms`, it returns once the jobs are fsynced (else `commit.NotOnDisk`).
     """
     keys = Keys(settings.queue_prefix)
     # per model: what waits before its jobs (its own queues and those of jobs that name no model), one round trip
-    # each; the limit applies to that count too
+    # each; the limit counts every queue, all models together
     depths_of: dict[str | None, dict[Priority, int]] = {}
+    waiting = total_waiting(redis, keys) if limit is not None else 0
     retry = Retry(max=settings.job_retries) if settings.job_retries else None
     positions: list[int | None] = []
     accepted: list[JobSpec] = []
@@ -105,12 +107,13 @@ def enqueue_many(
         if model not in depths_of:
             depths_of[model] = queue_depths(redis, keys, model)
         depths = depths_of[model]
-        if limit is not None and sum(depths.values()) >= limit:
+        if limit is not None and waiting >= limit:
             positions.append(None)
             continue
         priority = spec.params.priority
         positions.append(jobs_ahead(depths, priority))
         depths[priority] += 1
+        waiting += 1
         accepted.append(spec)
         by_queue.setdefault(keys.queue(priority, model), []).append(Queue.prepare_data(
             JOB_FUNC,
@@ -182,6 +185,14 @@ def queue_depths(redis: Redis, keys: Keys, model: str | None = None) -> dict[Pri
             pipe.llen(Queue(name, connection=redis).key)
     lengths = iter(int(n) for n in pipe.execute())
     return {p: sum(next(lengths) for _ in group) for p, group in zip(PRIORITY_ORDER, names, strict=True)}
+
+
+def total_waiting(redis: Redis, keys: Keys) -> int:
+    """Jobs waiting on every job queue, all models together (what SDQ_MAX_QUEUED_JOBS limits)."""
+    pipe = redis.pipeline(transaction=False)
+    for name in keys.all_queues(redis):
+        pipe.llen(Queue(name, connection=redis).key)
+    return sum(int(n) for n in pipe.execute())
 
 
 def jobs_ahead(depths: dict[Priority, int], priority: Priority) -> int:

@@ -117,3 +117,14 @@ def test_the_default_model_queues_before_its_workers_are_up(settings: Settings, 
             "model 'other' is not served; the live workers hold: v1-5-pruned-emaonly")
         r = client.post("/v1/txt2img", json={**job, "model": SD15.name})
         assert r.status_code == 202 and r.json()["params"]["model"] == SD15.name
+
+
+def test_the_queue_limit_counts_every_models_jobs(settings: Settings, redis: Redis) -> None:
+    start_worker(redis, "gpu-a", SD15)
+    start_worker(redis, "cpu-1", INPAINT)
+    with TestClient(create_app(settings.model_copy(update={"max_queued_jobs": 2}))) as client:
+        job = {"prompt": "a cat", "width": 64, "height": 64}
+        assert client.post("/v1/txt2img", json={**job, "model": SD15.name}).status_code == 202
+        assert client.post("/v1/txt2img", json={**job, "model": INPAINT.name}).status_code == 202
+        full = client.post("/v1/txt2img", json={**job, "model": INPAINT.name})
+        assert full.status_code == 503 and "queue full: 2 jobs waiting" in full.json()["error"]["message"]
