@@ -15,7 +15,9 @@ from rq import Queue
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.catalog import model_loads
 from core.jobstore import live_worker_count
+from core.queue_stats import eta_seconds
 from core.queues import Keys
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,8 @@ class ApiMetrics:
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self.jobs_submitted = Counter(
-            "sdq_jobs_submitted", "Jobs accepted onto a queue.", ["task", "priority"], registry=self.registry
+            "sdq_jobs_submitted", "Jobs accepted onto a queue (model: \"\" for jobs that name none).",
+            ["task", "priority", "model"], registry=self.registry,
         )
         self.http_errors = Counter(
             "sdq_http_errors", "Error responses by status and error type (unauthorized, rate_limited, queue_full...).",
@@ -77,6 +80,7 @@ class _QueueCollector(Collector):
             depths = dict(zip(names, (int(n) for n in pipe.execute()), strict=True))
             workers = live_worker_count(self.redis, self.keys)
             by_status = self._jobs_by_status(names)
+            per_model = self._per_model()
         except RedisError as exc:
             log.warning("metrics: Redis unreachable: %s", exc)
             up.add_metric([], 0)
@@ -91,7 +95,25 @@ class _QueueCollector(Collector):
             depth.add_metric([name, model or "", priority.value if priority else ""], n)
         yield depth
         yield GaugeMetricFamily("sdq_workers", "Live workers registered on sdqueue's queues.", value=workers)
+        yield from per_model
         yield by_status
+
+    def _per_model(self) -> list[GaugeMetricFamily]:
+        """Live workers, waiting jobs and the time to run those, per model (``core.catalog.model_loads``)."""
+        workers = GaugeMetricFamily("sdq_model_workers", "Live workers holding each model.", labels=["model"])
+        queued = GaugeMetricFamily("sdq_model_queued", "Jobs waiting on each model's queues.", labels=["model"])
+        eta = GaugeMetricFamily(
+            "sdq_model_queue_eta_seconds", "Seconds until a model's live workers have run the jobs waiting on its "
+            "queues, at the speed they recorded (no sample without a live worker or a recorded speed).",
+            labels=["model"],
+        )
+        for model, load in model_loads(self.redis, self.keys).items():
+            workers.add_metric([model], load.workers)
+            queued.add_metric([model], load.queued)
+            seconds = eta_seconds(self.redis, self.keys, load.queued, 0, load.workers, model) if load.workers else None
+            if seconds is not None:
+                eta.add_metric([model], seconds)
+        return [workers, queued, eta]
 
     def _jobs_by_status(self, names: list[str]) -> GaugeMetricFamily:
         """Running jobs, and finished ones until they expire (SDQ_RESULT_TTL_S), from RQ's registries."""

@@ -120,7 +120,7 @@ class Intake:
             )
         try:  # the model it runs on (core.fleet), before anything is queued
             model = await to_thread.run_sync(fleet.route, self.s.redis, self.s.keys, spec.params.model,
-                                             self.s.settings.default_model)
+                                             self.s.settings.default_model, self.s.settings.model_seen_ttl_s)
         except fleet.ModelRefused as exc:
             if on_refused is not None:
                 await on_refused()
@@ -156,7 +156,7 @@ class Intake:
                 await on_refused()
             response.headers["Idempotent-Replayed"] = "true"
             return await self._respond(earlier, response, None)
-        self.s.metrics.jobs_submitted.labels(spec.task, spec.params.priority.value).inc()
+        self.s.metrics.jobs_submitted.labels(spec.task, spec.params.priority.value, spec.params.model or "").inc()
         return await self._respond(spec.id, response, jobstore.queued_view(spec, position))
 
     async def _enqueue(self, spec: JobSpec, claim: _IdempotencyClaim | None) -> int:

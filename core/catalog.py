@@ -8,6 +8,7 @@ list of models follows the live workers with no key or TTL of its own.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from pydantic import BaseModel, Field, ValidationError
 from redis import Redis
@@ -123,6 +124,44 @@ def loaded_models(redis: Redis, keys: Keys) -> ModelList:
 def served_models(redis: Redis, keys: Keys) -> list[str]:
     """The names of the models the live workers hold, sorted."""
     return sorted({loaded.name for _, loaded in _live_models(redis, keys)})
+
+
+class ModelLoad(BaseModel):
+    workers: int = Field(description="Live workers holding the model.")
+    queued: int = Field(description="Jobs waiting on the model's queues (jobs that name no model not counted).")
+
+
+def model_loads(redis: Redis, keys: Keys) -> dict[str, ModelLoad]:
+    """Live workers and waiting jobs per model, by name: the models live workers hold, and those whose queues hold
+    jobs that no live worker can run."""
+    workers = Counter(loaded.name for _, loaded in _live_models(redis, keys))
+    named = [(parsed[0], name) for name in keys.all_queues(redis)
+             if (parsed := keys.parse(name)) is not None and parsed[0] is not None]
+    pipe = redis.pipeline(transaction=False)
+    for _, name in named:
+        pipe.llen(Queue(name, connection=redis).key)
+    queued: Counter[str] = Counter()
+    for (model, _), n in zip(named, pipe.execute() if named else [], strict=True):
+        queued[model] += int(n)
+    names = sorted(set(workers) | {model for model, n in queued.items() if n})
+    return {name: ModelLoad(workers=workers[name], queued=queued[name]) for name in names}
+
+
+def mark_served(redis: Redis, keys: Keys, name: str, at: float, forget_after_s: float) -> None:
+    """Record that a live worker holds ``name`` at ``at`` (unix seconds; workers call it every heartbeat), and drop
+    the models nobody held for ``forget_after_s``."""
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(keys.models_seen(), {name: at})
+        pipe.zremrangebyscore(keys.models_seen(), "-inf", f"({at - forget_after_s}")
+        pipe.execute()
+
+
+def recently_served(redis: Redis, keys: Keys, now: float, within_s: float) -> list[str]:
+    """The models some live worker held in the last ``within_s`` seconds before ``now``, sorted by name."""
+    if within_s <= 0:
+        return []
+    names = redis.zrangebyscore(keys.models_seen(), now - within_s, "+inf")
+    return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
 
 def tiny_vae_served(redis: Redis, keys: Keys) -> bool:

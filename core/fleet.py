@@ -4,8 +4,9 @@ Workers announce the model they hold (``core.catalog``); each model has its own 
 wait on the queues every worker serves (``core.queues.Keys``). A submitted job's model is:
 
 1. the one it names (``model``), else the deployment's default (``SDQ_DEFAULT_MODEL``), if set. A model no live
-   worker holds is refused, unless it is the configured default: its workers may still be starting, and its jobs
-   wait for them as any job waits for a worker;
+   worker holds is refused, unless it is the configured default (its workers may still be starting) or a live
+   worker held it in the last ``SDQ_MODEL_SEEN_TTL_S`` (its workers restart, roll out, or an autoscaler took them
+   to zero and waits for a queued job to bring them back): such jobs wait for a worker, as any job does;
 2. else, when the live workers hold exactly one model, that one;
 3. else, with no live worker at all (the API started first), none: the job waits on the shared queues and the first
    worker to come up runs it;
@@ -14,9 +15,12 @@ wait on the queues every worker serves (``core.queues.Keys``). A submitted job's
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from redis import Redis
 
-from core.catalog import served_models
+from core.catalog import recently_served, served_models
 from core.queues import Keys
 
 
@@ -28,13 +32,19 @@ def _listing(served: list[str]) -> str:
     return ", ".join(served) if served else "none yet (no live worker)"
 
 
-def choose_model(served: list[str], requested: str | None, default: str | None) -> str | None:
-    """The model a job runs on (None: any worker's), by the rule above; ModelRefused when none can be chosen."""
+def choose_model(served: list[str], requested: str | None, default: str | None,
+                 recent: Callable[[], list[str]] = list) -> str | None:
+    """The model a job runs on (None: any worker's), by the rule above; ModelRefused when none can be chosen.
+    ``recent()``: the models a live worker held lately, asked only for a name no live worker holds."""
     wanted = requested or default
     if wanted is not None:
         if wanted in served or wanted == default:
             return wanted
-        raise ModelRefused(f"model {wanted!r} is not served; the live workers hold: {_listing(served)}")
+        waiting = [name for name in recent() if name not in served]
+        if wanted in waiting:
+            return wanted
+        also = f"; with no live worker now, jobs still wait for: {', '.join(waiting)}" if waiting else ""
+        raise ModelRefused(f"model {wanted!r} is not served; the live workers hold: {_listing(served)}{also}")
     if len(served) == 1:
         return served[0]
     if not served:
@@ -43,6 +53,7 @@ def choose_model(served: list[str], requested: str | None, default: str | None) 
                        "no default (SDQ_DEFAULT_MODEL)")
 
 
-def route(redis: Redis, keys: Keys, requested: str | None, default: str | None) -> str | None:
-    """``choose_model`` against the models the live workers announce now."""
-    return choose_model(served_models(redis, keys), requested, default)
+def route(redis: Redis, keys: Keys, requested: str | None, default: str | None, seen_ttl_s: float) -> str | None:
+    """``choose_model`` against the models the live workers announce now, and those seen within ``seen_ttl_s``."""
+    return choose_model(served_models(redis, keys), requested, default,
+                        lambda: recently_served(redis, keys, time.time(), seen_ttl_s))

@@ -333,6 +333,8 @@ class JobPublic(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     attempts: int = Field(default=0, description="How many times a worker started the job (1 for one that ran once).")
+    worker: str | None = Field(default=None, description="The worker that started it last (host.pid.suffix, as "
+                               "in `GET /v1/models`); null until one does.")
     queue_position: int | None = Field(None, description="Jobs that run before this one (queued jobs only).")
     progress: Progress = Field(default_factory=Progress)
     timings: Timings = Field(default_factory=Timings)

@@ -128,6 +128,7 @@ def _build(job: Job, storage: Storage, attempts: int, given_back: int, value: di
         view.progress = Progress.model_validate(meta["progress"])
     view.started_at = _utc(meta["started_at"]) if "started_at" in meta else _utc(job.started_at)
     view.attempts = attempts or (1 if view.started_at else 0)  # a stock RQ worker keeps no count
+    view.worker = job.worker_name if view.started_at else None  # retried: the last one, until the next starts
     if view.status.is_terminal():
         view.finished_at = _utc(job.ended_at)
     if view.status is Status.succeeded:

@@ -72,6 +72,11 @@ class Keys:
         models = sorted({parsed[0] for name in names if (parsed := self.parse(name)) and parsed[0] is not None})
         return self.queues() + [name for model in models for name in self.queues(model)]
 
+    def models_seen(self) -> str:
+        """Sorted set of model names by the last time a live worker held them (unix seconds), so that a model whose
+        workers restart or scaled to zero still takes jobs for a while (SDQ_MODEL_SEEN_TTL_S)."""
+        return f"{self.prefix}:models-seen"
+
     def webhooks(self) -> str:
         """The RQ queue of webhook deliveries; only `sdqueue webhooks` processes listen on it, never a GPU worker."""
         return f"{self.prefix}-webhooks"

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         description="The model of jobs that name none (API). Unset: the one model served; with several served, "
         "jobs must name theirs.",
     )
+    model_seen_ttl_s: int = Field(
+        24 * 3600, ge=0, le=365 * 24 * 3600,
+        description="How long after its last live worker a model still takes jobs, which wait for a worker of it "
+        "(a restart, a rollout, an autoscaler at zero); 0 = only models with a live worker.",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     allow_pickle: bool = Field(False, description="Allow .ckpt pickles (loaded with weights_only=True).")

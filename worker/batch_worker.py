@@ -26,7 +26,7 @@ from rq.job import Job
 from rq.queue import Queue
 
 from core import logs
-from core.catalog import publish_model
+from core.catalog import mark_served, publish_model
 from core.jobs import JobSpec
 from core.outages import quick_client
 from core.queue_stats import record_pipeline_call
@@ -72,6 +72,7 @@ class BatchWorker(RQWorker):
         self.phase = Phase.starting
         self.resident = resident
         self.model = describe_model(resident.pipe, settings.checkpoint)
+        self.seen_ttl_s = settings.model_seen_ttl_s
         self.metrics = metrics
         self.webhooks = WebhookNotifier(connection, settings, resident.storage)  # queues deliveries, never sends
         self.books = Bookkeeper(self, resident.keys, self.lease_s, webhooks=self.webhooks, redis=self.redis_link)
@@ -104,6 +105,7 @@ class BatchWorker(RQWorker):
         # GET /v1/models reads the model from the worker's own hash, so the entry lives and dies with the worker
         # (and comes back with it when the worker registers again after an outage).
         publish_model(self.connection, self.key, self.model)
+        self._mark_served()
         self.lease_watch.start()
 
     def teardown(self) -> None:
@@ -113,7 +115,13 @@ class BatchWorker(RQWorker):
     def on_idle(self) -> None:
         self._enter(Phase.idle)
 
+    def _mark_served(self) -> None:
+        # for SDQ_MODEL_SEEN_TTL_S: the API keeps taking this model's jobs a while after its last worker left
+        mark_served(self.connection, self.resident.keys, self.resident.pipe.name, time.time(),
+                    self.seen_ttl_s)
+
     def on_maintenance(self) -> None:
+        self._mark_served()
         # One worker sweeps per heartbeat (claimed, not started) and per lease (popped, not claimed: a scan of every
         # job hash). The locks are never released: they are rate limits, and a killed sweeper holds them briefly.
         if self.connection.set(f"{self.sweep_lock}:claimed", self.name, nx=True, ex=self.heartbeat_s):

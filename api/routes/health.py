@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
 from api.deps import KeysDep, RedisDep
-from core.catalog import loaded_models
+from core.catalog import ModelLoad, model_loads
 from core.jobstore import live_worker_count
 
 router = APIRouter(tags=["health"])
@@ -17,7 +17,10 @@ class Readiness(BaseModel):
     ready: bool
     redis: bool
     workers: int
-    models: dict[str, int] = Field(default_factory=dict, description="Live workers per model they hold.")
+    models: dict[str, ModelLoad] = Field(
+        default_factory=dict, description="Per model: its live workers and waiting jobs (models with jobs waiting and "
+        "no live worker included: they are not served now).",
+    )
     reason: str | None = None
 
 
@@ -33,12 +36,12 @@ def readyz(response: Response, redis: RedisDep, keys: KeysDep) -> Readiness:
     try:
         redis.ping()
         workers = live_worker_count(redis, keys)
-        models = {m.name: len(m.workers) for m in loaded_models(redis, keys).models}
+        models = model_loads(redis, keys)
     except RedisError as exc:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return Readiness(ready=False, redis=False, workers=0, reason=f"Redis unreachable: {exc}")
     if workers == 0:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         reason = "no live worker on queues " + ", ".join(keys.queues())
-        return Readiness(ready=False, redis=True, workers=0, reason=reason)
+        return Readiness(ready=False, redis=True, workers=0, models=models, reason=reason)
     return Readiness(ready=True, redis=True, workers=workers, models=models)

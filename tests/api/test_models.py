@@ -68,7 +68,8 @@ def test_jobs_go_to_their_models_queues_and_the_counts_follow(client: TestClient
     assert redis.llen("rq:queue:sdq-normal") == 0 and redis.llen("rq:queue:sdq-model-absent-high") == 0
     queued = {m["name"]: m["queued"] for m in client.get("/v1/models").json()["models"]}
     assert queued == {"sd-v1-5-inpainting": 1, "v1-5-pruned-emaonly": 2}
-    assert client.get("/readyz").json()["models"] == {"sd-v1-5-inpainting": 1, "v1-5-pruned-emaonly": 1}
+    assert client.get("/readyz").json()["models"] == {"sd-v1-5-inpainting": {"workers": 1, "queued": 1},
+                                                      "v1-5-pruned-emaonly": {"workers": 1, "queued": 2}}
 
 
 def test_a_worker_whose_registration_expired_drops_out(client: TestClient, redis: Redis) -> None:
@@ -128,3 +129,30 @@ def test_the_queue_limit_counts_every_models_jobs(settings: Settings, redis: Red
         assert client.post("/v1/txt2img", json={**job, "model": INPAINT.name}).status_code == 202
         full = client.post("/v1/txt2img", json={**job, "model": INPAINT.name})
         assert full.status_code == 503 and "queue full: 2 jobs waiting" in full.json()["error"]["message"]
+
+
+def test_a_model_whose_workers_left_lately_takes_jobs_until_its_ttl(settings: Settings, redis: Redis) -> None:
+    import time
+
+    from core.catalog import mark_served
+    from core.queues import Keys
+
+    keys = Keys("sdq")
+    start_worker(redis, "gpu-a", SD15)
+    mark_served(redis, keys, "scaled-to-zero", time.time() - 600, forget_after_s=86400)
+    mark_served(redis, keys, "retired", time.time() - 7200, forget_after_s=86400)
+    job = {"prompt": "a cat", "width": 64, "height": 64}
+    with TestClient(create_app(settings.model_copy(update={"model_seen_ttl_s": 3600}))) as client:
+        r = client.post("/v1/txt2img", json={**job, "model": "scaled-to-zero"})
+        assert r.status_code == 202 and r.json()["params"]["model"] == "scaled-to-zero"
+        assert redis.llen("rq:queue:sdq-model-scaled-to-zero-normal") == 1  # where its next worker looks
+        r = client.post("/v1/txt2img", json={**job, "model": "retired"})  # last seen 2 h ago: past the TTL
+        assert r.status_code == 422 and r.json()["error"]["message"] == (
+            "model 'retired' is not served; the live workers hold: v1-5-pruned-emaonly; with no live worker now, "
+            "jobs still wait for: scaled-to-zero")
+        # waiting jobs show in /readyz (and the metrics) under their model, with no worker
+        assert client.get("/readyz").json()["models"] == {"scaled-to-zero": {"workers": 0, "queued": 1},
+                                                          "v1-5-pruned-emaonly": {"workers": 1, "queued": 0}}
+    with TestClient(create_app(settings.model_copy(update={"model_seen_ttl_s": 0}))) as client:
+        r = client.post("/v1/txt2img", json={**job, "model": "scaled-to-zero"})
+        assert r.status_code == 422, r.text  # 0: only the models of live workers

@@ -19,6 +19,21 @@ def test_a_named_model_must_be_served_unless_it_is_the_configured_default() -> N
         choose_model([], "c", None)
 
 
+def test_a_model_served_lately_still_takes_jobs_and_the_refusal_names_it() -> None:
+    asked = []
+
+    def recent() -> list[str]:
+        asked.append(True)
+        return ["a", "gone"]
+
+    assert choose_model(["a"], "a", None, recent) == "a" and not asked  # live: no second look-up
+    assert choose_model(["a"], "gone", None, recent) == "gone"  # its workers restart, or scaled to zero
+    with pytest.raises(ModelRefused, match=r"the live workers hold: a; with no live worker now, jobs still wait for: "
+                                           r"gone$"):
+        choose_model(["a"], "typo", None, recent)
+    assert choose_model(["a"], None, None, recent) == "a"  # a job naming none: only the live workers count
+
+
 def test_without_a_name_the_only_model_served_or_any_worker() -> None:
     assert choose_model(["a"], None, None) == "a"
     assert choose_model([], None, None) is None  # no worker yet: the shared queues, as before models had names

@@ -177,6 +177,9 @@ def test_a_job_for_another_model_fails_without_running(redis: Redis, settings: S
     assert job.get_status() == JobStatus.FAILED
     assert job.meta["error"]["message"] == f"this job is for model 'other', and this worker holds {tiny_pipe.name!r}"
     assert not stored_images(settings.data_dir, other.id)
+    # the worker recorded the model it holds, so the API keeps taking its jobs a while after the worker left
+    assert redis.zscore(keys.models_seen(), tiny_pipe.name) is not None
+    assert redis.zscore(keys.models_seen(), "other") is None
 
 
 def test_rq_stop_job_command_stops_one_job_of_the_batch(redis: Redis, settings: Settings, tiny_pipe: Any) -> None:
