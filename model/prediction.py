@@ -4,6 +4,8 @@ A diffusers folder says it: ``prediction_type`` in ``scheduler/scheduler_config.
 The rule for those (``SDQ_PREDICTION_TYPE=auto``):
 
 - an SD 1.x text encoder (OpenAI CLIP): ε, without running anything; SD 1.x was trained for ε only;
+- an OpenCLIP text encoder with a 9-channel (inpainting) UNet: ε, without running anything; the one SD 2 inpainting
+  model (``512-inpainting-ema``) and its fine-tunes predict ε, and AUTOMATIC1111 and ComfyUI take them as ε too;
 - an OpenCLIP text encoder (SD 2.x, whose 512 models predict ε and 768 ones v): the UNet runs once, as
   AUTOMATIC1111 decides it, and its output tells. Unlike AUTOMATIC1111's probe (latents of 0.5 everywhere, an
   empirical threshold on mean(output - input)), ours gives the UNet what it was trained on: seeded standard-normal
@@ -74,16 +76,17 @@ def looks_like_v_prediction(unet: ProbeUNet, in_channels: int, context: torch.Te
 
 def resolve_prediction_type(
     choice: str, scheduler_config: dict[str, Any] | None, open_clip_text: bool, probe: Callable[[], bool],
+    *, inpaint: bool = False,
 ) -> str:
     """The prediction type to sample with: ``choice`` unless "auto"; else the folder's scheduler config; else ε for
-    SD 1.x text encoders and ``probe()`` (``looks_like_v_prediction``) for OpenCLIP ones."""
+    SD 1.x text encoders and inpainting UNets, and ``probe()`` (``looks_like_v_prediction``) for other OpenCLIP ones."""
     if choice not in PREDICTION_CHOICES:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_CHOICES)}, got {choice!r}")
     if choice != "auto":
         return choice
     if scheduler_config is not None:
         return str(scheduler_config.get("prediction_type", "epsilon"))
-    if not open_clip_text:
+    if not open_clip_text or inpaint:
         return "epsilon"
     return "v_prediction" if probe() else "epsilon"
 
@@ -108,6 +111,7 @@ def choose_prediction_type(components: Components, choice: str) -> str:
         return looks_like_v_prediction(unet, unet.config.in_channels, empty_prompt_context(components))
 
     chosen = resolve_prediction_type(choice, components.scheduler_config,
-                                     uses_open_clip(components.text_encoder.config), probe)
+                                     uses_open_clip(components.text_encoder.config), probe,
+                                     inpaint=components.is_inpaint)
     log.info("%s: %s (prediction type %s)", components.source.name, chosen, choice)
     return chosen

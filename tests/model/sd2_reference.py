@@ -19,6 +19,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
 from transformers import CLIPTextConfig, CLIPTokenizer
@@ -36,12 +37,13 @@ SCHEDULERS: dict[str, Any] = {"ddim": DDIMScheduler, "euler": EulerDiscreteSched
                               "lcm": LCMScheduler}
 
 
-def sd2_configs() -> Configs:
+def sd2_configs(in_channels: int = 4) -> Configs:
     """SD 2.x's architecture, tiny: 16 channels per head (2 heads at 32 channels, 4 at 64), linear projections,
-    a 2-layer GELU text encoder of 32 channels in 2 heads."""
+    a 2-layer GELU text encoder of 32 channels in 2 heads; ``in_channels`` 9 for the inpainting UNet."""
     _, vae, _ = tiny_configs()
-    unet = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
-                      num_head_channels=16, context_dim=32, use_linear_in_transformer=True)
+    unet = UNetConfig(in_channels=in_channels, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(1, 2), num_head_channels=16, context_dim=32,
+                      use_linear_in_transformer=True)
     text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
                           bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
@@ -56,12 +58,15 @@ def sd2_tokenizer() -> CLIPTokenizer:
                          pad_token="!")
 
 
-def save_sd2_folder(folder: Path, seed: int = 0, prediction_type: str = "v_prediction") -> Path:
-    unet, vae, text_encoder = random_reference_modules(sd2_configs(), seed)
+def save_sd2_folder(
+    folder: Path, seed: int = 0, prediction_type: str = "v_prediction", in_channels: int = 4
+) -> Path:
+    """``in_channels`` 9: an inpainting folder (``StableDiffusionInpaintPipeline``), as SD 2's 512-inpainting-ema."""
+    unet, vae, text_encoder = random_reference_modules(sd2_configs(in_channels), seed)
     scheduler = DDIMScheduler.from_config({**SD2_SCHEDULER, "prediction_type": prediction_type})
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=sd2_tokenizer(), unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    cls = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+    pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=sd2_tokenizer(), unet=unet, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder
 

@@ -76,6 +76,8 @@ def test_rule() -> None:
     assert resolve("auto", None, False, lambda: never("SD 1.x")) == "epsilon"
     assert resolve("auto", None, True, lambda: True) == "v_prediction"
     assert resolve("auto", None, True, lambda: False) == "epsilon"
+    assert resolve("auto", None, True, lambda: never("an inpainting UNet"), inpaint=True) == "epsilon"
+    assert resolve("v_prediction", None, True, lambda: never("a choice"), inpaint=True) == "v_prediction"
     with pytest.raises(ValueError, match=r"prediction_type must be one of auto, epsilon, v_prediction, got 'eps'"):
         resolve("eps", None, True, lambda: True)
 
