@@ -10,7 +10,8 @@ SCORE_ELEMENTS = 32 * 1024 * 1024
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None, *,
+    upcast: bool = False,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q [B, heads, N, d], k and v [B, heads, M, d] -> [B, heads, N, d].
 
@@ -20,8 +21,14 @@ def attention(
     ``F.scaled_dot_product_attention`` everywhere but bf16 on the CPU, where PyTorch's flash kernel runs no faster
     than in fp32: two bf16 matrix products (oneDNN) with the softmax between them measured 2x to 3.5x faster at
     the UNet's and the VAE's shapes. The query rows go in chunks, so the score matrix never outgrows SCORE_ELEMENTS.
+
+    ``upcast``: the scores q·k^T in fp32 (a UNet config's ``upcast_attention``, SD 2.x). SDPA already holds them
+    in fp32 for fp16 and bf16 inputs (its flash and memory-efficient kernels accumulate in fp32; its math kernel
+    converts q, k and v to fp32 unless ``allow_fp16_bf16_reduction_math_sdp`` is set), so fp16 never overflows
+    there. Only the bf16 CPU path stores scores in bf16 (8 mantissa bits: large scores lose the softmax), and with
+    ``upcast`` it gives way to SDPA.
     """
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or upcast:
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     B, H, N, D = q.shape

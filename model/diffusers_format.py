@@ -144,6 +144,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         transformer_depth=_one(cfg, "transformer_layers_per_block", 1, "unet"),
         context_dim=_one(cfg, "cross_attention_dim", 1280, "unet"),
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
+        upcast_attention=bool(cfg.get("upcast_attention", False)),  # SD 2.1: fp16 q·k overflows without it
     )
 
 

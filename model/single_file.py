@@ -74,7 +74,7 @@ def _count(shapes: Shapes, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
 
 
-def infer_unet_config(s: Shapes, heads: Mapping[str, int]) -> UNetConfig:
+def infer_unet_config(s: Shapes, heads: Mapping[str, int], upcast_attention: bool = False) -> UNetConfig:
     """From the shapes of the keys below ``model.diffusion_model.``; ``heads`` = recorded head counts, if any."""
 
     def need(key: str) -> tuple[int, ...]:
@@ -103,6 +103,7 @@ def infer_unet_config(s: Shapes, heads: Mapping[str, int]) -> UNetConfig:
         transformer_depth=_count(s, "middle_block.1.transformer_blocks."),
         context_dim=context_dim,
         use_linear_in_transformer=len(need("middle_block.1.proj_in.weight")) == 2,
+        upcast_attention=upcast_attention,
     )
 
 

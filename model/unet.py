@@ -32,6 +32,7 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 1.x: 1x1 conv proj_in/proj_out; SD 2.x: linear
+    upcast_attention: bool = False  # attention scores in fp32 under fp16/bf16 (SD 2.x; model/attention.py)
 
     def __post_init__(self) -> None:
         # one spelling per architecture, so configs compare equal: tuples, attention factors high to low as in LDM
@@ -85,9 +86,10 @@ class ResBlock(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention of x over context (self-attention when context is None)."""
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int) -> None:
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, upcast: bool = False) -> None:
         super().__init__()
         self.heads = heads
+        self.upcast = upcast
         inner = heads * head_dim
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
@@ -101,7 +103,7 @@ class CrossAttention(nn.Module):
         B, N, _ = x.shape
         q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)  # [B, heads, tokens, head_dim]
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = attention(q, k, v, context_mask)  # [B, heads, N, head_dim]
+        out = attention(q, k, v, context_mask, upcast=self.upcast)  # [B, heads, N, head_dim]
         return self.to_out(out.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -126,11 +128,11 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int) -> None:
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, upcast: bool = False) -> None:
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, head_dim)
+        self.attn1 = CrossAttention(dim, dim, heads, head_dim, upcast)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, upcast)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -151,7 +153,7 @@ class SpatialTransformer(nn.Module):
         self.linear = linear = config.use_linear_in_transformer
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, config.context_dim, heads, head_dim)
+            BasicTransformerBlock(channels, config.context_dim, heads, head_dim, config.upcast_attention)
             for _ in range(config.transformer_depth)
         )
         self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)

@@ -134,7 +134,8 @@ def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list
     # SD 2.x: an OpenCLIP text encoder, of which the last layer goes unused (model/open_clip.py)
     sd2 = open_clip.has_open_clip(reader.shapes, open_clip.SD2_PREFIX) and not groups.text
     unet, vae, text = _build(
-        single_file.infer_unet_config(unet_shapes, heads),
+        # the original SD 2 code computes every q·k in fp32 (its ATTN_PRECISION default)
+        single_file.infer_unet_config(unet_shapes, heads, upcast_attention=sd2),
         single_file.infer_vae_config(vae_shapes),
         open_clip.config_from_open_clip(reader.shapes, open_clip.SD2_PREFIX, -1, heads.get("text_num_attention_heads"))
         if sd2 else single_file.infer_clip_config(text_shapes, heads),
