@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import signal
 import sys
 import time
 import traceback
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+SCHEDULER_STOP_S = 5  # the scheduler's turn is 1 s: SIGTERM ends it within that
 SETTLE_HEARTBEATS = 3  # steady contact before RQ's cleanup may take a message for abandoned
 
 
@@ -282,8 +285,24 @@ class WebhookWorker(SimpleWorker):
                                 give_up=lambda: self._stop_requested)
         except GaveUp:
             return
-        if scheduler.acquired_locks:
+        if scheduler.acquired_locks and not self._stop_requested:
             scheduler.start()  # otherwise another sender's scheduler runs; maintenance takes over if it stops
+
+    def stop_scheduler(self) -> None:
+        """RQ's stop (SIGTERM, then wait), with an end to the wait: a SIGTERM that reaches the forked scheduler
+        before it has installed its own handlers lands in the sender's, copied by the fork, and the scheduler would
+        never stop (nor would the sender, joining it). After a few of its turns it is killed; its locks expire."""
+        process = self.scheduler._process if self.scheduler else None
+        if process is None or process.pid is None:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(SCHEDULER_STOP_S)
+        if process.is_alive():
+            log.warning("the webhook scheduler (pid %d) did not stop within %d s of SIGTERM: killing it",
+                        process.pid, SCHEDULER_STOP_S)
+            process.kill()
+            process.join()
 
     # idle ----------------------------------------------------------------------------------------------------
     def dequeue_job_and_maintain_ttl(

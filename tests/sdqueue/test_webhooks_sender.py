@@ -8,7 +8,9 @@ sent, deterministically.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -17,12 +19,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job, JobStatus
+from rq.scheduler import RQScheduler
 from rq.worker import Worker
 
 from core import jobstore, jobview
@@ -30,6 +34,7 @@ from core.jobs import GenerationParams
 from core.queues import Keys
 from core.settings import load_settings
 from core.webhook_queue import enqueue_delivery
+from sdqueue.webhooks import SCHEDULER_STOP_S, WebhookWorker
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,3 +215,33 @@ def test_the_sender_imports_neither_torch_nor_the_worker() -> None:
 def test_sigterm_stops_an_idle_sender_with_exit_code_0(sender: Sender) -> None:
     sender.proc.terminate()
     assert sender.proc.wait(30) == 0, sender.tail()
+
+
+def _deaf_scheduler(deaf: Any) -> None:
+    """A scheduler process that lost its SIGTERM: the signal reached it before it installed its handlers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    deaf.set()
+    time.sleep(120)
+
+
+def test_stopping_a_scheduler_that_lost_its_sigterm_kills_it(redis: Redis) -> None:
+    worker = WebhookWorker([Keys(load_settings().queue_prefix).webhooks()], connection=redis, heartbeat_s=1)
+    scheduler = RQScheduler(worker.queues, connection=redis)
+    context = multiprocessing.get_context("fork")
+    deaf = context.Event()
+    process = context.Process(target=_deaf_scheduler, args=(deaf,), daemon=True)
+    process.start()
+    assert deaf.wait(30)
+    scheduler._process = process  # type: ignore[assignment]  # RQ types it as None before start()
+    worker.scheduler = scheduler
+    stopper = threading.Thread(target=worker.stop_scheduler, daemon=True)
+    started = time.monotonic()
+    stopper.start()
+    stopper.join(SCHEDULER_STOP_S + 20)
+    try:
+        assert not stopper.is_alive(), "stop_scheduler still waits on a scheduler that ignores SIGTERM"
+        assert not process.is_alive()
+        assert time.monotonic() - started < SCHEDULER_STOP_S + 20
+    finally:
+        if process.is_alive():
+            process.kill()
