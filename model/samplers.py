@@ -11,7 +11,9 @@ DDIM and DPM++ 2M loop over x = √ᾱ·x_0 + √(1-ᾱ)·ε with ᾱ = 1/(1+σ�
 latents seen by callbacks and ``add_noise`` are the ones diffusers has at the same step.
 
 Every step function takes ε. A v-prediction model's output is turned into ε in ``sample``, once for all samplers
-(``SamplingPlan.eps_from_v``), after classifier-free guidance, which is linear and so the same on v as on ε.
+(``SamplingPlan.eps_from_v``), after classifier-free guidance, which is linear and so the same on v as on ε. The one
+exception is DDIM's first step on a zero terminal SNR schedule (model/schedule.py), from ᾱ = 0 (σ = ∞): there
+ε = x_t says nothing of x̂_0 = -v, so that step takes v (``ddim_zero_snr_step``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ _VARIANCE_PRESERVING = ("ddim", "dpmpp_2m", "lcm", "tcd")
 _CONSISTENCY = ("lcm", "tcd")  # steps picked from the 50-step distillation schedule (model/lcm.py)
 _INTEGER_TIMESTEPS = ("ddim", "dpmpp_2m")  # diffusers rounds these samplers' timesteps to integers
 _KARRAS_RHO = 7.0
+_ZERO_SNR = ("ddim", "euler", "euler_a", "dpmpp_2m")  # the samplers that run zero terminal SNR schedules
 
 # (model_input [B,4,h,w] scaled as the sampler requires, timesteps [B] float32) -> the model's prediction [B,4,h,w]:
 # the noise ε, or v for a plan whose prediction_type is "v_prediction"
@@ -81,6 +84,8 @@ class SamplingPlan:
             return clean
         sigma = float(self.sigmas[step])
         noise = noise.to(clean)
+        if math.isinf(sigma):  # ᾱ = 0 (zero terminal SNR, DDIM): pure noise
+            return noise
         if not self.variance_preserving:
             return clean + sigma * noise
         alpha = 1 / math.sqrt(1 + sigma * sigma)
@@ -118,7 +123,13 @@ def make_plan(
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
 
-    train_sigmas = schedule.train_sigmas().numpy()  # float32, as diffusers interpolates them
+    if schedule.zero_terminal_snr and sampler not in _ZERO_SNR:
+        raise ValueError(
+            f"sampler {sampler!r} does not run zero terminal SNR schedules (the scheduler config's "
+            f"rescale_betas_zero_snr); use one of {', '.join(_ZERO_SNR)}"
+        )
+    # float32, as diffusers interpolates them; DDIM alone starts from ᾱ = 0 under zero terminal SNR
+    train_sigmas = schedule.train_sigmas(finite=sampler != "ddim").numpy()
     if sampler in _CONSISTENCY:  # their own spacing (model/lcm.py), whatever the config's timestep_spacing
         timesteps = lcm_timesteps(steps, schedule.num_train_timesteps)
     else:
@@ -190,9 +201,12 @@ def sample(
         t = torch.full((x.shape[0],), float(plan.timesteps[i]), dtype=torch.float32, device=x.device)
         model_input = plan.model_input(x, i)
         eps = eps_model(model_input, t).to(torch.float32)
-        if plan.prediction_type == "v_prediction":
-            eps = plan.eps_from_v(eps, model_input, i)
-        x, memory = step_fn(plan, i, x, eps, memory, noise, eta)
+        if math.isinf(float(plan.sigmas[i])):  # make_plan allows σ = ∞ for DDIM only, whose schedule needs v
+            x = ddim_zero_snr_step(plan, i, x, eps, noise, eta)
+        else:
+            if plan.prediction_type == "v_prediction":
+                eps = plan.eps_from_v(eps, model_input, i)
+            x, memory = step_fn(plan, i, x, eps, memory, noise, eta)
         if callback is not None and (control := callback(i, x)) is not None:
             if control.keep is not None:
                 keep = control.keep.to(x.device)
@@ -230,6 +244,20 @@ def ddim_step(
     if eta > 0:
         x = x + std * noise(x).to(x)
     return x, memory
+
+
+def ddim_zero_snr_step(
+    plan: SamplingPlan, i: int, x: torch.Tensor, v: torch.Tensor, noise: NoiseFn, eta: float
+) -> torch.Tensor:
+    """DDIM (eq. 12) from ᾱ = 0, where x_t = ε and v = -x_0: x' = -√ᾱ'·v + √(1-ᾱ'-s²)·x + s·z, s = η·√(1-ᾱ')."""
+    s_next = float(plan.sigmas[i + 1])
+    a_next = 1 / (1 + s_next**2)
+    b_next = s_next**2 * a_next
+    std = eta * math.sqrt(b_next)
+    x = -math.sqrt(a_next) * v + math.sqrt(max(b_next - std**2, 0.0)) * x
+    if eta > 0:
+        x = x + std * noise(x).to(x)
+    return x
 
 
 def euler_step(

@@ -324,7 +324,7 @@ def test_schedule_honours_config_values() -> None:
         ({"beta_schedule": "squaredcos_cap_v2"}, r"beta_schedule must be one of linear, scaled_linear, got 'squa"),
         ({"timestep_spacing": "even"}, r"timestep_spacing must be one of leading, trailing, linspace, got 'even'"),
         ({"trained_betas": [0.1, 0.2]}, r"trained_betas must hold num_train_timesteps=1000 values, got shape \[2\]"),
-        ({"rescale_betas_zero_snr": True}, r"scheduler config sets rescale_betas_zero_snr=true"),
+        ({"rescale_betas_zero_snr": True}, r"zero terminal SNR .*needs prediction_type v_prediction"),
         ({"steps_offset": -1}, r"steps_offset must be >= 0, got -1"),
         ({"beta_end": 1.5, "beta_schedule": "linear"}, r"every beta must be inside \(0, 1\)"),
     ],
