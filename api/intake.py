@@ -44,7 +44,7 @@ from api.instrumentation import ApiMetrics
 from api.limits import KeyLimits
 from api.submitter import QueueFullError, Submitter
 from core import commit, eventlog, fleet, jobstore
-from core.catalog import live_loras, tiny_vae_served
+from core.catalog import default_size, live_loras, tiny_vae_served
 from core.commit import KeyRecord
 from core.jobs import JobPublic, JobSpec
 from core.loras import unknown_loras
@@ -126,6 +126,12 @@ class Intake:
                 await on_refused()
             raise ApiError(422, "invalid_request", str(exc), field="model") from None
         spec = spec.model_copy(update={"params": spec.params.model_copy(update={"model": model})})
+        if model is not None and spec.task == "txt2img" and not {"width", "height"} & spec.params.model_fields_set:
+            # a size left out is the model's own (SDXL 1024); the rules hold for it as for any size given
+            side = await to_thread.run_sync(default_size, self.s.redis, self.s.keys, model)
+            if side is not None and (side, side) != (spec.params.width, spec.params.height):
+                params = spec.params.model_copy(update={"width": side, "height": side})
+                spec = spec.model_copy(update={"params": params})
         if spec.params.loras:  # a name no live worker can load is refused before anything is queued
             announced = await to_thread.run_sync(live_loras, self.s.redis, self.s.keys)
             problem = unknown_loras(spec.params.loras, announced)

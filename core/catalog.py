@@ -52,6 +52,10 @@ class LoadedModel(BaseModel):
     dtype: str = Field(examples=["float16"])
     loras: list[str] = Field(default_factory=list, description="The LoRA names it can load (its SDQ_LORA_DIR).")
     tiny_vae: bool = Field(False, description="It holds a tiny VAE (SDQ_TINY_VAE) for `vae: tiny`.")
+    default_size: int = Field(
+        512, description="Its native image side: txt2img jobs for it that give neither width nor height get "
+        "default_size x default_size (SDXL 1024, SD 2.x v-prediction 768, else 512).",
+    )
 
 
 class ModelWorker(BaseModel):
@@ -66,6 +70,7 @@ class ModelInfo(BaseModel):
     sha256: str | None = None
     inpainting_unet: bool
     tiny_vae: bool = Field(False, description="A live worker of this model holds a tiny VAE: `vae: tiny` runs.")
+    default_size: int = Field(512, description="The side of its txt2img images when a job gives no size.")
     workers: list[ModelWorker] = Field(description="Live workers with this model loaded.")
     queued: int = Field(0, description="Jobs waiting on this model's queues (jobs that name no model not counted).")
 
@@ -106,7 +111,7 @@ def loaded_models(redis: Redis, keys: Keys) -> ModelList:
     for worker, loaded in _live_models(redis, keys):
         entry = models.setdefault((loaded.name, loaded.sha256), ModelInfo(
             name=loaded.name, hash=loaded.hash, sha256=loaded.sha256, inpainting_unet=loaded.inpainting_unet,
-            tiny_vae=False, workers=[], queued=0,
+            tiny_vae=False, workers=[], queued=0, default_size=loaded.default_size,
         ))
         entry.workers.append(ModelWorker(name=worker, device=loaded.device, dtype=loaded.dtype))
         entry.tiny_vae = entry.tiny_vae or loaded.tiny_vae
@@ -124,6 +129,12 @@ def loaded_models(redis: Redis, keys: Keys) -> ModelList:
 def served_models(redis: Redis, keys: Keys) -> list[str]:
     """The names of the models the live workers hold, sorted."""
     return sorted({loaded.name for _, loaded in _live_models(redis, keys)})
+
+
+def default_size(redis: Redis, keys: Keys, model: str) -> int | None:
+    """The native image side a live worker of ``model`` announces; None when no live worker holds it."""
+    sides = [loaded.default_size for _, loaded in _live_models(redis, keys) if loaded.name == model]
+    return max(sides) if sides else None
 
 
 class ModelLoad(BaseModel):

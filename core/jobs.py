@@ -91,6 +91,18 @@ class GenerationParams(BaseModel):
         "full", description="tiny: decode (and encode an input image) with the tiny VAE TAESD, much faster and a "
         "little less detailed; needs a worker with one (`GET /v1/models`: tiny_vae). Jobs of either share batches.",
     )
+    original_size: tuple[int, int] | None = Field(
+        None, description="SDXL only: [height, width] the model is told the source image had (its size "
+        "conditioning; larger values tend to more detail). Left out: the image size. Other models ignore it.",
+        examples=[[1024, 1024]],
+    )
+    crops_coords_top_left: tuple[int, int] = Field(
+        (0, 0), description="SDXL only: [top, left] of the crop the model is told it sees; (0, 0) = uncropped, "
+        "centred subjects. Other models ignore it.",
+    )
+    target_size: tuple[int, int] | None = Field(
+        None, description="SDXL only: [height, width] of the target size conditioning. Left out: the image size.",
+    )
     priority: Priority = Priority.normal
     preview_every: int = Field(
         0, ge=0, le=1000, description="Send a small preview image on the events stream every k steps (0 = off)."
@@ -113,6 +125,13 @@ class GenerationParams(BaseModel):
         description="start: the job runs; progress: at most once a second while it runs; completed: it succeeded, "
         "failed or was canceled.",
     )
+
+    @field_validator("original_size", "target_size", "crops_coords_top_left")
+    @classmethod
+    def _size_conditioning(cls, v: tuple[int, int] | None, info: Any) -> tuple[int, int] | None:
+        if v is not None:
+            rules.check_size_conditioning(str(info.field_name), v, crop=info.field_name == "crops_coords_top_left")
+        return v
 
     @field_validator("width", "height")
     @classmethod

@@ -12,6 +12,7 @@ from enum import Enum
 
 MIN_SIDE = 64
 MAX_SIDE = 2048
+MAX_CONDITIONING_SIDE = 8192  # SDXL's size conditioning: sizes the model is told of, not drawn
 SIDE_MULTIPLE = 8  # the VAE maps 8x8 pixels to one latent
 MAX_STEPS = 150
 MAX_IMAGES = 8  # images of one request
@@ -82,6 +83,14 @@ def check_steps(name: str, steps: int) -> None:
     limit = SAMPLERS[sampler(name)].max_steps
     if steps > limit:
         raise ValueError(f"steps must be at most {limit} with sampler {name}, got {steps}")
+
+
+def check_size_conditioning(name: str, value: tuple[int, int], crop: bool = False) -> None:
+    """ValueError unless ``value`` (SDXL's size conditioning, two pixel counts) is in [1, MAX_CONDITIONING_SIDE]
+    (a crop corner: [0, MAX_CONDITIONING_SIDE])."""
+    low = 0 if crop else 1
+    if not all(low <= v <= MAX_CONDITIONING_SIDE for v in value):
+        raise ValueError(f"{name} values must be between {low} and {MAX_CONDITIONING_SIDE} pixels, got {list(value)}")
 
 
 def check_side(name: str, value: int) -> None:

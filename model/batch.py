@@ -20,8 +20,8 @@ from model.requests import GenerationRequest, StepCallback, StepEvent
 from model.samplers import SamplingPlan, StepControl
 
 # (latents [B, C, h, w] in the UNet's dtype, timesteps [B], text context [B, 77 * chunks, D], the context positions
-# each row attends to [B, 77 * chunks] bool or None = all) -> ε [B, 4, h, w]
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# each row attends to [B, 77 * chunks] bool or None = all[, SDXL's vector conditioning y [B, adm]]) -> ε [B, 4, h, w]
+UNetFn = Callable[..., torch.Tensor]
 Posterior = tuple[torch.Tensor, torch.Tensor | None]  # VAE posterior (mean, std) of one image, unscaled, float32;
 # std None: a deterministic encoder (TAESD), whose latents draw no noise
 
@@ -78,7 +78,9 @@ class Batch:
         plan: SamplingPlan,
         adapters: RowAdapters | None = None,
         context_mask: torch.Tensor | None = None,
+        vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        """``vectors``: SDXL's vector conditioning per request, (cond, uncond) [N, adm] (``model/sdxl.py``)."""
         self.denoiser = denoiser
         self.adapters = adapters  # per-request LoRA side paths (model.lora_rows), owned by row_request
         self.plan = plan
@@ -105,6 +107,10 @@ class Batch:
         self.uncond = uncond[self.row_request.to(uncond.device)]
         # [rows, L]: a request's own text positions, when its prompts have fewer chunks than the longest (text_encoding)
         self.context_mask = None if context_mask is None else context_mask[self.row_request.to(context_mask.device)]
+        self.y: torch.Tensor | None = None  # [rows, adm], in the UNet's dtype
+        self.y_uncond: torch.Tensor | None = None
+        if vectors is not None:
+            self.y, self.y_uncond = (v.to(device, denoiser.dtype)[self.row_request.to(device)] for v in vectors)
 
         noise, image_latents, masks, masked_latents = [], [], [], []
         row = 0
@@ -139,12 +145,15 @@ class Batch:
         mask = self.context_mask
         if mask is not None and k:
             mask = torch.cat([mask[guided], mask])
+        args: tuple[torch.Tensor | None, ...] = (inputs.to(dtype), ts, context, mask)
+        if self.y is not None and self.y_uncond is not None:
+            args = (*args, torch.cat([self.y_uncond[guided], self.y]) if k else self.y)
         if self.adapters is None:
-            out = unet(inputs.to(dtype), ts, context, mask).float()  # [k + rows, 4, h, w]
+            out = unet(*args).float()  # [k + rows, 4, h, w]
         else:  # UNet row -> request, for its LoRAs: the guided rows' unconditional passes, then every row
             owners = torch.cat([self.row_request[self.guided_rows], self.row_request]) if k else self.row_request
             with self.adapters.rows(owners):
-                out = unet(inputs.to(dtype), ts, context, mask).float()
+                out = unet(*args).float()
         eps = out[k:].clone()
         if k:
             eps_uncond = out[:k]
@@ -199,6 +208,8 @@ class Batch:
         self.cond, self.uncond, self.noise0 = self.cond[dev], self.uncond[dev], self.noise0[dev]
         if self.context_mask is not None:
             self.context_mask = self.context_mask[dev]
+        if self.y is not None and self.y_uncond is not None:
+            self.y, self.y_uncond = self.y[dev], self.y_uncond[dev]
         if self.image_latents is not None:
             self.image_latents = self.image_latents[dev]
         if self.masks is not None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from model.sdxl import SDXL_TIME_EMBED_DIM
 from model.single_file import CheckpointError
 from model.tensor_reader import refuse_pickle
 from model.unet import GROUPS, UNetConfig
@@ -23,13 +24,13 @@ from model.vae import VAEConfig
 # diffusers' default, which is the value listed.
 _UNET_FIXED: dict[str, Any] = {
     "time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
-    "norm_num_groups": GROUPS, "norm_eps": 1e-5, "class_embed_type": None, "addition_embed_type": None,
+    "norm_num_groups": GROUPS, "norm_eps": 1e-5, "class_embed_type": None,
     "encoder_hid_dim": None, "time_cond_proj_dim": None, "mid_block_type": "UNetMidBlock2DCrossAttn",
     "conv_in_kernel": 3, "conv_out_kernel": 3, "resnet_time_scale_shift": "default", "dual_cross_attention": False,
     "only_cross_attention": False, "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
     "num_class_embeds": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_embedding_dim": None,
     "encoder_hid_dim_type": None, "attention_type": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "cross_attention_norm": None,
+    "resnet_out_scale_factor": 1.0, "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
 }
 _VAE_FIXED: dict[str, Any] = {
     "act_fn": "silu", "norm_num_groups": GROUPS, "mid_block_add_attention": True, "use_quant_conv": True,
@@ -106,8 +107,25 @@ def _channel_mult(block_out_channels: list[int], what: str) -> tuple[int, tuple[
     return base, tuple(c // base for c in block_out_channels)
 
 
+def _vector_conditioning(cfg: Mapping[str, Any]) -> int:
+    """SDXL's added conditioning (``addition_embed_type`` "text_time"): the width of ``y``, 0 without one."""
+    kind = cfg.get("addition_embed_type")
+    if kind is None:
+        return 0
+    if kind != "text_time":
+        raise CheckpointError(f"unet config: addition_embed_type={kind!r} is not supported (SDXL's is 'text_time')")
+    if cfg.get("addition_time_embed_dim") != SDXL_TIME_EMBED_DIM:
+        raise CheckpointError(f"unet config: addition_time_embed_dim={cfg.get('addition_time_embed_dim')!r} is not "
+                              f"supported (SDXL's is {SDXL_TIME_EMBED_DIM})")
+    width = cfg.get("projection_class_embeddings_input_dim")
+    if not isinstance(width, int) or width <= 0:
+        raise CheckpointError(
+            "unet config: addition_embed_type 'text_time' needs projection_class_embeddings_input_dim")
+    return width
+
+
 def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
-    """Our UNetConfig from a diffusers ``unet/config.json`` of ``UNet2DConditionModel``."""
+    """Our UNetConfig from a diffusers ``unet/config.json`` of ``UNet2DConditionModel`` (SD 1.x, 2.x, SDXL)."""
     _check_fixed(cfg, _UNET_FIXED, "unet")
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
     known = {"CrossAttnDownBlock2D", "DownBlock2D"}
@@ -141,11 +159,20 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         attention_resolutions=tuple(2**i for i in attention_levels),
         num_heads=num_heads,
         num_head_channels=num_head_channels,
-        transformer_depth=_one(cfg, "transformer_layers_per_block", 1, "unet"),
+        transformer_depth=_per_level(cfg.get("transformer_layers_per_block", 1), len(down)),
         context_dim=_one(cfg, "cross_attention_dim", 1280, "unet"),
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
         upcast_attention=bool(cfg.get("upcast_attention", False)),  # SD 2.1: fp16 q·k overflows without it
+        adm_in_channels=_vector_conditioning(cfg),
     )
+
+
+def _per_level(value: Any, levels: int) -> int | tuple[int, ...]:
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, list) or len(value) != levels or not all(isinstance(v, int) for v in value):
+        raise CheckpointError(f"unet config: transformer_layers_per_block={value!r} must be a number or one per level")
+    return tuple(value)
 
 
 def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> VAEConfig:
@@ -174,6 +201,8 @@ def unet_renames(c: UNetConfig) -> dict[str, str]:
         "conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
     }
+    if c.adm_in_channels:
+        r |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
     def resnet(diffusers: str, original: str) -> None:
         r.update({f"{diffusers}.{d}": f"{original}.{o}" for d, o in _UNET_RESNET.items()})

@@ -1,8 +1,9 @@
-"""The SD 1.x pipeline: a list of requests in, one batched denoising loop, images out.
+"""The SD pipeline (1.x, 2.x, SDXL): a list of requests in, one batched denoising loop, images out.
 
 Stages (as in diffusers' StableDiffusionPipeline.__call__, for a heterogeneous batch):
   1. check the requests and that they can share one batch
-  2. encode prompts and negative prompts (CLIP; weights and 75-token chunks as A1111, ``text_encoding.py``)
+  2. encode prompts and negative prompts (CLIP; weights and 75-token chunks as A1111, ``text_encoding.py``; SDXL:
+     both text encoders, the pooled embedding and the size conditioning, ``sdxl.py``)
   3. prepare latents: per image a CPU generator seeded ``seed + i`` (see ``noise.py``)
   4. denoise: one UNet call per step for the whole batch, classifier-free guidance per sample
   5. decode with the VAE (in slices, big images in tiles: ``vae_decode.py``) and convert to PIL images
@@ -34,10 +35,12 @@ from model.prediction import PredictionChoice, choose_prediction_type
 from model.requests import GenerationRequest, GenerationResult, StepCallback, VaeChoice
 from model.samplers import initial_latents, make_plan, sample
 from model.schedule import NoiseSchedule
+from model.sdxl import SizeConditioning, second_tokenizer_ids, vector_conditioning
+from model.sdxl import encode_text as sdxl_encode_text
 from model.taesd import TinyAutoencoder, load_tiny_vae
 from model.text_encoding import encode_prompts
 from model.threads import set_cpu_threads
-from model.tokenizer import ClipTokenizer
+from model.tokenizer import ClipTokenizer, PromptTokens
 from model.vae_decode import DecodeFn, decode_latents, slice_rows
 from model.warmup import BatchPadding
 from model.weights import Components, load_components
@@ -66,8 +69,10 @@ class Pipeline:
         self.device = device
         self.precision = precision
         self.name = name
-        # (text encoder LoRAs, token ids) -> embedding
-        self._text_cache: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
+        # (text encoder LoRAs, token ids) -> embedding, and SDXL's pooled embedding
+        self._text_cache: OrderedDict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor | None]] = (
+            OrderedDict())
+        self.pad_id_2 = 0  # SDXL: the second tokenizer's pad id (set by load from its folder; "!" otherwise)
         self.loras = LoraLibrary(components.unet, components.text_encoder, device,
                                  {"unet": precision.unet, "text": precision.text})
         self.tiny_vae: TinyAutoencoder | None = None  # TAESD (use_tiny_vae): "vae": "tiny" requests and previews
@@ -118,6 +123,8 @@ class Pipeline:
             _tune_for_cpu(components, precision)
         log.info("loaded %s on %s (unet %s, vae %s)", checkpoint, dev, precision.unet, precision.vae)
         pipe = cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
+        if components.tokenizer_2_dir is not None:
+            pipe.pad_id_2 = ClipTokenizer.from_folder(components.tokenizer_2_dir).pad_id
         if tiny_vae is not None:
             pipe.use_tiny_vae(tiny_vae)
         pipe.use_compile(compile_mode)
@@ -143,6 +150,13 @@ class Pipeline:
     @property
     def is_inpaint(self) -> bool:
         return self.components.is_inpaint
+
+    @property
+    def default_size(self) -> int:
+        """The side the model was trained for: SDXL 1024, SD 2.x v-prediction (768-v) 768, else 512."""
+        if self.components.is_sdxl:
+            return 1024
+        return 768 if self.schedule.prediction_type == "v_prediction" else 512
 
     @property
     def latent_scale(self) -> int:
@@ -219,13 +233,22 @@ class Pipeline:
         lora = self.loras.batch(requests)
 
         # 2. text
-        text = encode_prompts(self.tokenizer, lambda ids, owners: self._encode_text(ids, lora, owners),
-                              [r.prompt for r in requests], [r.negative_prompt for r in requests])
+        pooled: dict[tuple[int, ...], torch.Tensor] = {}  # SDXL: token ids of a chunk -> its pooled embedding
+
+        def encode_rows(ids: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
+            context, pooled_rows = self._encode_text(ids, lora, owners)
+            if pooled_rows is not None:
+                pooled.update(zip(map(tuple, ids.tolist()), pooled_rows, strict=True))
+            return context
+
+        text = encode_prompts(self.tokenizer, encode_rows, [r.prompt for r in requests],
+                              [r.negative_prompt for r in requests])
+        vectors = self._vectors(requests, text.prompts, text.negatives, pooled) if pooled else None
 
         # 3. latents, per image from its own generator
         inputs = self._encode_inputs(requests, InputNeeds.of(first, self.is_inpaint))
         denoiser = self._denoiser(eager=lora.unet is not None)
-        batch = Batch(denoiser, requests, inputs, text.cond, text.uncond, plan, lora.unet, text.mask)
+        batch = Batch(denoiser, requests, inputs, text.cond, text.uncond, plan, lora.unet, text.mask, vectors)
         x = initial_latents(plan, batch.noise0, batch.start_latents)
         if plan.num_steps == 0:  # strength 0: nothing to denoise, the input comes back (through the VAE)
             final = x
@@ -256,8 +279,24 @@ class Pipeline:
         return results
 
     # helpers -------------------------------------------------------------------------------------------------
-    def _encode_text(self, ids: torch.Tensor, lora: LoraBatch = NO_LORA, owners: Sequence[int] = ()) -> torch.Tensor:
-        """CLIP embeddings [B, 77, 768] of token ids [B, 77]; only the sequences not in the cache are encoded.
+    def _vectors(self, requests: Sequence[GenerationRequest], prompts: Sequence[PromptTokens],
+                 negatives: Sequence[PromptTokens], pooled: dict[tuple[int, ...], torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's vector conditioning per request, (cond, uncond) [N, adm]: the pooled embedding of each prompt's
+        first chunk (as A1111 for long prompts) and the request's size conditioning, the same for both."""
+        time_ids = []
+        for r in requests:
+            default = SizeConditioning.default(r.height, r.width)
+            time_ids.append(SizeConditioning(r.original_size or default.original_size, r.crop_top_left,
+                                             r.target_size or default.target_size).time_ids())
+        cond = torch.stack([pooled[tuple(p.ids[0])] for p in prompts])
+        uncond = torch.stack([pooled[tuple(p.ids[0])] for p in negatives])
+        return vector_conditioning(cond, time_ids), vector_conditioning(uncond, time_ids)
+
+    def _encode_text(self, ids: torch.Tensor, lora: LoraBatch = NO_LORA, owners: Sequence[int] = ()
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLIP embeddings [B, 77, 768] of token ids [B, 77] (SDXL: [B, 77, 2048] and the pooled [B, 1280], else
+        None); only the sequences not in the cache are encoded.
 
         Services see the same texts again and again (a default negative prompt, "4 more like this"), and each
         sequence's embedding depends on its own tokens only, so a cached row is what the encoder would give again
@@ -270,16 +309,26 @@ class Pipeline:
         if missing:
             encoder = self.components.text_encoder
             owner_of = dict(zip(keys, owners or [0] * len(ids), strict=True))
+            fresh_ids = torch.tensor([k[1] for k in missing], device=self.device)
+            fresh_pooled: list[torch.Tensor | None] = [None] * len(missing)
             with lora.text_rows([owner_of[k] for k in missing]):
-                fresh = encoder(input_ids=torch.tensor([k[1] for k in missing], device=self.device)).last_hidden_state
-            for key, row in zip(missing, fresh.to(self.precision.unet), strict=True):
-                self._text_cache[key] = row
-        out = torch.stack([self._text_cache[k] for k in keys])
+                if self.components.text_encoder_2 is None:
+                    fresh = encoder(input_ids=fresh_ids).last_hidden_state
+                else:
+                    ids_2 = second_tokenizer_ids(fresh_ids, self.tokenizer.eos_id, self.pad_id_2)
+                    fresh, pooled = sdxl_encode_text(encoder, self.components.text_encoder_2, fresh_ids, ids_2)
+                    fresh_pooled = list(pooled.float())
+            for key, row, pooled_row in zip(missing, fresh.to(self.precision.unet), fresh_pooled, strict=True):
+                self._text_cache[key] = (row, pooled_row)
+        out = torch.stack([self._text_cache[k][0] for k in keys])
+        pooled_rows = [self._text_cache[k][1] for k in keys]
         for key in keys:
             self._text_cache.move_to_end(key)
         while len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
-        return out
+        if any(p is None for p in pooled_rows):
+            return out, None
+        return out, torch.stack([p for p in pooled_rows if p is not None])
 
     def _denoiser(self, eager: bool = False) -> Denoiser:
         """``eager``: the module itself, whose LoRA side paths change per batch; else the compiled one, if any."""
@@ -368,14 +417,16 @@ def _tune_for_cpu(components: Components, precision: Precision) -> None:
     """CPU speed-ups, each measured on SD 1.5 (bench/model_vs_diffusers.py, BENCHMARKS.md)."""
     keep_freed_memory()
     set_cpu_threads()
-    networks = ((components.unet, precision.unet), (components.vae, precision.vae),
-                (components.text_encoder, precision.text))
+    networks = [(components.unet, precision.unet), (components.vae, precision.vae),
+                (components.text_encoder, precision.text)]
+    if components.text_encoder_2 is not None:
+        networks.append((components.text_encoder_2, precision.text))
     for network, dtype in networks:
         if can_prepack(dtype):
             # oneDNN weights packed for the kernels this CPU selects, per layer kind where the first pass measures
             # it faster than plain PyTorch. Activations stay contiguous: channels_last measured no faster packed.
             name = type(network).__name__
             log.info("%s: %d packable layers", name, prepack(network, PathChooser(name)))
-        elif dtype == torch.float32 and network is not components.text_encoder:
+        elif dtype == torch.float32 and network not in (components.text_encoder, components.text_encoder_2):
             # plain oneDNN: NHWC speeds up fp32 UNets and VAEs (~1.4x), but slows bf16 UNets down ~2x
             network.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]

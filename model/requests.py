@@ -48,6 +48,11 @@ class GenerationRequest:
     mask: Image.Image | None = None  # inpaint: white = repaint, black = keep; width x height
     loras: list[LoraRef] = field(default_factory=list)  # per request: its rows get their own side paths
     vae: VaeChoice = "full"  # decodes (and encodes the image tasks' inputs); not part of the batch key
+    # SDXL's size conditioning, (height, width) and (top, left) in pixels (model/sdxl.py); None: the image size.
+    # Ignored by SD 1.x and 2.x; per row, so not part of the batch key.
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
 
     @property
     def denoising_strength(self) -> float:

@@ -17,6 +17,10 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."  # then "text_model." in all but the oldest checkpoints
 TEXT_MODEL_PREFIX = TEXT_PREFIX + "text_model."
+# SDXL: CLIP ViT-L in transformers' layout, then OpenCLIP ViT-bigG (the refiner: bigG alone, as embedder 0)
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+CONDITIONER_PREFIX = "conditioner.embedders."
 SD1_SCALING_FACTOR = 0.18215
 # Head counts cannot be read from tensor shapes; files written by our checkpoint writer record them here.
 HEADS_METADATA_KEY = "sdqueue.attention_heads"
@@ -25,7 +29,8 @@ HEADS_METADATA_KEY = "sdqueue.attention_heads"
 # config), EMA copies, the VAE's training loss (LPIPS, discriminator) and CLIP's constant position ids.
 _IGNORED = re.compile(
     r"betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|logvar|lvlb_weights"
-    r"|model_ema\..+|first_stage_model\.loss\..+|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids"
+    r"|model_ema\..+|first_stage_model\.loss\..+"
+    r"|(cond_stage_model|conditioner\.embedders\.\d+)\.transformer\.(text_model\.)?embeddings\.position_ids"
 )
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -42,6 +47,7 @@ class KeyGroups:
     unet: dict[str, str] = field(default_factory=dict)
     vae: dict[str, str] = field(default_factory=dict)
     text: dict[str, str] = field(default_factory=dict)  # below "text_model.", whether or not the file has it
+    conditioner: dict[str, str] = field(default_factory=dict)  # SDXL's text encoders: full name -> full name
     stray: list[str] = field(default_factory=list)  # belong to no network and are no known leftover
 
 
@@ -56,6 +62,8 @@ def group_keys(names: Iterable[str]) -> KeyGroups:
             groups.vae[name.removeprefix(VAE_PREFIX)] = name
         elif name.startswith(TEXT_PREFIX):
             groups.text[name.removeprefix(TEXT_PREFIX).removeprefix("text_model.")] = name
+        elif name.startswith(CONDITIONER_PREFIX):
+            groups.conditioner[name] = name
         else:
             groups.stray.append(name)
     return groups
@@ -90,20 +98,24 @@ def infer_unet_config(s: Shapes, heads: Mapping[str, int], upcast_attention: boo
     if not all(levels):
         raise CheckpointError(f"cannot infer the network: a UNet level has no res blocks ({UNET_PREFIX}input_blocks)")
     context_dim = need("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    # SD 2.x (1024-wide context) fixes 64 channels per head; SD 1.x fixes 8 heads. Shapes cannot tell.
+    attention = [i for i, b in enumerate(levels) if f"input_blocks.{b[0]}.1.norm.weight" in s]
+    label = s.get("label_emb.0.0.weight")  # SDXL's vector conditioning
+    # SD 1.x (768-wide context) fixes 8 heads; SD 2.x and SDXL fix 64 channels per head. Shapes cannot tell.
     return UNetConfig(
         in_channels=in_channels,
         out_channels=need("out.2.weight")[0],
         model_channels=model_channels,
         channel_mult=tuple(need(f"input_blocks.{b[0]}.0.out_layers.3.weight")[0] // model_channels for b in levels),
         num_res_blocks=len(levels[0]),
-        attention_resolutions=tuple(2**i for i, b in enumerate(levels) if f"input_blocks.{b[0]}.1.norm.weight" in s),
+        attention_resolutions=tuple(2**i for i in attention),
         num_heads=heads.get("unet_num_heads", 8),
-        num_head_channels=heads.get("unet_num_head_channels", 64 if context_dim == 1024 else -1),
-        transformer_depth=_count(s, "middle_block.1.transformer_blocks."),
+        num_head_channels=heads.get("unet_num_head_channels", -1 if context_dim == 768 else 64),
+        transformer_depth=tuple(_count(s, f"input_blocks.{b[0]}.1.transformer_blocks.") for b in levels),
+        transformer_depth_middle=_count(s, "middle_block.1.transformer_blocks."),
         context_dim=context_dim,
         use_linear_in_transformer=len(need("middle_block.1.proj_in.weight")) == 2,
         upcast_attention=upcast_attention,
+        adm_in_channels=label[1] if label is not None else 0,
     )
 
 
@@ -126,11 +138,11 @@ def infer_vae_config(s: Shapes) -> VAEConfig:
     )
 
 
-def infer_clip_config(s: Shapes, heads: Mapping[str, int]) -> CLIPTextConfig:
-    """From the shapes of the keys below ``cond_stage_model.transformer.text_model.``."""
+def infer_clip_config(s: Shapes, heads: Mapping[str, int], prefix: str = TEXT_MODEL_PREFIX) -> CLIPTextConfig:
+    """From the shapes of the keys below ``prefix`` (``cond_stage_model.transformer.text_model.``)."""
 
     def need(key: str) -> tuple[int, ...]:
-        return _need(s, key, TEXT_MODEL_PREFIX)
+        return _need(s, key, prefix)
 
     vocab_size, hidden_size = need("embeddings.token_embedding.weight")
     return clip_text_config(

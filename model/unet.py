@@ -1,7 +1,11 @@
-"""The SD 1.x denoising UNet (the LDM "openaimodel" network).
+"""The SD denoising UNet (the LDM "openaimodel" network, and its SDXL form from Stability's generative-models).
 
 Module attribute names equal the checkpoint keys below ``model.diffusion_model.``, so an original single-file
 checkpoint loads with no renaming. Shape comments are for SD 1.5 at a 512x512 image (64x64 latent), batch B.
+
+SDXL adds two things: a transformer depth per level (base: none, 2, 10; the middle block as the last level), and
+``label_emb``, an MLP of the "vector" conditioning ``y`` (the pooled text embedding and the Fourier-embedded size
+and crop values, ``model/sdxl.py``) whose output is added to the timestep embedding.
 """
 
 from __future__ import annotations
@@ -29,15 +33,27 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsample factors (2**level) whose blocks get attention
     num_heads: int = 8
     num_head_channels: int = -1  # SD 2.x style: fixed channels per head; -1 = use num_heads
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # one for all levels, or per level (SDXL); a tuple once built
+    transformer_depth_middle: int | None = None  # None: the last level's
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 1.x: 1x1 conv proj_in/proj_out; SD 2.x: linear
     upcast_attention: bool = False  # attention scores in fp32 under fp16/bf16 (SD 2.x; model/attention.py)
+    adm_in_channels: int = 0  # SDXL: width of the vector conditioning y (label_emb); 0 = none (SD 1.x, 2.x)
 
     def __post_init__(self) -> None:
         # one spelling per architecture, so configs compare equal: tuples, attention factors high to low as in LDM
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
+        depth = self.transformer_depth
+        depths = (depth,) * len(self.channel_mult) if isinstance(depth, int) else tuple(depth)
+        if len(depths) != len(self.channel_mult) or min(depths) < 0:
+            raise ValueError(f"transformer_depth must be one count, or one per level ({len(self.channel_mult)}), "
+                             f"got {depth}")
+        middle = depths[-1] if self.transformer_depth_middle is None else self.transformer_depth_middle
+        object.__setattr__(self, "transformer_depth_middle", middle)
+        # levels without attention have no transformer: 0, however the config spelled it
+        depths = tuple(d if 2**level in self.attention_resolutions else 0 for level, d in enumerate(depths))
+        object.__setattr__(self, "transformer_depth", depths)
         for mult in self.channel_mult:
             channels = self.model_channels * mult
             if channels % GROUPS:
@@ -47,6 +63,14 @@ class UNetConfig:
                 raise ValueError(f"{channels} channels cannot be split into {heads} attention heads evenly")
         if self.model_channels % 2:
             raise ValueError(f"model_channels must be even (sin/cos timestep embedding), got {self.model_channels}")
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks of the attention layers at ``level`` (-1: the middle block)."""
+        if level == -1:
+            assert isinstance(self.transformer_depth_middle, int)
+            return self.transformer_depth_middle
+        assert isinstance(self.transformer_depth, tuple)
+        return self.transformer_depth[level]
 
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, channels per head) of an attention layer over ``channels`` channels."""
@@ -146,7 +170,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Attention over the h*w positions of a feature map, conditioned on the text context."""
 
-    def __init__(self, channels: int, config: UNetConfig) -> None:
+    def __init__(self, channels: int, config: UNetConfig, depth: int) -> None:
         super().__init__()
         heads, head_dim = config.heads(channels)
         self.norm = nn.GroupNorm(GROUPS, channels, eps=1e-6)
@@ -154,7 +178,7 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, config.context_dim, heads, head_dim, config.upcast_attention)
-            for _ in range(config.transformer_depth)
+            for _ in range(depth)
         )
         self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
@@ -211,6 +235,10 @@ class UNetModel(nn.Module):
         self.config = c = config
         emb_ch = 4 * c.model_channels
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if c.adm_in_channels:  # SDXL: label_emb.0.0 / label_emb.0.2, as generative-models nests it
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+            )
 
         ch = c.model_channels
         self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
@@ -220,7 +248,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_ch, c.model_channels * mult)]
                 ch = c.model_channels * mult
                 if 2**level in c.attention_resolutions:
-                    layers.append(SpatialTransformer(ch, c))
+                    layers.append(SpatialTransformer(ch, c, c.depth(level)))
                 self.input_blocks.append(TimestepBlock(layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -228,7 +256,7 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
 
         self.middle_block = TimestepBlock(
-            [ResBlock(ch, emb_ch, ch), SpatialTransformer(ch, c), ResBlock(ch, emb_ch, ch)]
+            [ResBlock(ch, emb_ch, ch), SpatialTransformer(ch, c, c.depth(-1)), ResBlock(ch, emb_ch, ch)]
         )
 
         self.output_blocks = nn.ModuleList()
@@ -237,7 +265,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_ch, c.model_channels * mult)]
                 ch = c.model_channels * mult
                 if 2**level in c.attention_resolutions:
-                    layers.append(SpatialTransformer(ch, c))
+                    layers.append(SpatialTransformer(ch, c, c.depth(level)))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(layers))
@@ -245,13 +273,19 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, in, h, w], timesteps [B] or [] (int or float), context [B, 77 * chunks, 768] -> eps [B, out, h, w].
 
-        ``context_mask`` [B, 77 * chunks] bool: the context positions each row attends to (None = all)."""
+        ``context_mask`` [B, 77 * chunks] bool: the context positions each row attends to (None = all).
+        ``y`` [B, adm_in_channels]: SDXL's vector conditioning, required exactly when the config has it."""
         t = timesteps.to(x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # [B, 1280]
+        if (y is None) != (not self.config.adm_in_channels):
+            raise ValueError(f"this UNet takes {'a' if self.config.adm_in_channels else 'no'} vector conditioning y")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
         skips = []
         h = x
         for block in self.input_blocks:  # [B, 320, 64, 64] ... [B, 1280, 8, 8]

@@ -1,4 +1,5 @@
-"""Loading SD 1.x checkpoints from a local path: a single file in the original layout, or a diffusers folder.
+"""Loading SD checkpoints (1.x, 2.x, SDXL) from a local path: a single file in the original layout, or a diffusers
+folder.
 
 Networks are built on the meta device and every tensor is read on its own, converted, moved to the target device
 and assigned, so loading never holds a second copy of the model. Loading is strict: any missing, unexpected or
@@ -20,13 +21,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from model import diffusers_format, open_clip, single_file
 from model.clip_config import clip_text_config, state_dict_prefix
+from model.sdxl import SDXL_SCALING_FACTOR
 from model.single_file import (
     HEADS_METADATA_KEY,
     SD1_SCALING_FACTOR,
+    SDXL_OPEN_CLIP_PREFIX,
+    SDXL_TEXT_PREFIX,
     TEXT_MODEL_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
@@ -51,6 +55,14 @@ class Components:
     tokenizer_dir: Path | None  # a diffusers folder's tokenizer/, else None (use the packaged vocabulary)
     scheduler_config: dict[str, Any] | None  # a diffusers folder's scheduler_config.json, else None
     source: Path
+    # SDXL: the second text encoder (OpenCLIP ViT-bigG with its projection) and its tokenizer folder
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2_dir: Path | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL: two text encoders and the vector conditioning (``model/sdxl.py``)."""
+        return self.unet_config.adm_in_channels > 0
 
     @property
     def is_inpaint(self) -> bool:
@@ -124,10 +136,41 @@ def _build(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> tuple[UNet
         return UNetModel(unet), AutoencoderKL(vae), CLIPTextModel(text)
 
 
+def _sdxl_single_file(reader: TensorReader, groups: single_file.KeyGroups, heads: Mapping[str, int]
+                      ) -> tuple[list[_Part], list[str], dict[str, Any]]:
+    """SDXL's original layout: CLIP ViT-L under ``conditioner.embedders.0.transformer.`` and OpenCLIP ViT-bigG
+    (all its layers, with the projection) under ``conditioner.embedders.1.model.``."""
+    text_model = SDXL_TEXT_PREFIX + "text_model."
+    clip_shapes = {k.removeprefix(text_model): v for k, v in reader.shapes.items() if k.startswith(text_model)}
+    with torch.device("meta"):
+        unet = UNetModel(single_file.infer_unet_config({k: reader.shapes[v] for k, v in groups.unet.items()}, heads))
+        vae = AutoencoderKL(single_file.infer_vae_config({k: reader.shapes[v] for k, v in groups.vae.items()}))
+        text = CLIPTextModel(single_file.infer_clip_config(clip_shapes, heads, text_model))
+        text_2 = CLIPTextModelWithProjection(open_clip.config_from_open_clip(
+            reader.shapes, SDXL_OPEN_CLIP_PREFIX, None, heads.get("text_2_num_attention_heads")))
+    text_prefix = state_dict_prefix(text)
+    found = open_clip.open_clip_sources(reader.shapes, SDXL_OPEN_CLIP_PREFIX, text_2)
+    unexpected = [k for k in groups.conditioner
+                  if not k.startswith(text_model) and not k.startswith(SDXL_OPEN_CLIP_PREFIX)]
+    parts = [
+        _Part("unet", unet, reader, groups.unet, [], lambda k: UNET_PREFIX + k),
+        _Part("vae", vae, reader, groups.vae, [], lambda k: VAE_PREFIX + k),
+        _Part("text_encoder", text, reader, {text_prefix + k: text_model + k for k in clip_shapes}, unexpected,
+              lambda k: text_model + k.removeprefix(text_prefix)),
+        _Part("text_encoder_2", text_2, reader, found.sources, found.unexpected,
+              partial(open_clip.checkpoint_name, prefix=SDXL_OPEN_CLIP_PREFIX, model=text_2)),
+    ]
+    return parts, list(groups.stray) + list(groups.text.values()), {
+        "scaling_factor": SDXL_SCALING_FACTOR, "tokenizer_dir": None, "scheduler_config": None,
+    }
+
+
 def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list[_Part], list[str], dict[str, Any]]:
     reader = TensorReader()
     reader.add(path, stack, allow_pickle)
     groups = single_file.group_keys(reader.shapes)
+    if groups.conditioner:
+        return _sdxl_single_file(reader, groups, json.loads(reader.metadata.get(HEADS_METADATA_KEY, "{}")))
     unet_shapes, vae_shapes, text_shapes = ({k: reader.shapes[v] for k, v in g.items()}
                                             for g in (groups.unet, groups.vae, groups.text))
     heads = json.loads(reader.metadata.get(HEADS_METADATA_KEY, "{}"))
@@ -170,7 +213,8 @@ def _folder_part(
     from_module: Callable[[str], str], stack: ExitStack, allow_pickle: bool,
 ) -> _Part:
     # transformers names its files model.safetensors / pytorch_model.bin, diffusers diffusion_pytorch_model.*
-    stem, pickle_stem = ("model", "pytorch_model") if label == "text_encoder" else ("diffusion_pytorch_model",) * 2
+    stem, pickle_stem = (("model", "pytorch_model") if label.startswith("text_encoder")
+                         else ("diffusion_pytorch_model",) * 2)
     reader = TensorReader()
     for file in diffusers_format.weight_files(folder / label, stem, pickle_stem, allow_pickle):
         reader.add(file, stack, allow_pickle)
@@ -205,11 +249,21 @@ def _diffusers_folder(
         _folder_part("text_encoder", text, path, lambda k: text_prefix + k.removeprefix("text_model."),
                      lambda k: k, stack, allow_pickle),
     ]
+    if unet_config.adm_in_channels:  # SDXL: the second text encoder, CLIPTextModelWithProjection
+        with torch.device("meta"):
+            text_2 = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_dict(_read_json(path / "text_encoder_2" / "config.json")))
+        prefix_2 = state_dict_prefix(text_2)
+        parts.append(_folder_part(
+            "text_encoder_2", text_2, path,
+            lambda k: k if k.startswith("text_projection.") else prefix_2 + k.removeprefix("text_model."),
+            lambda k: k, stack, allow_pickle))
     scheduler = path / "scheduler" / "scheduler_config.json"
     return parts, [], {
         "scaling_factor": float(vae_json.get("scaling_factor", SD1_SCALING_FACTOR)),
         "tokenizer_dir": path / "tokenizer" if (path / "tokenizer").is_dir() else None,
         "scheduler_config": json.loads(scheduler.read_text()) if scheduler.is_file() else None,
+        "tokenizer_2_dir": path / "tokenizer_2" if (path / "tokenizer_2").is_dir() else None,
     }
 
 
@@ -237,28 +291,39 @@ def load_components(
         else:
             raise FileNotFoundError(f"checkpoint not found: {path} (a .safetensors file or a diffusers folder)")
         _check(parts, stray, path)
-        for part, part_dtype in zip(parts, (dtype, vae_dtype or dtype, text_dtype or dtype), strict=True):
+        dtypes = (dtype, vae_dtype or dtype, text_dtype or dtype, text_dtype or dtype)
+        for part, part_dtype in zip(parts, dtypes[: len(parts)], strict=True):
             _materialize(part, device, part_dtype)
-    unet, vae, text = (part.module for part in parts)
+    unet, vae, text, *more = (part.module for part in parts)
     assert isinstance(unet, UNetModel) and isinstance(vae, AutoencoderKL) and isinstance(text, CLIPTextModel)
-    log.info("loaded %s (%s UNet inputs) to %s in %.1fs", path.name, unet.config.in_channels, device,
-             time.perf_counter() - started)
+    text_2 = more[0] if more else None
+    assert text_2 is None or isinstance(text_2, CLIPTextModelWithProjection)
+    log.info("loaded %s (%s%s UNet inputs) to %s in %.1fs", path.name, "SDXL, " if text_2 is not None else "",
+             unet.config.in_channels, device, time.perf_counter() - started)
     return Components(unet=unet, vae=vae, text_encoder=text, unet_config=unet.config, vae_config=vae.config,
-                      source=path, **extras)
+                      source=path, text_encoder_2=text_2, **extras)
 
 
-def _save(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> Path:
-    """The original layout; an OpenCLIP (GELU) text encoder as SD 2.x holds it, with its unused last layer."""
+def _save(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+          text_encoder_2: CLIPTextModelWithProjection | None = None) -> Path:
+    """The original layout; an OpenCLIP (GELU) text encoder as SD 2.x holds it, with its unused last layer; SDXL's
+    two under ``conditioner.embedders.``."""
     text_prefix = state_dict_prefix(text_encoder)
     tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     tensors |= {VAE_PREFIX + k: v for k, v in vae.state_dict().items()}
-    if open_clip.uses_open_clip(text_encoder.config):
+    extra_heads = {}
+    if text_encoder_2 is not None:
+        tensors |= {SDXL_TEXT_PREFIX + "text_model." + k.removeprefix(text_prefix): v
+                    for k, v in text_encoder.state_dict().items()}
+        tensors |= open_clip.to_open_clip(text_encoder_2, SDXL_OPEN_CLIP_PREFIX)
+        extra_heads = {"text_2_num_attention_heads": text_encoder_2.config.num_attention_heads}
+    elif open_clip.uses_open_clip(text_encoder.config):
         tensors |= open_clip.to_open_clip(text_encoder, open_clip.SD2_PREFIX, unused_layers=1)
     else:
         tensors |= {TEXT_MODEL_PREFIX + k.removeprefix(text_prefix): v
                     for k, v in text_encoder.state_dict().items()}
     heads = {"unet_num_heads": unet.config.num_heads, "unet_num_head_channels": unet.config.num_head_channels,
-             "text_num_attention_heads": text_encoder.config.num_attention_heads}
+             "text_num_attention_heads": text_encoder.config.num_attention_heads, **extra_heads}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
               metadata={"format": "pt", HEADS_METADATA_KEY: json.dumps(heads)})
@@ -267,7 +332,7 @@ def _save(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTex
 
 def save_single_file(components: Components, path: str | Path) -> Path:
     """Write loaded components as one .safetensors file in the original (LDM) layout, e.g. to convert a folder."""
-    return _save(Path(path), components.unet, components.vae, components.text_encoder)
+    return _save(Path(path), components.unet, components.vae, components.text_encoder, components.text_encoder_2)
 
 
 def save_random_checkpoint(

@@ -34,4 +34,5 @@ def describe_model(pipe: Pipeline, checkpoint: Path | None) -> LoadedModel:
         dtype=str(pipe.precision.unet).removeprefix("torch."),
         loras=directory_names(pipe.loras.directory),
         tiny_vae=pipe.tiny_vae is not None,
+        default_size=pipe.default_size,
     )

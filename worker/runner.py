@@ -123,6 +123,9 @@ def to_request(spec: JobSpec, storage: Storage | None = None) -> GenerationReque
         mask=mask,
         loras=[LoraRef(lora.name, lora.scale) for lora in p.loras],
         vae=p.vae,
+        original_size=p.original_size,
+        crop_top_left=p.crops_coords_top_left,
+        target_size=p.target_size,
     )
 
 

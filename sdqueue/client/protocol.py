@@ -66,6 +66,9 @@ class GenerateOptions(TypedDict, total=False):
     webhook_events_filter: list[Literal["start", "progress", "completed"]]
     loras: list[dict[str, Any]]  # [{"name": a name from GET /v1/loras, "scale": 0.8}]
     vae: Literal["full", "tiny"]
+    original_size: tuple[int, int] | list[int] | None  # SDXL's size conditioning, [height, width]
+    crops_coords_top_left: tuple[int, int] | list[int]
+    target_size: tuple[int, int] | list[int] | None
 
 
 class Img2ImgOptions(GenerateOptions, total=False):

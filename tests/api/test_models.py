@@ -42,10 +42,10 @@ def test_models_are_grouped_per_checkpoint_with_their_workers(client: TestClient
 
     assert client.get("/v1/models").json() == {"models": [
         {"name": "sd-v1-5-inpainting", "hash": "c6bbc15e32", "sha256": INPAINT.sha256, "inpainting_unet": True,
-         "tiny_vae": True, "queued": 0,
+         "tiny_vae": True, "queued": 0, "default_size": 512,
          "workers": [{"name": "cpu-1", "device": "cpu", "dtype": "bfloat16"}]},
         {"name": "v1-5-pruned-emaonly", "hash": "6ce0161689", "sha256": SD15.sha256, "inpainting_unet": False,
-         "tiny_vae": False, "queued": 0,
+         "tiny_vae": False, "queued": 0, "default_size": 512,
          "workers": [{"name": "gpu-a", "device": "cuda", "dtype": "float16"},
                      {"name": "gpu-b", "device": "cuda", "dtype": "float16"}]},
     ]}
@@ -156,3 +156,25 @@ def test_a_model_whose_workers_left_lately_takes_jobs_until_its_ttl(settings: Se
     with TestClient(create_app(settings.model_copy(update={"model_seen_ttl_s": 0}))) as client:
         r = client.post("/v1/txt2img", json={**job, "model": "scaled-to-zero"})
         assert r.status_code == 422, r.text  # 0: only the models of live workers
+
+
+def test_a_txt2img_job_without_a_size_gets_its_models_native_size(client: TestClient, redis: Redis) -> None:
+    start_worker(redis, "gpu-xl", LoadedModel(name="sd_xl_base_1.0", inpainting_unet=False, device="cuda",
+                                              dtype="float16", default_size=1024))
+    start_worker(redis, "gpu-b", SD15)
+    assert client.get("/v1/models").json()["models"][0]["default_size"] == 1024
+
+    def params(body: dict[str, object]) -> dict[str, object]:
+        r = client.post("/v1/txt2img", json={"prompt": "a cat", **body})
+        assert r.status_code == 202, r.text
+        return client.get(f"/v1/jobs/{r.json()['id']}").json()["params"]  # type: ignore[no-any-return]
+
+    p = params({"model": "sd_xl_base_1.0", "original_size": [2048, 1536], "crops_coords_top_left": [0, 64]})
+    assert (p["width"], p["height"]) == (1024, 1024)
+    assert p["original_size"] == [2048, 1536] and p["crops_coords_top_left"] == [0, 64] and p["target_size"] is None
+    p = params({"model": "sd_xl_base_1.0", "width": 832})  # a size given is kept; the other side is the default
+    assert (p["width"], p["height"]) == (832, 512)
+    p = params({"model": "v1-5-pruned-emaonly"})
+    assert (p["width"], p["height"]) == (512, 512)
+    r = client.post("/v1/txt2img", json={"prompt": "a cat", "model": "sd_xl_base_1.0", "original_size": [0, 5]})
+    assert r.status_code == 422 and "original_size values must be between 1 and 8192" in r.text

@@ -236,9 +236,9 @@ def test_text_embeddings_are_cached_by_tokens(tiny_checkpoint: Path, monkeypatch
 
     monkeypatch.setattr(encoder, "forward", counting)
     ids = pipe.tokenizer.tokenize(["a cat", "", "a dog", ""]).input_ids
-    first = pipe._encode_text(ids)
+    first = pipe._encode_text(ids)[0]
     assert calls == [3]  # "" once
-    again = pipe._encode_text(ids[[2, 0]])
+    again = pipe._encode_text(ids[[2, 0]])[0]
     assert calls == [3] and torch.equal(again, first[[2, 0]])
     with torch.inference_mode():
         fresh = original(input_ids=ids).last_hidden_state

@@ -55,14 +55,14 @@ def a1111_weighted(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
 
 def encode(pipe: Pipeline, prompts: list[str], negatives: list[str], max_chunks: int = 8) -> TextContext:
     with torch.inference_mode():
-        return encode_prompts(pipe.tokenizer, lambda ids, owners: pipe._encode_text(ids, owners=owners), prompts,
+        return encode_prompts(pipe.tokenizer, lambda ids, owners: pipe._encode_text(ids, owners=owners)[0], prompts,
                               negatives, max_chunks)
 
 
 def test_plain_short_prompt_is_the_encoder_output_exactly(pipe: Pipeline, ref: Reference) -> None:
     text = encode(pipe, ["a photo of a cat"], ["ugly"])
     with torch.inference_mode():
-        today = pipe._encode_text(pipe.tokenizer.tokenize(["a photo of a cat", "ugly"]).input_ids)
+        today = pipe._encode_text(pipe.tokenizer.tokenize(["a photo of a cat", "ugly"]).input_ids)[0]
     assert text.cond.shape == (1, 77, 32) and text.mask is None
     assert torch.equal(text.cond[0], today[0]) and torch.equal(text.uncond[0], today[1])
     assert torch.allclose(text.cond[0], z_of(ref, [row([A, 1125, 539, A, CAT])])[0], atol=1e-5)
