@@ -44,7 +44,7 @@ from api.instrumentation import ApiMetrics
 from api.limits import KeyLimits
 from api.submitter import QueueFullError, Submitter
 from core import commit, eventlog, fleet, jobstore
-from core.catalog import default_size, live_loras, tiny_vae_served
+from core.catalog import default_size, live_loras, refiners_of, tiny_vae_served
 from core.commit import KeyRecord
 from core.jobs import JobPublic, JobSpec
 from core.loras import unknown_loras
@@ -139,6 +139,14 @@ class Intake:
                 if on_refused is not None:
                     await on_refused()
                 raise ApiError(422, "invalid_request", problem, field="loras")
+        if spec.params.refiner is not None:  # a live worker of the job's model must hold that refiner
+            held = await to_thread.run_sync(refiners_of, self.s.redis, self.s.keys, model)
+            if spec.params.refiner.model not in held:
+                if on_refused is not None:
+                    await on_refused()
+                where = f"model {model!r}" if model else "this deployment"
+                raise ApiError(422, "invalid_request", f"refiner {spec.params.refiner.model!r} is not held by a live "
+                               f"worker of {where}; held: {', '.join(held) or 'none'}", field="refiner.model")
         if spec.params.vae == "tiny" and not await to_thread.run_sync(tiny_vae_served, self.s.redis, self.s.keys):
             if on_refused is not None:
                 await on_refused()

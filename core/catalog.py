@@ -52,6 +52,8 @@ class LoadedModel(BaseModel):
     dtype: str = Field(examples=["float16"])
     loras: list[str] = Field(default_factory=list, description="The LoRA names it can load (its SDQ_LORA_DIR).")
     tiny_vae: bool = Field(False, description="It holds a tiny VAE (SDQ_TINY_VAE) for `vae: tiny`.")
+    refiner: str | None = Field(
+        None, description="The SDXL refiner it holds beside the model (SDQ_REFINER_CHECKPOINT).")
     default_size: int = Field(
         512, description="Its native image side: txt2img jobs for it that give neither width nor height get "
         "default_size x default_size (SDXL 1024, SD 2.x v-prediction 768, else 512).",
@@ -71,6 +73,7 @@ class ModelInfo(BaseModel):
     inpainting_unet: bool
     tiny_vae: bool = Field(False, description="A live worker of this model holds a tiny VAE: `vae: tiny` runs.")
     default_size: int = Field(512, description="The side of its txt2img images when a job gives no size.")
+    refiners: list[str] = Field(default_factory=list, description="SDXL refiners its live workers hold.")
     workers: list[ModelWorker] = Field(description="Live workers with this model loaded.")
     queued: int = Field(0, description="Jobs waiting on this model's queues (jobs that name no model not counted).")
 
@@ -115,6 +118,8 @@ def loaded_models(redis: Redis, keys: Keys) -> ModelList:
         ))
         entry.workers.append(ModelWorker(name=worker, device=loaded.device, dtype=loaded.dtype))
         entry.tiny_vae = entry.tiny_vae or loaded.tiny_vae
+        if loaded.refiner and loaded.refiner not in entry.refiners:
+            entry.refiners = sorted([*entry.refiners, loaded.refiner])
     listed = sorted(models.values(), key=lambda m: (m.name, m.sha256 or ""))
     pipe = redis.pipeline(transaction=False)
     for entry in listed:
@@ -129,6 +134,12 @@ def loaded_models(redis: Redis, keys: Keys) -> ModelList:
 def served_models(redis: Redis, keys: Keys) -> list[str]:
     """The names of the models the live workers hold, sorted."""
     return sorted({loaded.name for _, loaded in _live_models(redis, keys)})
+
+
+def refiners_of(redis: Redis, keys: Keys, model: str | None) -> list[str]:
+    """The refiners the live workers of ``model`` hold (of every live worker, for None), sorted."""
+    return sorted({loaded.refiner for _, loaded in _live_models(redis, keys)
+                   if loaded.refiner and (model is None or loaded.name == model)})
 
 
 def default_size(redis: Redis, keys: Keys, model: str) -> int | None:

@@ -53,6 +53,19 @@ WebhookEvent = Literal["start", "progress", "completed"]
 DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "completed")
 
 
+class RefinerRequest(BaseModel):
+    """SDXL's refiner as the last part of the schedule (diffusers' base + refiner "ensemble of experts")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN, examples=["sd_xl_refiner_1.0"],
+                       description="The refiner a worker of the job's model holds (`GET /v1/models`: refiner).")
+    switch_at: float = Field(
+        0.8, ge=rules.MIN_REFINER_SWITCH, le=rules.MAX_REFINER_SWITCH, allow_inf_nan=False,
+        description="Share of the schedule the base model runs; the refiner runs the rest (the low-noise steps).",
+    )
+
+
 class GenerationParams(BaseModel):
     """Fields every task shares, named as diffusers names them (`guidance_scale`, `negative_prompt`, ...)."""
 
@@ -102,6 +115,10 @@ class GenerationParams(BaseModel):
     )
     target_size: tuple[int, int] | None = Field(
         None, description="SDXL only: [height, width] of the target size conditioning. Left out: the image size.",
+    )
+    refiner: RefinerRequest | None = Field(
+        None, description="SDXL: finish the image with a refiner (`{\"model\": ..., \"switch_at\": 0.8}`); jobs "
+        "with the same refiner and switch share batches.",
     )
     priority: Priority = Priority.normal
     preview_every: int = Field(
@@ -299,6 +316,7 @@ class JobSpec(BaseModel):
         key = rules.batch_key(
             task=self.task, width=p.width, height=p.height, sampler=p.sampler.value, karras=p.karras, steps=p.steps,
             strength=self.denoising_strength(), eta=p.eta,
+            refiner=None if p.refiner is None else rules.refiner_key(p.refiner.model, p.refiner.switch_at),
         )
         # jobs of different models never meet in a worker's queues; the key says so too
         return key if p.model is None else f"{p.model}|{key}"

@@ -12,6 +12,7 @@ from enum import Enum
 
 MIN_SIDE = 64
 MAX_SIDE = 2048
+MIN_REFINER_SWITCH, MAX_REFINER_SWITCH = 0.05, 0.95  # the base and the refiner each run some steps
 MAX_CONDITIONING_SIDE = 8192  # SDXL's size conditioning: sizes the model is told of, not drawn
 SIDE_MULTIPLE = 8  # the VAE maps 8x8 pixels to one latent
 MAX_STEPS = 150
@@ -113,17 +114,33 @@ def start_step(steps: int, strength: float) -> int:
 
 
 def batch_key(
-    *, task: str, width: int, height: int, sampler: str, karras: bool, steps: int, strength: float, eta: float
+    *, task: str, width: int, height: int, sampler: str, karras: bool, steps: int, strength: float, eta: float,
+    refiner: str | None = None,
 ) -> str:
     """Requests with equal keys can run as one UNet batch: the same task, size, sampler and schedule.
 
     Guidance, prompts, seeds and image counts may differ inside a batch; the first step (img2img) and the eta of
     DDIM and TCD may not, since the pipeline runs one schedule and one eta per batch. ``strength`` is ignored for
-    txt2img.
+    txt2img. ``refiner``: the SDXL refiner stage (``refiner_key``), which switches the whole batch at one step.
     """
     key = f"{task}:{width}x{height}:{sampler}:{int(karras)}:{steps}"
     if task != "txt2img":
         key += f":from{start_step(steps, strength)}"
     if sampler in _ETA_SAMPLERS:
         key += f":eta{eta:g}"
+    if refiner is not None:
+        key += f":refiner={refiner}"
     return key
+
+
+def refiner_key(name: str, switch_at: float) -> str:
+    """The refiner part of a batch key: its name and where the batch switches to it."""
+    return f"{name}@{switch_at:g}"
+
+
+def check_refiner_switch(switch_at: float) -> None:
+    """ValueError unless ``switch_at`` (the share of the schedule the base runs before the refiner) is in
+    [MIN_REFINER_SWITCH, MAX_REFINER_SWITCH]."""
+    if not MIN_REFINER_SWITCH <= switch_at <= MAX_REFINER_SWITCH:
+        raise ValueError(f"refiner switch_at must be between {MIN_REFINER_SWITCH} and {MAX_REFINER_SWITCH}, "
+                         f"got {switch_at}")

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     lora_cache_mb: int = Field(
         1024, ge=0, description="Memory the worker's loaded LoRAs may hold; the least recently used go first.",
     )
+    refiner_checkpoint: Path | None = Field(
+        None, description="SDXL refiner (sd_xl_refiner_1.0 .safetensors or diffusers folder) this worker holds beside "
+        "its SDXL model, for jobs with `refiner`; announced under its file or folder name.",
+    )
     tiny_vae: Path | None = Field(
         None, description="TAESD for `\"vae\": \"tiny\"` requests and live previews: a diffusers AutoencoderTiny "
         "folder, or taesd_encoder.safetensors and taesd_decoder.safetensors (their folder, or either file).",

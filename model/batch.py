@@ -131,6 +131,17 @@ class Batch:
         self.masks = torch.cat(masks)[self.row_request.to(device)] if masks else None  # [rows, 1, h, w]
         self.masked_latents = torch.cat(masked_latents) if masked_latents else None
 
+    def switch_model(self, denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor,
+                     context_mask: torch.Tensor | None, vectors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Run the next steps on another UNet (SDXL's refiner), with its own per-request conditioning; the rows,
+        their generators and latents stay as they are (cancelled requests stay out)."""
+        rows = self.row_request
+        self.denoiser, self.adapters = denoiser, None  # LoRAs belong to the first model
+        self.cond, self.uncond = cond[rows.to(cond.device)], uncond[rows.to(uncond.device)]
+        self.context_mask = None if context_mask is None else context_mask[rows.to(context_mask.device)]
+        device = denoiser.device
+        self.y, self.y_uncond = (v.to(device, denoiser.dtype)[rows.to(device)] for v in vectors)
+
     # what the sampler calls ----------------------------------------------------------------------------------
     def eps(self, model_input: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """UNet noise prediction with classifier-free guidance for the rows whose scale is above 1."""

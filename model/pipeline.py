@@ -32,6 +32,7 @@ from model.images import image_to_tensor, latents_to_preview, mask_to_tensor, te
 from model.lora_rows import NO_LORA, LoraBatch, LoraLibrary
 from model.open_clip import pad_token_for
 from model.prediction import PredictionChoice, choose_prediction_type
+from model.refiner import Refiner, load_refiner
 from model.requests import GenerationRequest, GenerationResult, StepCallback, VaeChoice
 from model.samplers import initial_latents, make_plan, sample
 from model.schedule import NoiseSchedule
@@ -80,6 +81,7 @@ class Pipeline:
         self.fast_unet: UNetFn = components.unet
         self.vae_decode: DecodeFn = components.vae.decode
         self.batch_padding: BatchPadding | None = None  # set by a worker that pads batches to warmed sizes
+        self.refiner: Refiner | None = None  # SDXL: the second stage of requests with refiner_switch
 
     @classmethod
     def load(
@@ -135,6 +137,18 @@ class Pipeline:
         self.fast_unet = compile_network(self.components.unet, mode, self.device)
         self.vae_decode = compile_decode(self.components.vae, mode, self.device)
 
+    def use_refiner(self, path: str | Path) -> None:
+        """Load an SDXL refiner (``model/refiner.py``) for requests with ``refiner_switch``."""
+        if not self.components.is_sdxl:
+            raise ValueError("a refiner needs an SDXL base model; this one is not SDXL")
+        parts = load_refiner(path, device=self.device, dtype=self.precision.unet, text_dtype=self.precision.text)
+        if self.device.type == "cpu":
+            for network, dtype in ((parts.unet, self.precision.unet), (parts.text_encoder, self.precision.text)):
+                if can_prepack(dtype):
+                    log.info("refiner %s: %d packable layers", type(network).__name__,
+                             prepack(network, PathChooser("Refiner" + type(network).__name__)))
+        self.refiner = Refiner(parts, self.device, self.precision.unet, Path(path).stem)
+
     def use_tiny_vae(self, path: str | Path) -> None:
         """Load TAESD for requests with ``vae="tiny"`` (decode, and encode for image tasks) and for previews."""
         self.tiny_vae = load_tiny_vae(path, device=self.device, dtype=self.precision.vae)
@@ -183,6 +197,10 @@ class Pipeline:
             raise ValueError(f"eta must be between 0 and 1, got {r.eta}")
         rules.check_sampler_options(r.sampler, karras=r.karras, eta=r.eta)
         rules.check_steps(r.sampler, r.steps)
+        if r.refiner_switch is not None:
+            if self.refiner is None:
+                raise ValueError("refiner: this worker holds no SDXL refiner")
+            rules.check_refiner_switch(r.refiner_switch)
         if r.vae == "tiny" and self.tiny_vae is None:
             raise ValueError("vae 'tiny' needs a tiny VAE (TAESD), and none is loaded with this model")
         if not 1 <= r.n <= rules.MAX_IMAGES:
@@ -253,10 +271,22 @@ class Pipeline:
         if plan.num_steps == 0:  # strength 0: nothing to denoise, the input comes back (through the VAE)
             final = x
         else:
-            # 4. denoise
+            # 4. denoise (SDXL with a refiner: the base down to the switch, then the refiner)
+            switch = plan.num_steps
+            if first.refiner_switch is not None:
+                switch = plan.steps_before(first.refiner_switch, self.schedule.num_train_timesteps)
+            on_step = batch.step_callback(callback)
             try:
-                final = sample(plan, batch.eps, x, noise=batch.step_noise, eta=first.eta,
-                               callback=batch.step_callback(callback))
+                final = sample(plan, batch.eps, x, noise=batch.step_noise, eta=first.eta, callback=on_step,
+                               stop=switch)
+                if switch < plan.num_steps and final.shape[0]:
+                    assert self.refiner is not None  # check() refused the request otherwise
+                    refined, y, y_uncond = self.refiner.condition(requests)
+                    denoiser = Denoiser(self.refiner.unet, self.precision.unet, self.device, False,
+                                        self.components.scaling_factor, self.latent_scale)
+                    batch.switch_model(denoiser, refined.cond, refined.uncond, refined.mask, (y, y_uncond))
+                    final = sample(plan, batch.eps, final, noise=batch.step_noise, eta=first.eta, callback=on_step,
+                                   start=switch)
             except BatchCancelled:
                 return [None] * len(requests)
 

@@ -53,6 +53,8 @@ class GenerationRequest:
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
+    # SDXL: hand the steps after this share of the schedule to the pipeline's refiner (model/refiner.py); None = no
+    refiner_switch: float | None = None
 
     @property
     def denoising_strength(self) -> float:
@@ -64,6 +66,7 @@ class GenerationRequest:
         return rules.batch_key(
             task=self.task, width=self.width, height=self.height, sampler=self.sampler, karras=self.karras,
             steps=self.steps, strength=self.denoising_strength, eta=self.eta,
+            refiner=None if self.refiner_switch is None else rules.refiner_key("refiner", self.refiner_switch),
         )
 
 

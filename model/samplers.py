@@ -69,6 +69,12 @@ class SamplingPlan:
     def num_steps(self) -> int:
         return int(self.timesteps.numel())
 
+    def steps_before(self, switch_at: float, num_train_timesteps: int) -> int:
+        """How many steps run before a switch at ``switch_at`` of the schedule (SDXL's base to refiner): those whose
+        timestep is at or above round(T·(1 - switch_at)), as diffusers' ``denoising_end`` counts them."""
+        cutoff = round(num_train_timesteps - switch_at * num_train_timesteps)
+        return int((self.timesteps >= cutoff).sum())
+
     @property
     def variance_preserving(self) -> bool:
         """True when the loop's latents are √ᾱ·x_0 + √(1-ᾱ)·ε, False when they are x_0 + σ·ε."""
@@ -187,15 +193,24 @@ def sample(
     noise: NoiseFn,
     eta: float = 0.0,
     callback: StepCallback | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> torch.Tensor:
-    """Run the plan from latents ``x``; returns the final latents (float32). Zero steps return ``x``."""
+    """Run the plan from latents ``x``; returns the final latents (float32). Zero steps return ``x``.
+
+    ``start`` / ``stop``: run only steps [start, stop) of the plan, from ``x`` at the level before ``start``, as a
+    fresh run (a multistep sampler's history starts empty): how SDXL's base and refiner share one schedule, as
+    diffusers' ``denoising_end`` and ``denoising_start`` do."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
+    stop = plan.num_steps if stop is None else stop
+    if not 0 <= start <= stop <= plan.num_steps:
+        raise ValueError(f"steps [{start}, {stop}) are not inside the plan's {plan.num_steps}")
     rules.check_sampler_options(plan.sampler, karras=False, eta=eta)
     step_fn = STEP_FUNCTIONS[plan.sampler]
     x = x.to(torch.float32)
     memory: torch.Tensor | None = None
-    for i in range(plan.num_steps):
+    for i in range(start, stop):
         if x.shape[0] == 0:  # every sample was cancelled
             break
         t = torch.full((x.shape[0],), float(plan.timesteps[i]), dtype=torch.float32, device=x.device)

@@ -67,12 +67,15 @@ def second_tokenizer_ids(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.T
 
 @torch.inference_mode()
 def encode_text(
-    text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module, ids: torch.Tensor, ids_2: torch.Tensor
+    text_encoder: torch.nn.Module | None, text_encoder_2: torch.nn.Module, ids: torch.Tensor, ids_2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's text context [R, 77, 768 + 1280] (each encoder's penultimate hidden state, no final layer norm) and the
     pooled embedding [R, 1280] (the second encoder's final-norm EOS state through its projection), as
-    generative-models and diffusers' StableDiffusionXLPipeline compute them."""
-    first = text_encoder(input_ids=ids, output_hidden_states=True)
+    generative-models and diffusers' StableDiffusionXLPipeline compute them. The refiner has the second encoder
+    only (``text_encoder`` None): its context is [R, 77, 1280]."""
     second = text_encoder_2(input_ids=ids_2, output_hidden_states=True)
+    if text_encoder is None:
+        return second.hidden_states[-2], second.text_embeds
+    first = text_encoder(input_ids=ids, output_hidden_states=True)
     context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
     return context, second.text_embeds

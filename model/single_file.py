@@ -34,6 +34,7 @@ _IGNORED = re.compile(
 )
 
 Shapes = Mapping[str, tuple[int, ...]]
+_FIXED_HEAD_SIZE_CONTEXTS = (1024, 1280, 2048)  # SD 2.x (OpenCLIP ViT-H), SDXL refiner (bigG), SDXL base (L + bigG)
 
 
 class CheckpointError(ValueError):
@@ -100,7 +101,8 @@ def infer_unet_config(s: Shapes, heads: Mapping[str, int], upcast_attention: boo
     context_dim = need("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
     attention = [i for i, b in enumerate(levels) if f"input_blocks.{b[0]}.1.norm.weight" in s]
     label = s.get("label_emb.0.0.weight")  # SDXL's vector conditioning
-    # SD 1.x (768-wide context) fixes 8 heads; SD 2.x and SDXL fix 64 channels per head. Shapes cannot tell.
+    # SD 1.x fixes 8 heads; SD 2.x and SDXL (base and refiner) fix 64 channels per head. Shapes cannot tell: the
+    # context width does.
     return UNetConfig(
         in_channels=in_channels,
         out_channels=need("out.2.weight")[0],
@@ -109,7 +111,7 @@ def infer_unet_config(s: Shapes, heads: Mapping[str, int], upcast_attention: boo
         num_res_blocks=len(levels[0]),
         attention_resolutions=tuple(2**i for i in attention),
         num_heads=heads.get("unet_num_heads", 8),
-        num_head_channels=heads.get("unet_num_head_channels", -1 if context_dim == 768 else 64),
+        num_head_channels=heads.get("unet_num_head_channels", 64 if context_dim in _FIXED_HEAD_SIZE_CONTEXTS else -1),
         transformer_depth=tuple(_count(s, f"input_blocks.{b[0]}.1.transformer_blocks.") for b in levels),
         transformer_depth_middle=_count(s, "middle_block.1.transformer_blocks."),
         context_dim=context_dim,

@@ -169,6 +169,9 @@ def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list
     reader = TensorReader()
     reader.add(path, stack, allow_pickle)
     groups = single_file.group_keys(reader.shapes)
+    if open_clip.has_open_clip(reader.shapes, "conditioner.embedders.0.model."):
+        raise CheckpointError(f"{path} is an SDXL refiner (OpenCLIP ViT-bigG alone): it runs as a second stage "
+                              "beside an SDXL base model (SDQ_REFINER_CHECKPOINT), not on its own")
     if groups.conditioner:
         return _sdxl_single_file(reader, groups, json.loads(reader.metadata.get(HEADS_METADATA_KEY, "{}")))
     unet_shapes, vae_shapes, text_shapes = ({k: reader.shapes[v] for k, v in g.items()}
@@ -231,6 +234,9 @@ def _folder_part(
 def _diffusers_folder(
     path: Path, stack: ExitStack, allow_pickle: bool
 ) -> tuple[list[_Part], list[str], dict[str, Any]]:
+    if (path / "text_encoder_2").is_dir() and not (path / "text_encoder").is_dir():
+        raise CheckpointError(f"{path} is an SDXL refiner (text_encoder_2 alone): it runs as a second stage beside "
+                              "an SDXL base model (SDQ_REFINER_CHECKPOINT), not on its own")
     vae_json = _read_json(path / "vae" / "config.json")
     unet_config = diffusers_format.unet_config_from_diffusers(_read_json(path / "unet" / "config.json"))
     vae_config = diffusers_format.vae_config_from_diffusers(vae_json)
@@ -304,14 +310,22 @@ def load_components(
                       source=path, text_encoder_2=text_2, **extras)
 
 
-def _save(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-          text_encoder_2: CLIPTextModelWithProjection | None = None) -> Path:
+def _save(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
+          text_encoder_2: CLIPTextModelWithProjection | None = None, open_clip_prefix: str = SDXL_OPEN_CLIP_PREFIX
+          ) -> Path:
     """The original layout; an OpenCLIP (GELU) text encoder as SD 2.x holds it, with its unused last layer; SDXL's
-    two under ``conditioner.embedders.``."""
-    text_prefix = state_dict_prefix(text_encoder)
+    two under ``conditioner.embedders.``; the SDXL refiner's bigG alone (``text_encoder`` None) under
+    ``open_clip_prefix``."""
     tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     tensors |= {VAE_PREFIX + k: v for k, v in vae.state_dict().items()}
     extra_heads = {}
+    if text_encoder is None:
+        assert text_encoder_2 is not None, "a checkpoint needs a text encoder"
+        tensors |= open_clip.to_open_clip(text_encoder_2, open_clip_prefix)
+        heads = {"unet_num_heads": unet.config.num_heads, "unet_num_head_channels": unet.config.num_head_channels,
+                 "text_2_num_attention_heads": text_encoder_2.config.num_attention_heads}
+        return _write(path, tensors, heads)
+    text_prefix = state_dict_prefix(text_encoder)
     if text_encoder_2 is not None:
         tensors |= {SDXL_TEXT_PREFIX + "text_model." + k.removeprefix(text_prefix): v
                     for k, v in text_encoder.state_dict().items()}
@@ -324,6 +338,10 @@ def _save(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTex
                     for k, v in text_encoder.state_dict().items()}
     heads = {"unet_num_heads": unet.config.num_heads, "unet_num_head_channels": unet.config.num_head_channels,
              "text_num_attention_heads": text_encoder.config.num_attention_heads, **extra_heads}
+    return _write(path, tensors, heads)
+
+
+def _write(path: Path, tensors: Mapping[str, torch.Tensor], heads: Mapping[str, int]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
               metadata={"format": "pt", HEADS_METADATA_KEY: json.dumps(heads)})

@@ -161,6 +161,11 @@ class BatchWorker(RQWorker):
                             if spec.params.model not in (None, self.resident.pipe.name):  # misrouted: never run it
                                 raise ValueError(f"this job is for model {spec.params.model!r}, and this worker "
                                                  f"holds {self.resident.pipe.name!r}")
+                            refiner = self.resident.pipe.refiner
+                            if spec.params.refiner is not None and spec.params.refiner.model != (
+                                    refiner.name if refiner else None):
+                                raise ValueError(f"refiner.model: this job asks for {spec.params.refiner.model!r}, "
+                                                 f"and this worker holds {refiner.name if refiner else 'none'}")
                             # reads img2img / inpaint inputs, waiting out a storage outage for as long as the job may
                             request = to_request(spec, self.finalizer.storage_for(run))
                             self.resident.pipe.check(request)

@@ -35,4 +35,5 @@ def describe_model(pipe: Pipeline, checkpoint: Path | None) -> LoadedModel:
         loras=directory_names(pipe.loras.directory),
         tiny_vae=pipe.tiny_vae is not None,
         default_size=pipe.default_size,
+        refiner=pipe.refiner.name if pipe.refiner is not None else None,
     )

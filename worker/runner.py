@@ -126,6 +126,7 @@ def to_request(spec: JobSpec, storage: Storage | None = None) -> GenerationReque
         original_size=p.original_size,
         crop_top_left=p.crops_coords_top_left,
         target_size=p.target_size,
+        refiner_switch=None if p.refiner is None else p.refiner.switch_at,
     )
 
 

@@ -58,7 +58,7 @@ def load_resident(settings: Settings) -> Resident:
     with _lock:
         if _resident is None:
             if settings.checkpoint is None:
-                raise ValueError("SDQ_CHECKPOINT is not set: point it at an SD 1.x .safetensors file or folder")
+                raise ValueError("SDQ_CHECKPOINT is not set: point it at an SD .safetensors file or diffusers folder")
             from model.pipeline import Pipeline  # torch is imported only by processes that run the model
 
             started = time.monotonic()
@@ -67,6 +67,10 @@ def load_resident(settings: Settings) -> Resident:
                 tiny_vae=settings.tiny_vae, compile_mode=settings.compile, prediction_type=settings.prediction_type,
             )
             pipe.name = served_name(settings.model_name, pipe.name)
+            if settings.refiner_checkpoint is not None:
+                pipe.use_refiner(settings.refiner_checkpoint)
+                assert pipe.refiner is not None
+                pipe.refiner.name = served_name(None, pipe.refiner.name)
             pipe.loras.configure(settings.lora_dir, settings.lora_cache_mb * 2**20)
             seconds = time.monotonic() - started
             model = ModelInfo(pipe.name, _short_hash(settings.checkpoint))

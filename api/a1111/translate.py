@@ -112,7 +112,6 @@ _COMMON = (
     Unsupported("s_tmin", "sigma tmin", _zero, "0"),
     Unsupported("s_tmax", "sigma tmax", lambda v: _zero(v) or v == math.inf, "0"),
     Unsupported("s_noise", "sigma noise", _one, "1"),
-    Unsupported("refiner_checkpoint", "a refiner model", _off, "null"),
     Unsupported("script_name", "scripts", _off, "null"),
     Unsupported("alwayson_scripts", "extension scripts", _off, "{}"),
     Unsupported("infotext", "parameters as infotext", _off, "null, and the parameters as fields"),
@@ -137,6 +136,7 @@ A1111_FIELDS = {
     "guidance_scale": "cfg_scale", "sampler": "sampler_name", "karras": "scheduler", "n": "batch_size",
     "strength": "denoising_strength", "image": "init_images.0", "invert_mask": "inpainting_mask_invert",
     "loras": "prompt",  # A1111 clients ask for LoRAs with <lora:name:weight> in the prompt
+    "refiner.model": "refiner_checkpoint", "refiner.switch_at": "refiner_switch_at",
 }
 # Native sampler names in native messages ("karras sigmas apply to euler, ..."), to be shown as A1111 names.
 _NATIVE_SAMPLER = re.compile(r"\b(" + "|".join(sorted((s.value for s in Sampler), key=len, reverse=True)) + r")\b")
@@ -202,8 +202,18 @@ def _common(fields: GenerationFields, priority: Priority, model: str | None) -> 
         "height": fields.height, "steps": fields.steps, "guidance_scale": fields.cfg_scale, "sampler": sampler,
         "karras": karras, "eta": _eta(sampler, fields.eta), "seed": fields.seed,
         "n": fields.batch_size * fields.n_iter, "priority": priority, "preview_every": PREVIEW_EVERY,
-        "output_format": "png",
+        "output_format": "png", "refiner": _refiner(fields),
     }
+
+
+def _refiner(fields: GenerationFields) -> dict[str, Any] | None:
+    """SDXL's refiner by an A1111 checkpoint name ("sd_xl_refiner_1.0.safetensors [7440042bbd]" or the bare name);
+    A1111's switch defaults to 0.8 of the schedule."""
+    if not fields.refiner_checkpoint:
+        return None
+    name = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", fields.refiner_checkpoint).removesuffix(".safetensors")
+    switch = 0.8 if fields.refiner_switch_at is None else fields.refiner_switch_at
+    return {"model": name, "switch_at": switch}
 
 
 def resolve_sampler(name: str, scheduler: str | None, field: str = "sampler_name") -> tuple[Sampler, bool]:
@@ -296,7 +306,10 @@ def native_error(exc: ValidationError) -> ApiError:
     problems = []
     for err in exc.errors():
         loc = list(err["loc"])
-        if loc:
+        whole = ".".join(str(p) for p in loc)
+        if whole in A1111_FIELDS:  # a nested native field that is one A1111 field (refiner.switch_at)
+            loc = [A1111_FIELDS[whole]]
+        elif loc:
             loc[0] = A1111_FIELDS.get(str(loc[0]), loc[0])
         field = ".".join(str(p) for p in loc)
         _, message = errors.describe({**err, "loc": (_LABELS.get(field, field),)})

@@ -153,7 +153,7 @@ NON_DEFAULTS: dict[str, dict[str, Any]] = {
     "txt2img": {
         "styles": ["Cinematic"], "subseed_strength": 0.5, "seed_resize_from_h": 256, "seed_resize_from_w": 256,
         "restore_faces": True, "tiling": True, "s_min_uncond": 0.2, "s_churn": 0.5, "s_tmin": 0.1, "s_tmax": 5.0,
-        "s_noise": 1.003, "refiner_checkpoint": "sd_xl_refiner", "script_name": "x/y/z plot",
+        "s_noise": 1.003, "script_name": "x/y/z plot",
         "alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}, "infotext": "a cat\nSteps: 20",
         "enable_hr": True, "firstphase_width": 256, "firstphase_height": 256, "firstpass_image": "aW1hZ2U=",
     },
@@ -295,3 +295,13 @@ def test_input_image_errors_are_renamed_to_the_a1111_fields() -> None:
     assert (mask.info.field, mask.info.message) == (
         "mask", "mask is 8x8 but image is 16x16: they must be the same size")
     assert (big.status_code, big.info.type, big.info.field) == (413, "payload_too_large", "init_images.0")
+
+
+def test_the_refiner_checkpoint_and_switch_become_the_native_refiner() -> None:
+    job = txt2img(refiner_checkpoint="sd_xl_refiner_1.0.safetensors [7440042bbd]")
+    assert job.refiner is not None and (job.refiner.model, job.refiner.switch_at) == ("sd_xl_refiner_1.0", 0.8)
+    job = txt2img(refiner_checkpoint="sd_xl_refiner_1.0", refiner_switch_at=0.6)
+    assert job.refiner is not None and (job.refiner.model, job.refiner.switch_at) == ("sd_xl_refiner_1.0", 0.6)
+    assert txt2img(refiner_switch_at=0.6).refiner is None  # A1111 ignores the switch without a refiner too
+    error = refused(txt2img, refiner_checkpoint="sd_xl_refiner_1.0", refiner_switch_at=1.0)
+    assert error.info.field == "refiner_switch_at" and "0.95" in error.info.message

@@ -42,10 +42,10 @@ def test_models_are_grouped_per_checkpoint_with_their_workers(client: TestClient
 
     assert client.get("/v1/models").json() == {"models": [
         {"name": "sd-v1-5-inpainting", "hash": "c6bbc15e32", "sha256": INPAINT.sha256, "inpainting_unet": True,
-         "tiny_vae": True, "queued": 0, "default_size": 512,
+         "tiny_vae": True, "queued": 0, "default_size": 512, "refiners": [],
          "workers": [{"name": "cpu-1", "device": "cpu", "dtype": "bfloat16"}]},
         {"name": "v1-5-pruned-emaonly", "hash": "6ce0161689", "sha256": SD15.sha256, "inpainting_unet": False,
-         "tiny_vae": False, "queued": 0, "default_size": 512,
+         "tiny_vae": False, "queued": 0, "default_size": 512, "refiners": [],
          "workers": [{"name": "gpu-a", "device": "cuda", "dtype": "float16"},
                      {"name": "gpu-b", "device": "cuda", "dtype": "float16"}]},
     ]}
@@ -178,3 +178,25 @@ def test_a_txt2img_job_without_a_size_gets_its_models_native_size(client: TestCl
     assert (p["width"], p["height"]) == (512, 512)
     r = client.post("/v1/txt2img", json={"prompt": "a cat", "model": "sd_xl_base_1.0", "original_size": [0, 5]})
     assert r.status_code == 422 and "original_size values must be between 1 and 8192" in r.text
+
+
+def test_a_refiner_must_be_held_by_a_live_worker_of_the_jobs_model(client: TestClient, redis: Redis) -> None:
+    xl = LoadedModel(name="sd_xl_base_1.0", inpainting_unet=False, device="cuda", dtype="float16",
+                     default_size=1024, refiner="sd_xl_refiner_1.0")
+    start_worker(redis, "gpu-xl", xl)
+    start_worker(redis, "gpu-b", SD15)
+    listed = {m["name"]: m["refiners"] for m in client.get("/v1/models").json()["models"]}
+    assert listed == {"sd_xl_base_1.0": ["sd_xl_refiner_1.0"], "v1-5-pruned-emaonly": []}
+    job = {"prompt": "a cat", "width": 64, "height": 64}
+    r = client.post("/v1/txt2img", json={**job, "model": "sd_xl_base_1.0",
+                                         "refiner": {"model": "sd_xl_refiner_1.0", "switch_at": 0.7}})
+    assert r.status_code == 202, r.text
+    params = client.get(f"/v1/jobs/{r.json()['id']}").json()["params"]
+    assert params["refiner"] == {"model": "sd_xl_refiner_1.0", "switch_at": 0.7}
+    r = client.post("/v1/txt2img", json={**job, "model": "v1-5-pruned-emaonly",
+                                         "refiner": {"model": "sd_xl_refiner_1.0"}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "refiner.model"
+    assert "not held by a live worker of model 'v1-5-pruned-emaonly'; held: none" in r.json()["error"]["message"]
+    r = client.post("/v1/txt2img", json={**job, "model": "sd_xl_base_1.0",
+                                         "refiner": {"model": "sd_xl_refiner_1.0", "switch_at": 1.5}})
+    assert r.status_code == 422 and "switch_at" in r.text

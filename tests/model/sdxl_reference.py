@@ -81,3 +81,34 @@ def reference(cls: type[Any], folder: Path, sampler: str, karras: bool = False) 
     pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def refiner_unet() -> diffusers.UNet2DConditionModel:
+    """The refiner's shape, tiny: another width, 2-deep transformers on both attention levels, bigG's context alone,
+    and the aesthetic score in place of the target size (5 time ids)."""
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 96), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=WIDTH_2, attention_head_dim=(2, 4, 6), transformer_layers_per_block=2,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=POOLED + 5 * 256,
+    )
+
+
+def save_refiner_folder(folder: Path, base: Path, seed: int = 0) -> Path:
+    """A refiner folder sharing the base's VAE and second text encoder, as diffusers' base + refiner example."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    base_pipe = StableDiffusionXLPipeline.from_pretrained(base, local_files_only=True)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        unet = refiner_unet().eval()
+        for p in unet.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    StableDiffusionXLImg2ImgPipeline(
+        vae=base_pipe.vae, text_encoder=None, text_encoder_2=base_pipe.text_encoder_2, tokenizer=None,
+        tokenizer_2=base_pipe.tokenizer_2, unet=unet, scheduler=base_pipe.scheduler, requires_aesthetics_score=True,
+    ).save_pretrained(folder)
+    return folder
