@@ -69,6 +69,7 @@ class GenerateOptions(TypedDict, total=False):
     original_size: tuple[int, int] | list[int] | None  # SDXL's size conditioning, [height, width]
     crops_coords_top_left: tuple[int, int] | list[int]
     target_size: tuple[int, int] | list[int] | None
+    refiner: dict[str, Any] | None  # SDXL: {"model": a refiner from GET /v1/models, "switch_at": 0.8}
 
 
 class Img2ImgOptions(GenerateOptions, total=False):
