@@ -11,7 +11,7 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, TCDScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from model.clip_config import clip_text_config
@@ -76,9 +76,10 @@ def reference(cls: type[Any], folder: Path, sampler: str, karras: bool = False) 
     """diffusers' SDXL pipeline ``cls`` from ``folder``, with the sampler's scheduler made from the folder's config."""
     pipe: Any = cls.from_pretrained(folder, local_files_only=True)
     options: dict[str, Any] = {"use_karras_sigmas": True} if karras else {}
-    if sampler == "lcm":
+    if sampler in ("lcm", "tcd"):
         options = {"original_inference_steps": 50}
-    pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config, **options)
+    schedulers = {**SCHEDULERS, "tcd": TCDScheduler}
+    pipe.scheduler = schedulers[sampler].from_config(pipe.scheduler.config, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -67,10 +67,11 @@ def test_the_folder_loads_as_sdxl(pipe: Pipeline) -> None:
 
 @pytest.mark.parametrize(("sampler", "karras", "eta"),
                          [("euler", False, 0.0), ("euler_a", False, 0.0), ("ddim", False, 0.0), ("ddim", False, 0.5),
-                          ("dpmpp_2m", True, 0.0), ("lcm", False, 0.0)])
+                          ("dpmpp_2m", True, 0.0), ("dpmpp_2m", False, 0.0), ("lcm", False, 0.0),
+                          ("tcd", False, 0.3)])
 def test_txt2img_matches_diffusers(folder: Path, pipe: Pipeline, sampler: str, karras: bool, eta: float) -> None:
-    steps = 4 if sampler == "lcm" else 5
-    guidance = 1.0 if sampler == "lcm" else 6.0
+    steps = 4 if sampler in ("lcm", "tcd") else 5
+    guidance = 1.0 if sampler in ("lcm", "tcd") else 6.0
     req = request(sampler, karras=karras, eta=eta, n=2, steps=steps, guidance_scale=guidance)
     mine = ours(pipe, req)
     theirs = reference_pixels(reference(StableDiffusionXLPipeline, folder, sampler, karras), req.seed, 2,
