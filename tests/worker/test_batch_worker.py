@@ -91,6 +91,20 @@ class FlakyStorage(LocalStorage):
         super().put(key, data, content_type)
 
 
+def down_for(seconds: float) -> Callable[[], bool]:
+    """True from the first call until ``seconds`` after it: an outage that begins when the worker first writes,
+    however long the worker took to get there."""
+    started: list[float] = []
+
+    def failing() -> bool:
+        now = time.monotonic()
+        if not started:
+            started.append(now)
+        return now < started[0] + seconds
+
+    return failing
+
+
 def first(k: int) -> Callable[[], bool]:
     """True for the first ``k`` calls, then False."""
     calls = itertools.count()
@@ -276,8 +290,7 @@ def test_storage_down_for_longer_than_the_job_may_wait_gives_the_job_back(redis:
                                                                          tiny_pipe: Any) -> None:
     spec = submit(redis, settings)
     redis.hset(Job.key_for(spec.id), "timeout", 3)  # a job that may take 3 s: it waits for storage that long
-    down_until = time.monotonic() + 5
-    storage = FlakyStorage(settings, OSError(errno.EIO, "Input/output error"), lambda: time.monotonic() < down_until)
+    storage = FlakyStorage(settings, OSError(errno.EIO, "Input/output error"), down_for(5))
 
     burst(redis, settings, tiny_pipe, storage)
 
