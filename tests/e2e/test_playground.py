@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from redis import Redis
+from rq import Worker as RQWorker
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service as DriverService
@@ -29,6 +31,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from core import apikeys
+from core.catalog import LoadedModel, publish_model
 from tests.api.test_docs_browser import CHROMEDRIVER, CHROMIUM, console_errors
 from tests.e2e.conftest import ROOT, Service
 from tests.images import noise_image
@@ -361,7 +364,22 @@ def test_the_workers_loras_and_vaes_are_offered_and_sent(service: Service, brows
     served = service.http.get("/v1/models").json()["models"][0]["name"]
     model = page.by_id("model")
     assert [o.get_attribute("value") for o in model.find_elements(By.TAG_NAME, "option")] == ["", served]
+    # a model's native size becomes the txt2img size when it is chosen: an SDXL worker announces 1024
+    redis = Redis.from_url(service.env["SDQ_REDIS_URL"])
+    xl = RQWorker(["sdq-low"], connection=redis, name="xl-worker")
+    xl.register_birth()
+    publish_model(redis, xl.key, LoadedModel(name="sdxl-base", inpainting_unet=False, device="cuda",
+                                             dtype="float16", default_size=1024))
+    page.open()
+    model = page.by_id("model")
+    page.wait(lambda d: len(model.find_elements(By.TAG_NAME, "option")) == 3, "the SDXL model listed")
+    Select(model).select_by_value("sdxl-base")
+    assert page.by_id("width").get_attribute("value") == page.by_id("height").get_attribute("value") == "1024"
     Select(model).select_by_value(served)
+    assert page.by_id("width").get_attribute("value") == "512"
+    xl.register_death()
+    redis.close()
+    rows = page.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "#lora-list .lora"), "the workers' LoRAs again")
 
     rows[0].find_element(By.CSS_SELECTOR, 'input[type="checkbox"]').click()
     scale = rows[0].find_element(By.CLASS_NAME, "lora-scale")

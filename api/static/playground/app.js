@@ -21,6 +21,7 @@ const form = new JobForm($("generate"));
 const catalog = new Catalog({ list: $("lora-list"), empty: $("loras-empty"), vae: $("vae"), vaeHelp: $("vae-help"),
   model: $("model") });
 form.catalog = catalog;
+$("model").addEventListener("change", () => form.useSize(catalog.chosenSize()));
 const formMessage = (message) => {
   show($("form-message"), message);
   if (message) $("form-message").scrollIntoView({ block: "nearest" }); // below the fold on a phone
@@ -76,6 +77,7 @@ async function loadCatalog() {
     const [loras, models] = await Promise.all([getJson("v1/loras"), getJson("v1/models")]);
     catalog.showLoras(loras.loras, form.property("LoraRequest", "scale"));
     catalog.showModels(models.models);
+    form.useSize(catalog.chosenSize());
   } catch (err) {
     formMessage(`the workers' LoRAs and models cannot be read: ${describe(err)}`);
   }

@@ -8,6 +8,7 @@ export class Catalog {
     this.vae = vae;
     this.vaeHelp = vaeHelp;
     this.model = model;
+    this.sizes = new Map(); // model name -> its native side (GET /v1/models: default_size)
   }
 
   // One row per LoRA: a checkbox to use it and its scale (the request's `loras[].scale`).
@@ -45,6 +46,7 @@ export class Catalog {
   showModels(models) {
     const previous = this.model.value;
     const names = [...new Set(models.map((model) => model.name))];
+    this.sizes = new Map(models.map((model) => [model.name, model.default_size]));
     this.model.replaceChildren(new Option("default", ""), ...names.map((name) => new Option(name, name)));
     this.model.value = names.includes(previous) ? previous : "";
     const tiny = models.some((model) => model.tiny_vae);
@@ -53,6 +55,15 @@ export class Catalog {
     }
     if (!tiny && this.vae.value === "tiny") this.vae.value = "full";
     this.vaeHelp.hidden = tiny;
+  }
+
+  // The native image side of the chosen model (SDXL 1024), or, for "default", the one side all live models share;
+  // null when that is not known.
+  chosenSize() {
+    const name = this.chosenModel();
+    if (name) return this.sizes.get(name) ?? null;
+    const sides = new Set(this.sizes.values());
+    return sides.size === 1 ? [...sides][0] : null;
   }
 
   // The request's `model`, or null for the deployment's default.

@@ -16,6 +16,11 @@ export class JobForm {
     for (const radio of form.querySelectorAll('input[name="mode"]')) {
       radio.addEventListener("change", () => this.showMode());
     }
+    for (const name of ["width", "height"]) { // a size typed by the person wins over the model's native one
+      form.elements[name].addEventListener("input", (event) => {
+        event.target.dataset.typed = String(event.target.value !== "");
+      });
+    }
   }
 
   get mode() {
@@ -99,6 +104,15 @@ export class JobForm {
       input.placeholder = mode === "txt2img" ? "" : "image's";
       if (mode !== "txt2img") input.value = "";
       else if (input.value === "") this.setDefault(input, schema);
+    }
+  }
+
+  // A txt2img image of the model's native side (512, SDXL 1024) unless the person typed a size of their own.
+  useSize(side) {
+    if (!side || this.mode !== "txt2img") return;
+    for (const name of ["width", "height"]) {
+      const input = this.form.elements[name];
+      if (input.dataset.typed !== "true") input.value = String(side);
     }
   }
 
