@@ -88,10 +88,20 @@ def ours(folder: Path, dtype: str, size: int) -> Callable[[str], None]:
 
 
 def theirs(folder: Path, size: int) -> Callable[[str], None]:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe = StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).eval(),
+        vae=AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval(),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval(),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2",
+                                                                   local_files_only=True).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True),
+        scheduler=EulerDiscreteScheduler.from_config(json.loads((folder / "scheduler" /
+                                                                 "scheduler_config.json").read_text())),
+    )
     pipe.set_progress_bar_config(disable=True)
 
     def run(prompt: str) -> None:
