@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: install run test test-full lint bench chaos clean
+.PHONY: install run test test-full lint bench bench-sdxl chaos clean
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ test-full: lint
 bench: install
 	$(BIN)/python bench/model_vs_diffusers.py
 	$(BIN)/python bench/service_overhead.py
+
+# SDXL-size random weights (13 GB on disk, up to 15 GB of memory per process): ours vs diffusers, about 15 minutes
+# on 2 cores.
+bench-sdxl: install
+	$(BIN)/python bench/sdxl.py
 
 # The chaos drills at full length: real processes killed, restarted and flooded while jobs run; one figure line per
 # drill (`make test` runs the drills that pass, shortened, from tests/chaos).
