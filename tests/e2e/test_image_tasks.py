@@ -83,7 +83,7 @@ def test_img2img_strength_0_is_the_vae_round_trip_and_models_lists_the_checkpoin
     [model] = service.http.get("/v1/models").json()["models"]
     [worker] = model.pop("workers")
     assert model == {"name": "tiny", "hash": sha256[:10], "sha256": sha256, "inpainting_unet": False, "tiny_vae": False,
-                     "queued": 0}
+                     "queued": 0, "default_size": 512, "refiners": []}
     assert (worker["device"], worker["dtype"]) == ("cpu", str(pipe.precision.unet).removeprefix("torch."))
 
 

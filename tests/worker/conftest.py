@@ -228,6 +228,22 @@ def wait_running(pool: Pool, specs: list[JobSpec], timeout: float = 60) -> set[s
     return {Job.fetch(s.id, connection=pool.redis).worker_name or "" for s in specs}
 
 
+def wait_any_running(pool: Pool, specs: list[JobSpec], timeout: float = 60) -> dict[str, str]:
+    """Wait until some job of ``specs`` runs (denoising has begun); returns {job id: worker name} of those running
+    then. With two idle workers one may take a single job and end it before the other's batch begins."""
+    found: dict[str, str] = {}
+
+    def running() -> bool:
+        jobs = [Job.fetch(s.id, connection=pool.redis) for s in specs]
+        found.clear()
+        found.update({j.id: j.worker_name or "" for j in jobs
+                      if j.get_status() == JobStatus.STARTED and "progress" in j.meta})
+        return bool(found)
+
+    wait_for(running, timeout, "a job to run")
+    return dict(found)
+
+
 @pytest.fixture
 def keys() -> Keys:
     return Keys("sdq")
