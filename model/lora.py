@@ -61,19 +61,25 @@ class LoraWeights:
     stamp: tuple[int, int] = (0, 0)  # the file's size and modification time when read
     unet: dict[str, Adapter] = field(default_factory=dict)
     text: dict[str, Adapter] = field(default_factory=dict)
+    text2: dict[str, Adapter] = field(default_factory=dict)  # SDXL's second text encoder
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for a in (*self.unet.values(), *self.text.values())
-                   for t in (a.down, a.up))
+        return sum(t.numel() * t.element_size() for a in (*self.unet.values(), *self.text.values(),
+                                                           *self.text2.values()) for t in (a.down, a.up))
+
+    @property
+    def adapts_text(self) -> bool:
+        """Whether it changes a text encoder (and so the text embeddings its requests get)."""
+        return bool(self.text or self.text2)
 
     def adapters(self, network: Network) -> dict[str, Adapter]:
-        return self.unet if network == "unet" else self.text
+        return {"unet": self.unet, "text": self.text, "text2": self.text2}[network]
 
 
 def _split(key: str) -> tuple[str, str, dict[str, str]]:
     """(layer name, suffix, the format's suffix table) of a tensor name."""
-    if key.startswith(("lora_unet_", "lora_te_")):
+    if key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
         name, _, suffix = key.partition(".")
         return name, suffix, _KOHYA
     for suffix in _PEFT:
@@ -160,7 +166,7 @@ def read_lora(
                 raise LoraError(f"{path}: {key}: {what}")
             if name not in names.layers:
                 raise LoraError(f"{path}: {key} names no layer of this model ({name} is not a layer path in the "
-                                "kohya or diffusers naming of an SD 1.x UNet / CLIP text encoder of this shape)")
+                                "kohya or diffusers naming of this model's UNet or CLIP text encoders)")
             parts.setdefault(name, {})[part] = (key, f.get_tensor(key))
     weights = LoraWeights(path)
     for name, found in parts.items():
@@ -184,7 +190,7 @@ def read_lora(
         if target.path in adapters:
             raise LoraError(f"{path}: {down_key} adapts {target.path}, which another key of the file adapts too")
         adapters[target.path] = Adapter(target, down.to(device, dtype), up.to(device, dtype), scale)
-    if not weights.unet and not weights.text:
+    if not weights.unet and not weights.adapts_text:
         raise LoraError(f"{path}: holds no LoRA tensors")
     return weights
 
@@ -226,5 +232,5 @@ class LoraCache:
             dropped, _ = self._entries.popitem(last=False)
             log.info("LoRA cache: dropped %s (over %d MiB)", dropped.name, self.max_bytes >> 20)
         log.info("LoRA %s loaded: %d UNet and %d text encoder layers, %.1f MiB", path.name, len(weights.unet),
-                 len(weights.text), weights.nbytes / 2**20)
+                 len(weights.text) + len(weights.text2), weights.nbytes / 2**20)
         return weights

@@ -10,6 +10,9 @@ Our module paths are the original (CompVis) checkpoint keys. A LoRA file names t
   found the same way, from our own paths.
 - diffusers / PEFT (``unet.*``, ``text_encoder.*``, what diffusers' ``save_lora_weights`` writes): the diffusers
   module path after ``unet.``, the transformers one (with or without ``text_model.``) after ``text_encoder.``.
+- SDXL: the same for its two text encoders, ``lora_te1_`` / ``lora_te2_`` (kohya) and ``text_encoder.`` /
+  ``text_encoder_2.`` (diffusers); kohya's SDXL UNet names are the original layout's (``lora_unet_input_blocks_``),
+  found from our paths as above.
 
 The diffusers -> original UNet names come from ``model.diffusers_format.unet_renames``, the one table the
 diffusers-folder loader uses too.
@@ -22,14 +25,14 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from model import diffusers_format
 from model.clip_config import state_dict_prefix
 from model.layers import Upsample
 from model.unet import UNetConfig, UNetModel
 
-Network = Literal["unet", "text"]
+Network = Literal["unet", "text", "text2"]  # text2: SDXL's second text encoder
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,12 @@ class LoraNames:
     layers: dict[str, tuple[Network, Target]]
 
     @classmethod
-    def build(cls, unet_config: UNetConfig, text_config: CLIPTextConfig) -> LoraNames:
+    def build(cls, unet_config: UNetConfig, text_config: CLIPTextConfig,
+              text_2_config: CLIPTextConfig | None = None) -> LoraNames:
         # The networks are built on the meta device: their layer shapes, before any CPU weight packing.
         with torch.device("meta"):
             unet, text = UNetModel(unet_config), CLIPTextModel(text_config)
+            text_2 = None if text_2_config is None else CLIPTextModelWithProjection(text_2_config)
         back = diffusers_format.inverted(diffusers_format.unet_renames(unet_config))
         layers: dict[str, tuple[Network, Target]] = {}
         for path, target in _targets(unet).items():
@@ -87,7 +92,19 @@ class LoraNames:
         prefix = state_dict_prefix(text)
         for path, target in _targets(text).items():
             canonical = path.removeprefix(prefix)  # below text_model., whatever transformers' version nests
-            for name in (f"lora_te_text_model_{canonical.replace('.', '_')}", f"text_encoder.{canonical}",
+            kohya = canonical.replace(".", "_")
+            for name in (f"lora_te_text_model_{kohya}", f"text_encoder.{canonical}",
                          f"text_encoder.text_model.{canonical}"):
                 layers[name] = ("text", target)
+            if text_2 is not None:
+                layers[f"lora_te1_text_model_{kohya}"] = ("text", target)
+        if text_2 is not None:
+            prefix = state_dict_prefix(text_2)
+            for path, target in _targets(text_2).items():
+                if not path.startswith(prefix):  # text_projection: no LoRA trainer adapts it
+                    continue
+                canonical = path.removeprefix(prefix)
+                for name in (f"lora_te2_text_model_{canonical.replace('.', '_')}", f"text_encoder_2.{canonical}",
+                             f"text_encoder_2.text_model.{canonical}"):
+                    layers[name] = ("text2", target)
         return cls(layers)

@@ -11,7 +11,7 @@ row's result does not depend on its batch mates: a job's image is the same alone
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from model.lora import LoraCache, LoraError, LoraWeights
 from model.lora_names import LoraNames, Network, Target
@@ -114,13 +114,15 @@ class LoraBatch:
     unet: RowAdapters | None
     text: RowAdapters | None
     text_keys: list[str]  # per request: what its text encoder LoRAs are, for the text-embedding cache ("" = none)
+    text2: RowAdapters | None = None  # SDXL's second text encoder
 
     @contextmanager
     def text_rows(self, owners: Sequence[int]) -> Iterator[None]:
-        if self.text is None:
-            yield
-            return
-        with self.text.rows(owners):
+        """While inside, both text encoders' rows get their requests' side paths."""
+        with ExitStack() as stack:
+            for adapters in (self.text, self.text2):
+                if adapters is not None:
+                    stack.enter_context(adapters.rows(owners))
             yield
 
 
@@ -132,8 +134,9 @@ class LoraLibrary:
 
     def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, device: torch.device,
                  dtypes: dict[Network, torch.dtype], directory: Path | None = None,
-                 max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        self.unet, self.text_encoder = unet, text_encoder
+                 max_bytes: int = DEFAULT_CACHE_BYTES, text_encoder_2: CLIPTextModelWithProjection | None = None
+                 ) -> None:
+        self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
         self.directory = directory
         self.max_bytes = max_bytes
         self._device, self._dtypes = device, dtypes
@@ -148,7 +151,8 @@ class LoraLibrary:
     @property
     def cache(self) -> LoraCache:
         if self._cache is None:  # the name table is built on first use: it builds the networks' shapes once
-            names = LoraNames.build(self.unet.config, self.text_encoder.config)
+            names = LoraNames.build(self.unet.config, self.text_encoder.config,
+                                    None if self.text_encoder_2 is None else self.text_encoder_2.config)
             self._cache = LoraCache(names, self._device, self._dtypes, self.max_bytes)
         return self._cache
 
@@ -168,5 +172,6 @@ class LoraLibrary:
         sets = [[(self.load(ref), ref.scale) for ref in r.loras] for r in requests]
         unet = RowAdapters(self.unet, sets, "unet")
         text = RowAdapters(self.text_encoder, sets, "text")
-        keys = ["|".join(f"{w.path}@{w.stamp}:{s!r}" for w, s in loras if w.text) for loras in sets]
-        return LoraBatch(unet or None, text or None, keys)
+        text2 = RowAdapters(self.text_encoder_2, sets, "text2") if self.text_encoder_2 is not None else None
+        keys = ["|".join(f"{w.path}@{w.stamp}:{s!r}" for w, s in loras if w.adapts_text) for loras in sets]
+        return LoraBatch(unet or None, text or None, keys, text2 or None)

@@ -75,7 +75,8 @@ class Pipeline:
             OrderedDict())
         self.pad_id_2 = 0  # SDXL: the second tokenizer's pad id (set by load from its folder; "!" otherwise)
         self.loras = LoraLibrary(components.unet, components.text_encoder, device,
-                                 {"unet": precision.unet, "text": precision.text})
+                                 {"unet": precision.unet, "text": precision.text, "text2": precision.text},
+                                 text_encoder_2=components.text_encoder_2)
         self.tiny_vae: TinyAutoencoder | None = None  # TAESD (use_tiny_vae): "vae": "tiny" requests and previews
         # what a batch without LoRAs runs (compiled by use_compile), and the full VAE's decode
         self.fast_unet: UNetFn = components.unet
@@ -200,6 +201,9 @@ class Pipeline:
         if r.refiner_switch is not None:
             if self.refiner is None:
                 raise ValueError("refiner: this worker holds no SDXL refiner")
+            if self.is_inpaint:
+                raise ValueError("refiner: an inpainting model's latents carry the mask and the masked image, and "
+                                 "the refiner takes plain latents; inpaint with the refiner on a standard SDXL model")
             rules.check_refiner_switch(r.refiner_switch)
         if r.vae == "tiny" and self.tiny_vae is None:
             raise ValueError("vae 'tiny' needs a tiny VAE (TAESD), and none is loaded with this model")
@@ -251,12 +255,13 @@ class Pipeline:
         lora = self.loras.batch(requests)
 
         # 2. text
-        pooled: dict[tuple[int, ...], torch.Tensor] = {}  # SDXL: token ids of a chunk -> its pooled embedding
+        # SDXL: (request, token ids of a chunk) -> its pooled embedding (requests' text LoRAs differ)
+        pooled: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
         def encode_rows(ids: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
             context, pooled_rows = self._encode_text(ids, lora, owners)
             if pooled_rows is not None:
-                pooled.update(zip(map(tuple, ids.tolist()), pooled_rows, strict=True))
+                pooled.update(zip(zip(owners, map(tuple, ids.tolist()), strict=True), pooled_rows, strict=True))
             return context
 
         text = encode_prompts(self.tokenizer, encode_rows, [r.prompt for r in requests],
@@ -310,7 +315,7 @@ class Pipeline:
 
     # helpers -------------------------------------------------------------------------------------------------
     def _vectors(self, requests: Sequence[GenerationRequest], prompts: Sequence[PromptTokens],
-                 negatives: Sequence[PromptTokens], pooled: dict[tuple[int, ...], torch.Tensor]
+                 negatives: Sequence[PromptTokens], pooled: dict[tuple[int, tuple[int, ...]], torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL's vector conditioning per request, (cond, uncond) [N, adm]: the pooled embedding of each prompt's
         first chunk (as A1111 for long prompts) and the request's size conditioning, the same for both."""
@@ -319,8 +324,8 @@ class Pipeline:
             default = SizeConditioning.default(r.height, r.width)
             time_ids.append(SizeConditioning(r.original_size or default.original_size, r.crop_top_left,
                                              r.target_size or default.target_size).time_ids())
-        cond = torch.stack([pooled[tuple(p.ids[0])] for p in prompts])
-        uncond = torch.stack([pooled[tuple(p.ids[0])] for p in negatives])
+        cond = torch.stack([pooled[k, tuple(p.ids[0])] for k, p in enumerate(prompts)])
+        uncond = torch.stack([pooled[k, tuple(p.ids[0])] for k, p in enumerate(negatives)])
         return vector_conditioning(cond, time_ids), vector_conditioning(uncond, time_ids)
 
     def _encode_text(self, ids: torch.Tensor, lora: LoraBatch = NO_LORA, owners: Sequence[int] = ()

@@ -167,3 +167,6 @@ def test_a_9_channel_inpainting_sdxl_matches_diffusers(tmp_path: Path) -> None:
                                   mask_image=mask, strength=strength, num_inference_steps=req.steps,
                                   guidance_scale=req.guidance_scale, height=H, width=W)
         assert np.abs(ours(pipe, req) - theirs).max() <= 2
+    pipe.refiner = object()  # type: ignore[assignment]  # any refiner: an inpainting UNet's job cannot use it
+    with pytest.raises(ValueError, match="refiner: an inpainting model's latents"):
+        pipe.check(request("euler", task="inpaint", init_image=image, mask=mask, refiner_switch=0.8))
