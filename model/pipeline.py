@@ -25,9 +25,8 @@ from PIL import Image
 from core import rules
 from model.batch import Batch, BatchCancelled, Denoiser, EncodedInputs, InputNeeds, Posterior, UNetFn
 from model.compile import CompileMode, compile_decode, compile_network
-from model.cpu_choice import PathChooser
-from model.cpu_pack import can_prepack, prepack
-from model.device import Precision, keep_freed_memory, resolve_device, resolve_precision
+from model.cpu_tuning import tune_networks, tune_process
+from model.device import Precision, resolve_device, resolve_precision
 from model.images import image_to_tensor, latents_to_preview, mask_to_tensor, tensor_to_images
 from model.lora_rows import NO_LORA, LoraBatch, LoraLibrary
 from model.open_clip import pad_token_for
@@ -36,12 +35,11 @@ from model.refiner import Refiner, load_refiner
 from model.requests import GenerationRequest, GenerationResult, StepCallback, VaeChoice
 from model.samplers import initial_latents, make_plan, sample
 from model.schedule import NoiseSchedule
-from model.sdxl import SizeConditioning, second_tokenizer_ids, vector_conditioning
-from model.sdxl import encode_text as sdxl_encode_text
+from model.sdxl import request_vectors
 from model.taesd import TinyAutoencoder, load_tiny_vae
+from model.text_cache import Key, TextEmbeddings
 from model.text_encoding import encode_prompts
-from model.threads import set_cpu_threads
-from model.tokenizer import ClipTokenizer, PromptTokens
+from model.tokenizer import ClipTokenizer
 from model.vae_decode import DecodeFn, decode_latents, slice_rows
 from model.warmup import BatchPadding
 from model.weights import Components, load_components
@@ -49,7 +47,6 @@ from model.weights import Components, load_components
 log = logging.getLogger(__name__)
 
 PREVIEW_SIDE = 256  # longest side of a TAESD preview, as the cheap previews
-TEXT_CACHE_SIZE = 256  # text embeddings kept (118 KiB each in bf16, 236 KiB in fp32)
 
 
 class Pipeline:
@@ -70,10 +67,8 @@ class Pipeline:
         self.device = device
         self.precision = precision
         self.name = name
-        # (text encoder LoRAs, token ids) -> embedding, and SDXL's pooled embedding
-        self._text_cache: OrderedDict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor | None]] = (
-            OrderedDict())
-        self.pad_id_2 = 0  # SDXL: the second tokenizer's pad id (set by load from its folder; "!" otherwise)
+        self.text = TextEmbeddings(components.text_encoder, components.text_encoder_2, tokenizer.eos_id, device,
+                                   precision.unet)
         self.loras = LoraLibrary(components.unet, components.text_encoder, device,
                                  {"unet": precision.unet, "text": precision.text, "text2": precision.text},
                                  text_encoder_2=components.text_encoder_2)
@@ -127,7 +122,7 @@ class Pipeline:
         log.info("loaded %s on %s (unet %s, vae %s)", checkpoint, dev, precision.unet, precision.vae)
         pipe = cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
         if components.tokenizer_2_dir is not None:
-            pipe.pad_id_2 = ClipTokenizer.from_folder(components.tokenizer_2_dir).pad_id
+            pipe.text.pad_id_2 = ClipTokenizer.from_folder(components.tokenizer_2_dir).pad_id
         if tiny_vae is not None:
             pipe.use_tiny_vae(tiny_vae)
         pipe.use_compile(compile_mode)
@@ -144,10 +139,8 @@ class Pipeline:
             raise ValueError("a refiner needs an SDXL base model; this one is not SDXL")
         parts = load_refiner(path, device=self.device, dtype=self.precision.unet, text_dtype=self.precision.text)
         if self.device.type == "cpu":
-            for network, dtype in ((parts.unet, self.precision.unet), (parts.text_encoder, self.precision.text)):
-                if can_prepack(dtype):
-                    log.info("refiner %s: %d packable layers", type(network).__name__,
-                             prepack(network, PathChooser("Refiner" + type(network).__name__)))
+            tune_networks([(parts.unet, self.precision.unet, False), (parts.text_encoder, self.precision.text, True)],
+                          label="Refiner")
         self.refiner = Refiner(parts, self.device, self.precision.unet, Path(path).stem)
 
     def use_tiny_vae(self, path: str | Path) -> None:
@@ -155,12 +148,9 @@ class Pipeline:
         self.tiny_vae = load_tiny_vae(path, device=self.device, dtype=self.precision.vae)
         if self.device.type != "cpu":
             return
-        # as _tune_for_cpu does for the other networks; TAESD 512x512 decode measured 1.38 s packed, 1.50 s NHWC,
-        # 1.69 s plain, diffusers 1.86 s (2 busy cores)
-        if can_prepack(self.precision.vae):
-            log.info("TinyAutoencoder: %d packable layers", prepack(self.tiny_vae, PathChooser("TinyAutoencoder")))
-        elif self.precision.vae == torch.float32:
-            self.tiny_vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]
+        # as for the other networks; TAESD 512x512 decode measured 1.38 s packed, 1.50 s NHWC, 1.69 s plain,
+        # diffusers 1.86 s (2 busy cores)
+        tune_networks([(self.tiny_vae, self.precision.vae, False)])
 
     @property
     def is_inpaint(self) -> bool:
@@ -266,7 +256,7 @@ class Pipeline:
 
         text = encode_prompts(self.tokenizer, encode_rows, [r.prompt for r in requests],
                               [r.negative_prompt for r in requests])
-        vectors = self._vectors(requests, text.prompts, text.negatives, pooled) if pooled else None
+        vectors = request_vectors(requests, text.prompts, text.negatives, pooled) if pooled else None
 
         # 3. latents, per image from its own generator
         inputs = self._encode_inputs(requests, InputNeeds.of(first, self.is_inpaint))
@@ -314,56 +304,13 @@ class Pipeline:
         return results
 
     # helpers -------------------------------------------------------------------------------------------------
-    def _vectors(self, requests: Sequence[GenerationRequest], prompts: Sequence[PromptTokens],
-                 negatives: Sequence[PromptTokens], pooled: dict[tuple[int, tuple[int, ...]], torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL's vector conditioning per request, (cond, uncond) [N, adm]: the pooled embedding of each prompt's
-        first chunk (as A1111 for long prompts) and the request's size conditioning, the same for both."""
-        time_ids = []
-        for r in requests:
-            default = SizeConditioning.default(r.height, r.width)
-            time_ids.append(SizeConditioning(r.original_size or default.original_size, r.crop_top_left,
-                                             r.target_size or default.target_size).time_ids())
-        cond = torch.stack([pooled[k, tuple(p.ids[0])] for k, p in enumerate(prompts)])
-        uncond = torch.stack([pooled[k, tuple(p.ids[0])] for k, p in enumerate(negatives)])
-        return vector_conditioning(cond, time_ids), vector_conditioning(uncond, time_ids)
-
     def _encode_text(self, ids: torch.Tensor, lora: LoraBatch = NO_LORA, owners: Sequence[int] = ()
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """CLIP embeddings [B, 77, 768] of token ids [B, 77] (SDXL: [B, 77, 2048] and the pooled [B, 1280], else
-        None); only the sequences not in the cache are encoded.
+        return self.text.encode(ids, lora, owners)  # model/text_cache.py
 
-        Services see the same texts again and again (a default negative prompt, "4 more like this"), and each
-        sequence's embedding depends on its own tokens only, so a cached row is what the encoder would give again
-        (up to float summation order in a differently sized batch). Row ``i`` belongs to request ``owners[i]``,
-        whose text encoder LoRAs (``lora``) are part of the key.
-        """
-        keys = [(lora.text_keys[o] if lora.text_keys else "", tuple(row))
-                for o, row in zip(owners or [0] * len(ids), ids.tolist(), strict=True)]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
-        if missing:
-            encoder = self.components.text_encoder
-            owner_of = dict(zip(keys, owners or [0] * len(ids), strict=True))
-            fresh_ids = torch.tensor([k[1] for k in missing], device=self.device)
-            fresh_pooled: list[torch.Tensor | None] = [None] * len(missing)
-            with lora.text_rows([owner_of[k] for k in missing]):
-                if self.components.text_encoder_2 is None:
-                    fresh = encoder(input_ids=fresh_ids).last_hidden_state
-                else:
-                    ids_2 = second_tokenizer_ids(fresh_ids, self.tokenizer.eos_id, self.pad_id_2)
-                    fresh, pooled = sdxl_encode_text(encoder, self.components.text_encoder_2, fresh_ids, ids_2)
-                    fresh_pooled = list(pooled.float())
-            for key, row, pooled_row in zip(missing, fresh.to(self.precision.unet), fresh_pooled, strict=True):
-                self._text_cache[key] = (row, pooled_row)
-        out = torch.stack([self._text_cache[k][0] for k in keys])
-        pooled_rows = [self._text_cache[k][1] for k in keys]
-        for key in keys:
-            self._text_cache.move_to_end(key)
-        while len(self._text_cache) > TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
-        if any(p is None for p in pooled_rows):
-            return out, None
-        return out, torch.stack([p for p in pooled_rows if p is not None])
+    @property
+    def _text_cache(self) -> OrderedDict[Key, tuple[torch.Tensor, torch.Tensor | None]]:
+        return self.text.cache
 
     def _denoiser(self, eager: bool = False) -> Denoiser:
         """``eager``: the module itself, whose LoRA side paths change per batch; else the compiled one, if any."""
@@ -449,19 +396,9 @@ class Pipeline:
 
 
 def _tune_for_cpu(components: Components, precision: Precision) -> None:
-    """CPU speed-ups, each measured on SD 1.5 (bench/model_vs_diffusers.py, BENCHMARKS.md)."""
-    keep_freed_memory()
-    set_cpu_threads()
-    networks = [(components.unet, precision.unet), (components.vae, precision.vae),
-                (components.text_encoder, precision.text)]
+    tune_process()
+    networks = [(components.unet, precision.unet, False), (components.vae, precision.vae, False),
+                (components.text_encoder, precision.text, True)]
     if components.text_encoder_2 is not None:
-        networks.append((components.text_encoder_2, precision.text))
-    for network, dtype in networks:
-        if can_prepack(dtype):
-            # oneDNN weights packed for the kernels this CPU selects, per layer kind where the first pass measures
-            # it faster than plain PyTorch. Activations stay contiguous: channels_last measured no faster packed.
-            name = type(network).__name__
-            log.info("%s: %d packable layers", name, prepack(network, PathChooser(name)))
-        elif dtype == torch.float32 and network not in (components.text_encoder, components.text_encoder_2):
-            # plain oneDNN: NHWC speeds up fp32 UNets and VAEs (~1.4x), but slows bf16 UNets down ~2x
-            network.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]
+        networks.append((components.text_encoder_2, precision.text, True))
+    tune_networks(networks)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.requests import GenerationRequest
+from model.tokenizer import PromptTokens
 from model.unet import timestep_embedding
 
 SDXL_TIME_EMBED_DIM = 256  # Fourier features per size / crop value (generative-models' ConcatTimestepEmbedderND)
@@ -79,3 +81,19 @@ def encode_text(
     first = text_encoder(input_ids=ids, output_hidden_states=True)
     context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
     return context, second.text_embeds
+
+
+def request_vectors(requests: Sequence[GenerationRequest], prompts: Sequence[PromptTokens],
+                    negatives: Sequence[PromptTokens], pooled: dict[tuple[int, tuple[int, ...]], torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vector conditioning per request, (cond, uncond) [N, adm]: the pooled embedding of each prompt's first
+    chunk (as A1111 for long prompts; ``pooled`` by (request, chunk ids)) and the request's size conditioning, the
+    same for both."""
+    time_ids = []
+    for r in requests:
+        default = SizeConditioning.default(r.height, r.width)
+        time_ids.append(SizeConditioning(r.original_size or default.original_size, r.crop_top_left,
+                                         r.target_size or default.target_size).time_ids())
+    cond = torch.stack([pooled[k, tuple(p.ids[0])] for k, p in enumerate(prompts)])
+    uncond = torch.stack([pooled[k, tuple(p.ids[0])] for k, p in enumerate(negatives)])
+    return vector_conditioning(cond, time_ids), vector_conditioning(uncond, time_ids)

@@ -33,7 +33,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     helps = {"seed": "image i uses seed + i (default: random)", "eta": "DDIM eta, TCD gamma (default 0)",
              "n": "number of images (default 1)"}
     for side in ("width", "height"):
-        helps[side] = f"default: the init image's {side}, else {_DEFAULTS[side]}"
+        helps[side] = f"default: the init image's {side}, else the model's own ({_DEFAULTS[side]}; SDXL 1024)"
     for name, kind in _FIELDS.items():
         default = _DEFAULTS[name]
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         pipe = Pipeline.load(args.checkpoint, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
                              tiny_vae=args.tiny_vae, prediction_type=args.prediction_type)
         pipe.loras.configure(args.lora_dir, pipe.loras.max_bytes)
+        if task == "txt2img" and not args.width and not args.height:  # the model's own size (SDXL 1024)
+            request.width = request.height = pipe.default_size
         pipe.check(request)
     except (ValueError, OSError) as exc:
         log.error("%s", exc)

@@ -41,6 +41,7 @@ def submit(http: httpx.Client, params: dict[str, Any], deadline_s: float = 120,
     """POST /v1/txt2img with an Idempotency-Key, retried with the same key until an answer names the job."""
     sub = Submission(params)
     deadline = time.monotonic() + deadline_s
+    refusals: dict[str, str] = {}  # the first and the last refusal's text, for a drill's report
     while time.monotonic() < deadline:
         try:
             r = http.post("/v1/txt2img", json=params, headers={"Idempotency-Key": sub.key})
@@ -52,6 +53,9 @@ def submit(http: httpx.Client, params: dict[str, Any], deadline_s: float = 120,
             continue
         answer = str(r.status_code)
         sub.answers.append(answer)
+        if r.status_code >= 400:
+            refusals.setdefault("first", f"{answer} {r.text[:200]}")
+            refusals["last"] = f"{answer} {r.text[:200]}"
         if r.status_code in (200, 202):
             sub.job_id = str(r.json()["id"])
             if r.headers.get("location") != f"/v1/jobs/{sub.job_id}":
@@ -69,7 +73,7 @@ def submit(http: httpx.Client, params: dict[str, Any], deadline_s: float = 120,
             time.sleep(min(float(retry_after), 0.5))
         else:
             time.sleep(0.5)
-    sub.problems.append(f"no job after {deadline_s:.0f} s; answers {Counter(sub.answers)}")
+    sub.problems.append(f"no job after {deadline_s:.0f} s; answers {Counter(sub.answers)}; refusals {refusals}")
     return sub
 
 

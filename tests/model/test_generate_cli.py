@@ -42,3 +42,17 @@ def test_generate_img2img_and_clear_errors(tiny_checkpoint: Path, tmp_path: Path
     assert missing.returncode == 2 and "nope.safetensors" in missing.stderr
     bad = generate("x", "--checkpoint", str(tiny_checkpoint), "--steps", "0", "-o", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "steps must be between 1 and 150, got 0" in bad.stderr
+
+
+def test_an_sdxl_model_draws_at_its_own_size_unless_one_is_given(tmp_path: Path) -> None:
+    from tests.model.sdxl_reference import save_sdxl_folder
+
+    folder = save_sdxl_folder(tmp_path / "tiny-sdxl", seed=1)
+    common = ["a lighthouse", "--checkpoint", str(folder), "--steps", "1", "--sampler", "euler", "--dtype",
+              "float32", "--guidance-scale", "1"]
+    run = generate(*common, "-o", str(tmp_path / "native.png"))
+    assert run.returncode == 0, run.stderr
+    assert Image.open(tmp_path / "native.png").size == (1024, 1024)
+    run = generate(*common, "--width", "96", "-o", str(tmp_path / "given.png"))
+    assert run.returncode == 0, run.stderr
+    assert Image.open(tmp_path / "given.png").size == (96, 512)  # a side given: the other is the usual default

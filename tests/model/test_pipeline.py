@@ -243,6 +243,6 @@ def test_text_embeddings_are_cached_by_tokens(tiny_checkpoint: Path, monkeypatch
     with torch.inference_mode():
         fresh = original(input_ids=ids).last_hidden_state
     assert torch.allclose(first, fresh, atol=1e-5)
-    monkeypatch.setattr("model.pipeline.TEXT_CACHE_SIZE", 2)
+    monkeypatch.setattr("model.text_cache.TEXT_CACHE_SIZE", 2)
     pipe._encode_text(pipe.tokenizer.tokenize(["a bird"]).input_ids)
     assert len(pipe._text_cache) == 2 and calls == [3, 1]  # least recently used texts dropped

@@ -61,7 +61,7 @@ def test_the_folder_loads_as_sdxl(pipe: Pipeline) -> None:
     assert c.unet_config.transformer_depth == (0, 1, 2) and c.unet_config.transformer_depth_middle == 2
     assert c.unet_config.adm_in_channels == 32 + 6 * 256 and c.unet_config.context_dim == 64
     assert c.scaling_factor == SDXL_SCALING_FACTOR
-    assert pipe.pad_id_2 == 0  # tokenizer_2 pads with "!"
+    assert pipe.text.pad_id_2 == 0  # tokenizer_2 pads with "!"
     assert pipe.schedule.prediction_type == "epsilon"
 
 

@@ -1,0 +1,39 @@
+"""What a pipeline does to its networks when it runs on the CPU, each step measured on SD 1.5
+(bench/model_vs_diffusers.py, BENCHMARKS.md): freed memory kept for reuse, threads from the CPU quota, and per
+network either oneDNN-packed weights (where the dtype has a packed path; per layer kind the first pass keeps the
+faster of packed and plain, ``model/cpu_choice.py``) or, for fp32 convolution networks, channels-last activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from model.cpu_choice import PathChooser
+from model.cpu_pack import can_prepack, prepack
+from model.device import keep_freed_memory
+from model.threads import set_cpu_threads
+
+log = logging.getLogger(__name__)
+
+
+def tune_process() -> None:
+    """The process-wide settings: the allocator keeps freed memory, threads follow the CPU quota."""
+    keep_freed_memory()
+    set_cpu_threads()
+
+
+def tune_networks(networks: Iterable[tuple[nn.Module, torch.dtype, bool]], label: str = "") -> None:
+    """(network, its dtype, whether it is a text encoder) each: packed where it can be; else fp32 UNets and VAEs
+    go channels-last (about 1.4x for plain oneDNN; it slows bf16 UNets down about 2x, and text encoders have no
+    convolutions)."""
+    for network, dtype, text in networks:
+        name = label + type(network).__name__
+        if can_prepack(dtype):
+            # Activations stay contiguous: channels_last measured no faster packed.
+            log.info("%s: %d packable layers", name, prepack(network, PathChooser(name)))
+        elif dtype == torch.float32 and not text:
+            network.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]
