@@ -30,6 +30,7 @@ import httpx
 import redis.exceptions
 from rq.job import Job
 
+from api.intake import PENDING_TTL_S
 from tests.chaos import clients
 from tests.chaos.clients import Submission
 from tests.chaos.cluster import Cluster, Proc, wait_until
@@ -72,23 +73,25 @@ class Seeds:
                 "seed": self.next, "n": n, "webhook": cluster.receiver.url, "webhook_events_filter": list(events)}
 
 
-def submit_all(cluster: Cluster, params: list[dict[str, Any]], allowed: frozenset[str] = clients.DOCUMENTED
-               ) -> list[Submission]:
-    """Each job submitted in turn, every one retried until answered."""
+def submit_all(cluster: Cluster, params: list[dict[str, Any]], allowed: frozenset[str] = clients.DOCUMENTED,
+               deadline_s: float = 120) -> list[Submission]:
+    """Each job submitted in turn, every one retried until answered (for at most ``deadline_s`` each)."""
     with httpx.Client(base_url=cluster.url, timeout=10) as http:
-        return [clients.submit(http, p, allowed=allowed) for p in params]
+        return [clients.submit(http, p, deadline_s=deadline_s, allowed=allowed) for p in params]
 
 
 def submit_in_background(cluster: Cluster, params: list[dict[str, Any]],
-                         allowed: frozenset[str] = clients.DOCUMENTED) -> Callable[[], list[Submission]]:
+                         allowed: frozenset[str] = clients.DOCUMENTED, deadline_s: float = 120
+                         ) -> Callable[[], list[Submission]]:
     """``submit_all`` on a thread; the returned function joins it and gives its submissions."""
     out: list[Submission] = []
-    thread = threading.Thread(target=lambda: out.extend(submit_all(cluster, params, allowed=allowed)), daemon=True)
+    thread = threading.Thread(target=lambda: out.extend(submit_all(cluster, params, allowed, deadline_s)),
+                              daemon=True)
     thread.start()
 
     def join() -> list[Submission]:
-        thread.join(180)
-        assert not thread.is_alive(), "the submitting client is still retrying after 180 s"
+        thread.join(deadline_s + 60)
+        assert not thread.is_alive(), f"the submitting client is still retrying after {deadline_s + 60:.0f} s"
         return out
 
     return join
@@ -189,8 +192,11 @@ def api_sigkill(cluster: Cluster, size: Size) -> Figure:
     ledger = Ledger(cluster, "api_sigkill")
     seeds = Seeds()
     per_client = max(2, size.jobs * size.rounds // 2)
+    # A kill before the enqueue leaves the key's pending claim, refused with 409 until it lapses (PENDING_TTL_S);
+    # the same key's retry may be cut off again by the next kill, so one submission may wait out a claim per round.
+    deadline_s = (size.rounds + 1) * PENDING_TTL_S + 60
     joins = [submit_in_background(cluster, [seeds.params(cluster, size.steps) for _ in range(per_client)],
-                                  allowed=clients.RETRYABLE)
+                                  allowed=clients.RETRYABLE, deadline_s=deadline_s)
              for _ in range(4)]
     total = 4 * per_client
     for r in range(size.rounds):
