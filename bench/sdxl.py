@@ -95,8 +95,7 @@ def theirs(folder: Path, size: int) -> Callable[[str], None]:
         unet=UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).eval(),
         vae=AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval(),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval(),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2",
-                                                                   local_files_only=True).eval(),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", local_files_only=True),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
         tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True),
         scheduler=EulerDiscreteScheduler.from_config(json.loads((folder / "scheduler" /

@@ -31,7 +31,7 @@ from model.images import image_to_tensor, latents_to_preview, mask_to_tensor, te
 from model.lora_rows import NO_LORA, LoraBatch, LoraLibrary
 from model.open_clip import pad_token_for
 from model.prediction import PredictionChoice, choose_prediction_type
-from model.refiner import Refiner, load_refiner
+from model.refiner import Refiner, is_refiner_checkpoint, load_refiner
 from model.requests import GenerationRequest, GenerationResult, StepCallback, VaeChoice
 from model.samplers import initial_latents, make_plan, sample
 from model.schedule import NoiseSchedule
@@ -137,6 +137,10 @@ class Pipeline:
         """Load an SDXL refiner (``model/refiner.py``) for requests with ``refiner_switch``."""
         if not self.components.is_sdxl:
             raise ValueError("a refiner needs an SDXL base model; this one is not SDXL")
+        if not is_refiner_checkpoint(Path(path).expanduser()):
+            raise ValueError(f"{path} is not an SDXL refiner: a .safetensors file with OpenCLIP ViT-bigG under "
+                             "conditioner.embedders.0.model., or a diffusers folder with text_encoder_2/ and no "
+                             "text_encoder/")
         parts = load_refiner(path, device=self.device, dtype=self.precision.unet, text_dtype=self.precision.text)
         if self.device.type == "cpu":
             tune_networks([(parts.unet, self.precision.unet, False), (parts.text_encoder, self.precision.text, True)],

@@ -96,6 +96,8 @@ def test_the_refiners_single_file_equals_its_folder(folders: tuple[Path, Path], 
         Pipeline.load(file, device="cpu", dtype="float32")
     with pytest.raises(CheckpointError, match="is an SDXL refiner"):
         Pipeline.load(folders[1], device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="is not an SDXL refiner"):
+        from_file.use_refiner(folders[0])  # the base model itself
 
 
 def test_a_refiner_request_without_a_refiner_or_out_of_range_is_refused(folders: tuple[Path, Path],
