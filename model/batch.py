@@ -15,6 +15,7 @@ import torch
 
 from core import rules
 from model.device import to_device
+from model.lcm import guidance_embedding
 from model.lora_rows import RowAdapters
 from model.requests import GenerationRequest, StepCallback, StepEvent
 from model.samplers import SamplingPlan, StepControl
@@ -40,6 +41,7 @@ class Denoiser:
     inpaint9: bool  # a 9-channel inpainting UNet: latents + mask + masked-image latents
     scaling_factor: float  # VAE latents -> UNet latents
     latent_scale: int  # image pixels per latent pixel along each side
+    guidance_dim: int = 0  # an LCM-distilled UNet's guidance-embedding width: guidance goes in, never CFG
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ class Batch:
         )
         # the rows with classifier-free guidance, known on the host: choosing them on the device would sync each step
         self.guided_rows = [i for i, r in enumerate(r for r in requests for _ in range(r.n))
-                            if r.guidance_scale > rules.GUIDANCE_OFF]
+                            if r.guidance_scale > rules.GUIDANCE_OFF and not denoiser.guidance_dim]
+        self.timestep_cond = self._guidance_input(denoiser)  # [rows, guidance_dim] or None
         self.guided = to_device(torch.tensor(self.guided_rows, dtype=torch.long), device)
         self.cond = cond[self.row_request.to(cond.device)]  # [rows, 77 * chunks, C]
         self.uncond = uncond[self.row_request.to(uncond.device)]
@@ -141,6 +144,12 @@ class Batch:
         self.context_mask = None if context_mask is None else context_mask[rows.to(context_mask.device)]
         device = denoiser.device
         self.y, self.y_uncond = (v.to(device, denoiser.dtype)[rows.to(device)] for v in vectors)
+        self.timestep_cond = self._guidance_input(denoiser)
+
+    def _guidance_input(self, denoiser: Denoiser) -> torch.Tensor | None:
+        if not denoiser.guidance_dim:
+            return None
+        return guidance_embedding(self.guidance, denoiser.guidance_dim).to(denoiser.device, denoiser.dtype)
 
     # what the sampler calls ----------------------------------------------------------------------------------
     def eps(self, model_input: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -159,6 +168,8 @@ class Batch:
         args: tuple[torch.Tensor | None, ...] = (inputs.to(dtype), ts, context, mask)
         if self.y is not None and self.y_uncond is not None:
             args = (*args, torch.cat([self.y_uncond[guided], self.y]) if k else self.y)
+        if self.timestep_cond is not None:  # no guided rows: an LCM-distilled UNet takes the scale itself
+            args = (*args, *([] if self.y is not None else [None]), self.timestep_cond)
         if self.adapters is None:
             out = unet(*args).float()  # [k + rows, 4, h, w]
         else:  # UNet row -> request, for its LoRAs: the guided rows' unconditional passes, then every row
@@ -221,6 +232,8 @@ class Batch:
             self.context_mask = self.context_mask[dev]
         if self.y is not None and self.y_uncond is not None:
             self.y, self.y_uncond = self.y[dev], self.y_uncond[dev]
+        if self.timestep_cond is not None:
+            self.timestep_cond = self.timestep_cond[dev]
         if self.image_latents is not None:
             self.image_latents = self.image_latents[dev]
         if self.masks is not None:

@@ -25,7 +25,7 @@ from model.vae import VAEConfig
 _UNET_FIXED: dict[str, Any] = {
     "time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
     "norm_num_groups": GROUPS, "norm_eps": 1e-5, "class_embed_type": None,
-    "encoder_hid_dim": None, "time_cond_proj_dim": None, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "encoder_hid_dim": None, "mid_block_type": "UNetMidBlock2DCrossAttn",
     "conv_in_kernel": 3, "conv_out_kernel": 3, "resnet_time_scale_shift": "default", "dual_cross_attention": False,
     "only_cross_attention": False, "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
     "num_class_embeds": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_embedding_dim": None,
@@ -124,6 +124,16 @@ def _vector_conditioning(cfg: Mapping[str, Any]) -> int:
     return width
 
 
+def _guidance_width(cfg: Mapping[str, Any]) -> int:
+    """An LCM-distilled UNet's guidance-scale embedding width (``time_cond_proj_dim``), 0 without one."""
+    width = cfg.get("time_cond_proj_dim")
+    if width is None:
+        return 0
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 1:
+        raise CheckpointError(f"unet config: time_cond_proj_dim={width!r} must be an integer above 1, or null")
+    return width
+
+
 def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     """Our UNetConfig from a diffusers ``unet/config.json`` of ``UNet2DConditionModel`` (SD 1.x, 2.x, SDXL)."""
     _check_fixed(cfg, _UNET_FIXED, "unet")
@@ -164,6 +174,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
         upcast_attention=bool(cfg.get("upcast_attention", False)),  # SD 2.1: fp16 q·k overflows without it
         adm_in_channels=_vector_conditioning(cfg),
+        time_cond_proj_dim=_guidance_width(cfg),
     )
 
 
@@ -201,6 +212,8 @@ def unet_renames(c: UNetConfig) -> dict[str, str]:
         "conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
     }
+    if c.time_cond_proj_dim:
+        r["time_embedding.cond_proj"] = "time_embedding.cond_proj"
     if c.adm_in_channels:
         r |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 

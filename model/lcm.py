@@ -89,3 +89,19 @@ def lcm_step(
     s_next = float(plan.sigmas[i + 1])
     a_next = 1 / (1 + s_next**2)
     return math.sqrt(a_next) * denoised + math.sqrt(s_next**2 * a_next) * noise(x).to(x), memory
+
+
+def guidance_embedding(guidance_scales: torch.Tensor, dim: int) -> torch.Tensor:
+    """An LCM-distilled UNet's guidance input [B, dim], float32 (the ``timestep_cond`` of ``UNetModel``): a
+    sinusoidal embedding of w = 1000·(scale - 1), sin half first, frequencies 10000^(-k/(dim/2 - 1)), as diffusers'
+    ``get_guidance_scale_embedding``. Such a UNet was distilled with the guidance folded in: it runs one pass per
+    step at any scale, never classifier-free guidance."""
+    w = (guidance_scales.to(torch.float32).reshape(-1) - 1) * 1000.0
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    args = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb

@@ -282,7 +282,8 @@ class Pipeline:
                     assert self.refiner is not None  # check() refused the request otherwise
                     refined, y, y_uncond = self.refiner.condition(requests)
                     denoiser = Denoiser(self.refiner.unet, self.precision.unet, self.device, False,
-                                        self.components.scaling_factor, self.latent_scale)
+                                        self.components.scaling_factor, self.latent_scale,
+                                        self.refiner.unet.config.time_cond_proj_dim)
                     batch.switch_model(denoiser, refined.cond, refined.uncond, refined.mask, (y, y_uncond))
                     final = sample(plan, batch.eps, final, noise=batch.step_noise, eta=first.eta, callback=on_step,
                                    start=switch)
@@ -320,7 +321,8 @@ class Pipeline:
         """``eager``: the module itself, whose LoRA side paths change per batch; else the compiled one, if any."""
         c = self.components
         unet = c.unet if eager else self.fast_unet
-        return Denoiser(unet, self.precision.unet, self.device, c.is_inpaint, c.scaling_factor, self.latent_scale)
+        return Denoiser(unet, self.precision.unet, self.device, c.is_inpaint, c.scaling_factor, self.latent_scale,
+                        c.unet.config.time_cond_proj_dim)
 
     def _encode_inputs(self, requests: Sequence[GenerationRequest], needs: InputNeeds) -> list[EncodedInputs]:
         """What each request's rows start from: its image's posteriors and its mask at latent size."""

@@ -101,6 +101,7 @@ def infer_unet_config(s: Shapes, heads: Mapping[str, int], upcast_attention: boo
     context_dim = need("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
     attention = [i for i, b in enumerate(levels) if f"input_blocks.{b[0]}.1.norm.weight" in s]
     label = s.get("label_emb.0.0.weight")  # SDXL's vector conditioning
+    guidance = s.get("time_embedding.cond_proj.weight")  # LCM-distilled (kept in diffusers' name by converters)
     # SD 1.x fixes 8 heads; SD 2.x and SDXL (base and refiner) fix 64 channels per head. Shapes cannot tell: the
     # context width does.
     return UNetConfig(
@@ -118,6 +119,7 @@ def infer_unet_config(s: Shapes, heads: Mapping[str, int], upcast_attention: boo
         use_linear_in_transformer=len(need("middle_block.1.proj_in.weight")) == 2,
         upcast_attention=upcast_attention,
         adm_in_channels=label[1] if label is not None else 0,
+        time_cond_proj_dim=guidance[1] if guidance is not None else 0,
     )
 
 

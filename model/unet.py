@@ -39,6 +39,7 @@ class UNetConfig:
     use_linear_in_transformer: bool = False  # SD 1.x: 1x1 conv proj_in/proj_out; SD 2.x: linear
     upcast_attention: bool = False  # attention scores in fp32 under fp16/bf16 (SD 2.x; model/attention.py)
     adm_in_channels: int = 0  # SDXL: width of the vector conditioning y (label_emb); 0 = none (SD 1.x, 2.x)
+    time_cond_proj_dim: int = 0  # LCM-distilled UNets: width of the guidance-scale embedding (model/lcm.py); 0 = none
 
     def __post_init__(self) -> None:
         # one spelling per architecture, so configs compare equal: tuples, attention factors high to low as in LDM
@@ -229,12 +230,23 @@ class TimestepBlock(nn.ModuleList):
         return x
 
 
+class GuidanceProjection(nn.Module):
+    """An LCM-distilled UNet's guidance input: the guidance-scale embedding projected onto the sinusoidal timestep
+    embedding, which it is added to (diffusers' ``TimestepEmbedding.cond_proj``)."""
+
+    def __init__(self, dim: int, channels: int) -> None:
+        super().__init__()
+        self.cond_proj = nn.Linear(dim, channels, bias=False)
+
+
 class UNetModel(nn.Module):
     def __init__(self, config: UNetConfig = UNetConfig()) -> None:
         super().__init__()
         self.config = c = config
         emb_ch = 4 * c.model_channels
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if c.time_cond_proj_dim:  # LCM-distilled: time_embedding.cond_proj, the key real single files carry
+            self.time_embedding = GuidanceProjection(c.time_cond_proj_dim, c.model_channels)
         if c.adm_in_channels:  # SDXL: label_emb.0.0 / label_emb.0.2, as generative-models nests it
             self.label_emb = nn.Sequential(
                 nn.Sequential(nn.Linear(c.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
@@ -274,14 +286,21 @@ class UNetModel(nn.Module):
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
-        y: torch.Tensor | None = None,
+        y: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, in, h, w], timesteps [B] or [] (int or float), context [B, 77 * chunks, 768] -> eps [B, out, h, w].
 
         ``context_mask`` [B, 77 * chunks] bool: the context positions each row attends to (None = all).
-        ``y`` [B, adm_in_channels]: SDXL's vector conditioning, required exactly when the config has it."""
+        ``y`` [B, adm_in_channels]: SDXL's vector conditioning, required exactly when the config has it.
+        ``timestep_cond`` [B, time_cond_proj_dim]: an LCM-distilled UNet's guidance-scale embedding, likewise."""
         t = timesteps.to(x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # [B, 1280]
+        t_emb = timestep_embedding(t, self.config.model_channels).to(x.dtype)
+        if (timestep_cond is None) != (not self.config.time_cond_proj_dim):
+            raise ValueError(f"this UNet takes {'a' if self.config.time_cond_proj_dim else 'no'} guidance embedding "
+                             "timestep_cond")
+        if timestep_cond is not None:
+            t_emb = t_emb + self.time_embedding.cond_proj(timestep_cond.to(x.dtype))
+        emb = self.time_embed(t_emb)  # [B, 1280]
         if (y is None) != (not self.config.adm_in_channels):
             raise ValueError(f"this UNet takes {'a' if self.config.adm_in_channels else 'no'} vector conditioning y")
         if y is not None:

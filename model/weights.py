@@ -25,6 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from model import diffusers_format, open_clip, single_file
 from model.clip_config import clip_text_config, state_dict_prefix
+from model.cpu_pack import ChosenLayer
 from model.sdxl import SDXL_SCALING_FACTOR
 from model.single_file import (
     HEADS_METADATA_KEY,
@@ -349,7 +350,12 @@ def _write(path: Path, tensors: Mapping[str, torch.Tensor], heads: Mapping[str, 
 
 
 def save_single_file(components: Components, path: str | Path) -> Path:
-    """Write loaded components as one .safetensors file in the original (LDM) layout, e.g. to convert a folder."""
+    """Write loaded components as one .safetensors file in the original (LDM) layout, e.g. to convert a folder.
+    Components a CPU pipeline has packed (``model/cpu_pack.py``) keep only their packed weights: refused."""
+    networks = (components.unet, components.vae, components.text_encoder, components.text_encoder_2)
+    if any(isinstance(m, ChosenLayer) for net in networks if net is not None for m in net.modules()):
+        raise ValueError("these components hold packed CPU weights (a loaded pipeline's): save the components "
+                         "load_components returns instead")
     return _save(Path(path), components.unet, components.vae, components.text_encoder, components.text_encoder_2)
 
 

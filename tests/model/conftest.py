@@ -54,13 +54,17 @@ def diffusers_unet_kwargs(c: UNetConfig) -> dict[str, Any]:
     heads: int | list[int] = c.num_heads
     if c.num_head_channels != -1:
         heads = [ch // c.num_head_channels for ch in channels]
+    # diffusers' middle block takes the last level's count; a last level without attention ignores it
+    depths = list(c.transformer_depth)  # type: ignore[arg-type]
+    if not attention[-1]:
+        depths[-1] = c.depth(-1)
     return {
         "sample_size": 8, "in_channels": c.in_channels, "out_channels": c.out_channels,
         "block_out_channels": tuple(channels), "layers_per_block": c.num_res_blocks,
         "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         "cross_attention_dim": c.context_dim, "attention_head_dim": heads,
-        "transformer_layers_per_block": c.transformer_depth, "use_linear_projection": c.use_linear_in_transformer,
+        "transformer_layers_per_block": tuple(depths), "use_linear_projection": c.use_linear_in_transformer,
     }
 
 

@@ -58,8 +58,10 @@ class Reference:
     folder: Path
 
 
-def build_reference(folder: Path, in_channels: int = 4, seed: int = 0) -> Reference:
-    """Random tiny SD-architecture modules (2 UNet levels, 4 VAE levels), saved to ``folder``."""
+def build_reference(folder: Path, in_channels: int = 4, seed: int = 0, time_cond_proj_dim: int | None = None,
+                    scheduler: str = "PNDMScheduler") -> Reference:
+    """Random tiny SD-architecture modules (2 UNet levels, 4 VAE levels), saved to ``folder``;
+    ``time_cond_proj_dim``: an LCM-distilled UNet's guidance embedding."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -72,6 +74,7 @@ def build_reference(folder: Path, in_channels: int = 4, seed: int = 0) -> Refere
         cross_attention_dim=32,
         attention_head_dim=2,
         norm_num_groups=32,
+        time_cond_proj_dim=time_cond_proj_dim,
     ).eval()
     vae = AutoencoderKL(
         in_channels=3,
@@ -112,7 +115,7 @@ def build_reference(folder: Path, in_channels: int = 4, seed: int = 0) -> Refere
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": "PNDMScheduler", **SD15_SCHEDULER, "skip_prk_steps": True})
+        json.dumps({"_class_name": scheduler, **SD15_SCHEDULER, "skip_prk_steps": True})
     )
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return Reference(unet, vae, text_encoder, tokenizer, folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def test_unet_with_a_context_mask_has_no_graph_breaks(networks: tuple[UNetModel,
     mask[1, 77:] = False
     with torch.inference_mode():
         explained = torch._dynamo.explain(unet)(x, t, context, mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_lcm_distilled_unet_has_no_graph_breaks() -> None:
+    """An LCM-distilled UNet takes the guidance embedding as timestep_cond."""
+    unet_config, _, _ = tiny_configs()
+    torch.manual_seed(0)
+    unet = UNetModel(dataclasses.replace(unet_config, time_cond_proj_dim=16)).eval()
+    x, t, context = unet_inputs()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(unet)(x, t, context, None, None, torch.randn(2, 16))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
 
