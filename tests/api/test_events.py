@@ -64,14 +64,23 @@ def job(client: TestClient, redis: Redis, keys: Keys) -> WorkerSide:
     return WorkerSide(redis, keys, client.post("/v1/txt2img", json=TINY).json()["id"])
 
 
+def wait_for_a_blocked_reader(redis: Redis, timeout_s: float = 30.0) -> None:
+    """Until some connection is blocked in XREAD: the stream has read the job and sent what it had."""
+    deadline = time.monotonic() + timeout_s
+    while not any(c.get("cmd") == "xread" and "b" in c.get("flags", "") for c in redis.client_list()):
+        assert time.monotonic() < deadline, "the event stream never blocked on its log"
+        time.sleep(0.02)
+
+
 @pytest.fixture
-def later() -> Iterator[Callable[..., None]]:
-    """Run functions in order in a thread after 0.3 s (while the test client waits on the stream)."""
+def later(redis: Redis) -> Iterator[Callable[..., None]]:
+    """Run functions in order in a thread once the stream waits on the job's log (while the test client waits on
+    the stream), so what the stream saw first does not depend on how fast the machine is."""
     threads: list[threading.Thread] = []
 
     def run(*fns: Callable[[], object]) -> None:
         def in_order() -> None:
-            time.sleep(0.3)
+            wait_for_a_blocked_reader(redis)
             for fn in fns:
                 fn()
 
