@@ -3,9 +3,10 @@
 For a layer ``y = base(x)`` and the LoRAs of a row's request, the row gets ``y + sum_i s_i * a_i * up_i(down_i(x))``
 (``s_i`` the request's scale, ``a_i`` the file's alpha / rank), exactly what merging ``W + s_i a_i up_i down_i``
 would give, but without touching the base layer: a forward hook adds the delta to whatever the layer (plain or
-CPU-packed) computed. The rows of one request set run as one group (one gather, two small matrix products, one
-scatter-add), so the cost grows with the number of distinct LoRA sets in the batch, not with its rows, and a
-row's result does not depend on its batch mates: a job's image is the same alone or beside other LoRAs.
+CPU-packed) computed. A batch whose sets all have the same number of rows runs every set's pair of a linear or 1x1
+layer at once (the pairs stacked, two batched matrix products); otherwise the rows of one set run as one group
+(one gather, two small matrix products, one scatter-add). Either way a row's result does not depend on its batch
+mates: a job's image is the same alone or beside other LoRAs.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class RowAdapters:
                 target = parts[0][2]
                 pair = _Pair(target, torch.cat([d for d, _, _ in parts]), torch.cat([u for _, u, _ in parts], dim=1))
                 self.pairs.setdefault(target.hook_path, {})[index] = pair
+        self._stacks: dict[tuple[str, tuple[int, ...]], _Stack] = {}  # built on first use, for the call's layout
 
     def __bool__(self) -> bool:
         return bool(self.pairs)
@@ -75,36 +77,124 @@ class RowAdapters:
             return
         owner_list = owners.tolist() if isinstance(owners, torch.Tensor) else list(owners)
         device = next(iter(next(iter(self.pairs.values())).values())).down.device
-        groups: list[tuple[int, torch.Tensor | None]] = []  # (set, its rows on the device; None = every row)
-        for index in dict.fromkeys(owner_list):
-            rows = [b for b, o in enumerate(owner_list) if o == index]
-            groups.append((index, None if len(rows) == len(owner_list) else torch.tensor(rows, device=device)))
+        layout = _Layout.of(owner_list, device)
         handles = []
         for path, pairs in self.pairs.items():
             module = self.network.get_submodule(path)
-            handles.append(module.register_forward_hook(_hook(pairs, groups), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._hook(path, pairs, layout), with_kwargs=True))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
+    def _stacked(self, path: str, pairs: dict[int, _Pair], order: tuple[int, ...]) -> _Stack:
+        key = (path, order)
+        stack = self._stacks.get(key)
+        if stack is None:
+            stack = self._stacks[key] = _Stack.build(pairs, order)
+        return stack
 
-def _hook(pairs: dict[int, _Pair], groups: list[tuple[int, torch.Tensor | None]]) -> Any:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        size = args[1] if len(args) > 1 else kwargs.get("size")
-        for index, rows in groups:
+    def _hook(self, path: str, pairs: dict[int, _Pair], layout: _Layout) -> Any:
+        target = next(iter(pairs.values())).target
+        order = layout.order if _Stack.fits(target) else None
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor
+                 ) -> torch.Tensor:
+            x = args[0]
+            if order is not None:  # every set's pair at once
+                stack = self._stacked(path, pairs, order)
+                if layout.perm is None:  # row b belongs to set order[b % G]: a view, no gather
+                    output.add_(stack.delta(x, layout.k, tiled=True).to(output.dtype))
+                else:
+                    delta = stack.delta(x.index_select(0, layout.perm), layout.k, tiled=False)
+                    output.index_add_(0, layout.perm, delta.to(output.dtype))
+                return output
+            size = args[1] if len(args) > 1 else kwargs.get("size")
+            for index, rows in layout.groups:
+                pair = pairs.get(index)
+                if pair is None:
+                    continue
+                if rows is None:
+                    output.add_(pair.delta(x, size).to(output.dtype))
+                else:
+                    output.index_add_(0, rows, pair.delta(x.index_select(0, rows), size).to(output.dtype))
+            return output
+
+        return hook
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a batch's rows fall into LoRA sets, and which way the side paths run over them.
+
+    When every set has the same number of rows ``k`` (the usual batch: one image per job, each with its CFG row),
+    the sets' pairs run together as batched matrix products over a ``[G, ...]`` stack: ``order`` = the sets,
+    ``perm`` = the rows in set order, or None when row ``b`` already belongs to set ``order[b % G]``. Otherwise,
+    and for the convolutions a stack does not cover, one set at a time: ``groups`` = (set, its rows; None = all).
+    """
+
+    groups: list[tuple[int, torch.Tensor | None]]
+    order: tuple[int, ...] | None = None
+    k: int = 1
+    perm: torch.Tensor | None = None
+
+    @staticmethod
+    def of(owners: list[int], device: torch.device) -> _Layout:
+        members: dict[int, list[int]] = {}
+        for b, owner in enumerate(owners):
+            members.setdefault(owner, []).append(b)
+        groups = [(i, None if len(rows) == len(owners) else torch.tensor(rows, device=device))
+                  for i, rows in members.items()]
+        counts = {len(rows) for rows in members.values()}
+        if len(members) < 2 or len(counts) != 1:
+            return _Layout(groups)
+        order, k = tuple(members), counts.pop()
+        if all(owner == order[b % len(order)] for b, owner in enumerate(owners)):
+            return _Layout(groups, order, k)
+        perm = torch.tensor([b for rows in members.values() for b in rows], device=device)
+        return _Layout(groups, order, k, perm)
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """One layer's pairs for several sets, zero-padded to one rank: ``down`` [G, R, in], ``up`` [G, out, R]."""
+
+    conv: bool
+    down: torch.Tensor
+    up: torch.Tensor
+
+    @staticmethod
+    def fits(target: Target) -> bool:
+        """A linear layer, or a 1x1 convolution that keeps the map's size (SD 1.x's transformer projections)."""
+        return not target.conv or (target.kernel == (1, 1) and target.stride == (1, 1)
+                                   and target.padding == (0, 0) and not target.upsample)
+
+    @staticmethod
+    def build(pairs: dict[int, _Pair], order: tuple[int, ...]) -> _Stack:
+        some = next(iter(pairs.values()))
+        rank = max(p.down.shape[0] for p in pairs.values())
+        down = some.down.new_zeros(len(order), rank, some.target.in_features)
+        up = some.up.new_zeros(len(order), some.target.out_features, rank)
+        for g, index in enumerate(order):
             pair = pairs.get(index)
-            if pair is None:
-                continue
-            if rows is None:
-                output.add_(pair.delta(x, size).to(output.dtype))
-            else:
-                output.index_add_(0, rows, pair.delta(x.index_select(0, rows), size).to(output.dtype))
-        return output
+            if pair is not None:  # a set without this layer keeps zeros: no delta for its rows
+                r = pair.down.shape[0]
+                down[g, :r] = pair.down.reshape(r, -1)
+                up[g, :, :r] = pair.up
+        return _Stack(some.target.conv, down, up)
 
-    return hook
+    def delta(self, x: torch.Tensor, k: int, tiled: bool) -> torch.Tensor:
+        """The side paths for rows ``x`` laid out as [k, G, ...] (tiled) or [G, k, ...] (rows in set order)."""
+        g = self.down.shape[0]
+        lead = (k, g) if tiled else (g, k)
+        down, up = (self.down, self.up) if tiled else (self.down[:, None], self.up[:, None])
+        if self.conv:  # [B, C, H, W] -> [*lead, C, HW]: the 1x1 convolution as a matrix product over pixels
+            b, c, h, w = x.shape
+            y = up @ (down @ x.reshape(*lead, c, h * w))
+            return y.reshape(b, -1, h, w)
+        y = (x.reshape(*lead, -1, x.shape[-1]) @ down.transpose(-1, -2)) @ up.transpose(-1, -2)
+        return y.reshape(*x.shape[:-1], -1)
 
 
 @dataclass
