@@ -11,16 +11,30 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
-def machine() -> str:
-    """CPU model, core count, memory and accelerator, in one line."""
-    cpu = platform.processor() or platform.machine()
+# The flags that decide which CPU kernels run (lscpu's "Flags" line, filtered)
+_FLAGS_OF_NOTE = re.compile(r"^(avx.*|fma|f16c|amx.*)$")
+
+
+def cpu_line() -> str:
+    """CPU model name, family / model numbers and the SIMD flags of note, as ``lscpu`` reports them."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first processor is enough
     except OSError:
-        pass
+        return platform.processor() or platform.machine()
+    flags = [f for f in fields.get("flags", "").split() if _FLAGS_OF_NOTE.match(f)]
+    name = fields.get("model name", platform.machine())
+    return f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}; " \
+        f"flags {' '.join(flags) or 'none of avx/fma/amx'})"
+
+
+def machine() -> str:
+    """CPU (model and flags), core count, memory and accelerator, in one line."""
+    cpu = cpu_line()
     mem = ""
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
