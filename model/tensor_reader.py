@@ -95,7 +95,10 @@ class _SafetensorsFile:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
         convert = dtype is not None and stored.is_floating_point and dtype != stored
         shape = entry["shape"]
-        tensor = staging.view(shape, stored) if convert else torch.empty(shape, dtype=stored)
+        # Zeroed first: the memory of a new tensor is mapped on first touch, and faulting it in from user space
+        # (zero_ runs on every thread) measured 2.6x faster than the read faulting it page by page in the kernel
+        # (3.2 GB of a UNet read in 1.3 s instead of 3.5 s).
+        tensor = staging.view(shape, stored) if convert else torch.empty(shape, dtype=stored).zero_()
         self._read_into(tensor, name)
         return tensor.to(dtype) if convert else tensor
 
@@ -120,7 +123,7 @@ class _Staging:
     def view(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
         size = math.prod(shape) * dtype.itemsize
         if self.buffer.numel() < size:
-            self.buffer = torch.empty(size, dtype=torch.uint8)
+            self.buffer = torch.empty(size, dtype=torch.uint8).zero_()  # mapped in once, by every thread
         return self.buffer[:size].view(dtype).view(shape)
 
 
