@@ -1,12 +1,13 @@
 """Our pipeline vs diffusers on the full SD 1.5 architecture with random weights (CPU, 4 steps, batch 1).
 
-Both run in one process, alternately, on the same weights; the median of several runs is reported, and for each
-implementation the load plus its first image (ours: with the CPU self-check's first pass). Peak RSS is measured
-in a fresh subprocess per implementation (load + one generation). Results go to BENCHMARKS.md. oneDNN, MKL and
+Both run in one process, alternately, on the same weights; the median of several runs is reported. The whole
+process (start, imports, load and the first image; ours: with the CPU self-check's first pass) and the peak RSS
+come from fresh subprocesses, one per implementation and round, alternating (a process that has run another
+implementation first has its kernels and pages warm). Results go to BENCHMARKS.md. oneDNN, MKL and
 ATen read their instruction-set caps at start: ``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 ATEN_CPU_CAPABILITY=avx2`` runs an AVX-512 CPU on AVX2 kernels only.
 
-    python bench/model_vs_diffusers.py [--runs 5] [--size 256] [--folder DIR] [--skip-rss]
+    python bench/model_vs_diffusers.py [--runs 5] [--fresh 2] [--size 256] [--folder DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import markdown_table, write_section
+from bench.report import cpu_name, markdown_table, write_section
 
 log = logging.getLogger("bench.model")
 
@@ -105,10 +106,15 @@ def theirs(folder: Path) -> Callable[[str], None]:
     return run
 
 
-def peak_rss_mib(folder: Path, which: str) -> float:
-    out = subprocess.run([sys.executable, __file__, "--folder", str(folder), "--rss", which, "--size", str(SIZE)],
+def fresh_process(folder: Path, which: str) -> tuple[float, float, float]:
+    """(seconds from its start to its first image, its second image's seconds, peak RSS MiB) of a new process that
+    loads ``which`` and generates twice (the second image: that implementation alone in its process, as users run
+    it, with no other implementation's process-wide settings or warm kernels)."""
+    start = time.time()
+    out = subprocess.run([sys.executable, __file__, "--folder", str(folder), "--child", which, "--size", str(SIZE)],
                          check=True, capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    first_done, second, rss = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
+    return first_done - start, second, rss
 
 
 def main() -> None:
@@ -117,9 +123,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--folder", type=Path, default=None)
-    parser.add_argument("--rss", choices=("ours", "ours-fp32", "diffusers"), default=None)
+    parser.add_argument("--fresh", type=int, default=2, help="rounds of fresh processes (whole process, peak RSS)")
+    parser.add_argument("--child", choices=("ours", "ours-fp32", "diffusers"), default=None)
     parser.add_argument("--size", type=int, default=SIZE)
-    parser.add_argument("--skip-rss", action="store_true", help="no peak-RSS subprocesses (they cost a load each)")
     args = parser.parse_args()
     SIZE = args.size
     tmp = tempfile.TemporaryDirectory() if args.folder is None else None
@@ -127,14 +133,18 @@ def main() -> None:
     if not (folder / "unet").exists():
         log.info("writing SD 1.5-size random weights to %s", folder)
         write_sd15_folder(folder)
-    if args.rss:  # child: load one implementation, generate once, report peak RSS in MiB
-        run = theirs(folder) if args.rss == "diffusers" else ours(folder, "float32" if args.rss == "ours-fp32"
-                                                                   else "auto")
+    if args.child:  # child: load one implementation, generate once, report peak RSS in MiB
+        run = theirs(folder) if args.child == "diffusers" else ours(folder, "float32" if args.child == "ours-fp32"
+                                                                     else "auto")
         run(PROMPT)
+        first_done = time.time()
+        start = time.perf_counter()
+        run(f"{PROMPT}, again")
+        second = time.perf_counter() - start
         # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork/exec.
         status = Path("/proc/self/status").read_text()
         hwm_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        print(hwm_kib / 1024)
+        print(f"{first_done} {second} {hwm_kib / 1024}")  # the parent reads this line
         return
 
     from model.cpu_choice import cpu_isa
@@ -146,15 +156,23 @@ def main() -> None:
     if not cpu_has_fast_bf16():
         del makers["ours (auto)"]  # auto is fp32 here: the same runs again
     load_before = os.getloadavg()[0]
+    children = {"ours (auto)": "ours", "ours (fp32)": "ours-fp32", "diffusers (fp32)": "diffusers"}
+    whole: dict[str, list[float]] = {name: [] for name in makers}
+    alone: dict[str, list[float]] = {name: [] for name in makers}
+    peaks: dict[str, list[float]] = {name: [] for name in makers}
+    for i in range(args.fresh):  # fresh processes first, while this one holds no model
+        for name in makers:
+            seconds, second, peak = fresh_process(folder, children[name])
+            whole[name].append(seconds)
+            alone[name].append(second)
+            peaks[name].append(peak)
+            log.info("fresh process %d %s: start to first image %.2f s, second image %.2f s, peak RSS %.0f MiB",
+                     i, name, seconds, second, peak)
     runners: dict[str, Callable[[str], None]] = {}
-    first: dict[str, float] = {}
-    for name, make in makers.items():  # load, then the first image (the warm-up): the whole-process cost
+    for name, make in makers.items():  # load, then the first image (the warm-up)
         gc.collect()
-        start = time.perf_counter()
         runners[name] = make()
         runners[name](PROMPT)
-        first[name] = time.perf_counter() - start
-        log.info("%s: load + first image %.2f s", name, first[name])
     times: dict[str, list[float]] = {name: [] for name in runners}
     for i in range(args.runs):
         prompt = f"{PROMPT}, take {i}"  # a new text each run: no implementation reuses a cached prompt embedding
@@ -167,8 +185,8 @@ def main() -> None:
     del runners
     gc.collect()
     load_after = os.getloadavg()[0]
-    children = {"ours (auto)": "ours", "ours (fp32)": "ours-fp32", "diffusers (fp32)": "diffusers"}
-    rss = {k: "" if args.skip_rss else f"{peak_rss_mib(folder, children[k]):.0f}" for k in times}
+    first = {k: statistics.median(v) for k, v in whole.items()} if args.fresh else {k: float("nan") for k in times}
+    rss = {k: f"{max(v):.0f}" if v else "" for k, v in peaks.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["diffusers (fp32)"]
 
@@ -176,7 +194,9 @@ def main() -> None:
         ratios = [d / t for d, t in zip(times["diffusers (fp32)"], times[name], strict=True)]
         return f"{min(ratios):.2f}x to {max(ratios):.2f}x, median {statistics.median(ratios):.2f}x"
 
-    rows = [[k, f"{med[k]:.2f}", f"{base / med[k]:.2f}x", f"{first[k]:.2f}",
+    solo = {k: statistics.median(v) if v else float("nan") for k, v in alone.items()}
+    rows = [[k, f"{med[k]:.2f}", f"{base / med[k]:.2f}x", f"{solo[k]:.2f}",
+             f"{solo['diffusers (fp32)'] / solo[k]:.2f}x", f"{first[k]:.2f}",
              f"{first['diffusers (fp32)'] / first[k]:.2f}x", ", ".join(f"{t:.2f}" for t in times[k]), rss[k]]
             for k in med]
     import diffusers
@@ -188,11 +208,15 @@ def main() -> None:
         f"CPU; median of {args.runs} alternating runs after the first image, each run with a new prompt text. "
         f"{cpu_isa()}; torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
         f"{transformers.__version__}; threads {torch.get_num_threads()}; ours (auto) is {auto}. Load average "
-        f"{load_before:.2f} at the start, {load_after:.2f} at the end. Whole process = load + first image (ours: "
-        f"with the CPU self-check's first pass, model/cpu_choice.py). Peak RSS: a fresh process loading the model "
-        f"and generating once. The glibc malloc setting ours makes on load (model/device.py) is process-wide, so "
-        f"the diffusers runs in this process get it too.\n\n"
-        + markdown_table(["implementation", "seconds / image", "speed vs diffusers fp32", "load + first image s",
+        f"{load_before:.2f} at the start, {load_after:.2f} at the end. Whole process: a fresh process from its start "
+        f"(interpreter, imports, load) to its first image (ours: with the CPU self-check's first pass, "
+        f"model/cpu_choice.py), median of {args.fresh} alternating rounds; alone: the second image of those "
+        f"processes (each implementation on its own, as users run it); peak RSS: the largest of those "
+        f"processes'. The glibc malloc setting ours makes on load (model/device.py) is process-wide, so the "
+        f"diffusers runs in this process (seconds / image) get it too; the alone column has diffusers without it."
+        f"\n\n"
+        + markdown_table(["implementation", "seconds / image", "speed vs diffusers fp32",
+                          "alone: second image s", "alone vs diffusers", "start to first image s",
                           "whole process vs diffusers", "runs (s)", "peak RSS MiB"], rows)
         + "\n\nRun by run (each ours run against the diffusers run of the same round): "
         + "; ".join(f"{k} {paired(k)}" for k in times if k != "diffusers (fp32)") + "."
@@ -201,7 +225,7 @@ def main() -> None:
     )
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
     kernels = f"ONEDNN_MAX_CPU_ISA={isa}" if isa else "native ISA"
-    write_section(f"Model: sdqueue vs diffusers (CPU, {kernels}, {SIZE}x{SIZE})", body)
+    write_section(f"Model: sdqueue vs diffusers ({cpu_name()}, {kernels}, {SIZE}x{SIZE})", body)
     log.info("\n%s", body)
     if tmp is not None:
         tmp.cleanup()

@@ -15,20 +15,30 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 _FLAGS_OF_NOTE = re.compile(r"^(avx.*|fma|f16c|amx.*)$")
 
 
-def cpu_line() -> str:
-    """CPU model name, family / model numbers and the SIMD flags of note, as ``lscpu`` reports them."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
             if not line.strip():
                 break  # the first processor is enough
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return platform.processor() or platform.machine()
+        pass
+    return fields
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as ``lscpu`` shows it (for section titles: one section per kind of CPU)."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_line() -> str:
+    """CPU model name, family / model numbers and the SIMD flags of note, as ``lscpu`` reports them."""
+    fields = _cpuinfo()
     flags = [f for f in fields.get("flags", "").split() if _FLAGS_OF_NOTE.match(f)]
-    name = fields.get("model name", platform.machine())
-    return f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}; " \
+    return f"{cpu_name()} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}; " \
         f"flags {' '.join(flags) or 'none of avx/fma/amx'})"
 
 
