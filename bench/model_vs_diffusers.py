@@ -117,6 +117,11 @@ def fresh_process(folder: Path, which: str) -> tuple[float, float, float]:
     return first_done - start, second, rss
 
 
+def median_or_nan(values: list[float]) -> float:
+    """The median, or NaN with no values (``--fresh 0``: no fresh processes)."""
+    return statistics.median(values) if values else float("nan")
+
+
 def main() -> None:
     global SIZE
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -133,7 +138,7 @@ def main() -> None:
     if not (folder / "unet").exists():
         log.info("writing SD 1.5-size random weights to %s", folder)
         write_sd15_folder(folder)
-    if args.child:  # child: load one implementation, generate once, report peak RSS in MiB
+    if args.child:  # child: load one implementation, generate twice; print what fresh_process reads
         run = theirs(folder) if args.child == "diffusers" else ours(folder, "float32" if args.child == "ours-fp32"
                                                                      else "auto")
         run(PROMPT)
@@ -185,7 +190,7 @@ def main() -> None:
     del runners
     gc.collect()
     load_after = os.getloadavg()[0]
-    first = {k: statistics.median(v) for k, v in whole.items()} if args.fresh else {k: float("nan") for k in times}
+    first = {k: median_or_nan(v) for k, v in whole.items()}
     rss = {k: f"{max(v):.0f}" if v else "" for k, v in peaks.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["diffusers (fp32)"]
@@ -194,7 +199,7 @@ def main() -> None:
         ratios = [d / t for d, t in zip(times["diffusers (fp32)"], times[name], strict=True)]
         return f"{min(ratios):.2f}x to {max(ratios):.2f}x, median {statistics.median(ratios):.2f}x"
 
-    solo = {k: statistics.median(v) if v else float("nan") for k, v in alone.items()}
+    solo = {k: median_or_nan(v) for k, v in alone.items()}
     rows = [[k, f"{med[k]:.2f}", f"{base / med[k]:.2f}x", f"{solo[k]:.2f}",
              f"{solo['diffusers (fp32)'] / solo[k]:.2f}x", f"{first[k]:.2f}",
              f"{first['diffusers (fp32)'] / first[k]:.2f}x", ", ".join(f"{t:.2f}" for t in times[k]), rss[k]]
