@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import cpu_name, markdown_table, write_section
+from bench.report import cpu_kind, markdown_table, write_section
 from model.unet import UNetModel
 from model.vae import AutoencoderKL
 
@@ -219,7 +219,7 @@ def main() -> None:
         isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
         kernels = f"ONEDNN_MAX_CPU_ISA={isa}" if isa else "native ISA"
         sizes = ", ".join(f"{size}x{size}" for size in args.sizes)
-        write_section(f"Model speed on the CPU: where the time goes ({cpu_name()}, {kernels}, {args.dtype}, {sizes})",
+        write_section(f"Model speed on the CPU: where the time goes ({cpu_kind()}, {kernels}, {args.dtype}, {sizes})",
                       body)
 
 

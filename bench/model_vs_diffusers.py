@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import cpu_name, markdown_table, write_section
+from bench.report import cpu_kind, markdown_table, write_section
 
 log = logging.getLogger("bench.model")
 
@@ -230,7 +230,7 @@ def main() -> None:
     )
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
     kernels = f"ONEDNN_MAX_CPU_ISA={isa}" if isa else "native ISA"
-    write_section(f"Model: sdqueue vs diffusers ({cpu_name()}, {kernels}, {SIZE}x{SIZE})", body)
+    write_section(f"Model: sdqueue vs diffusers ({cpu_kind()}, {kernels}, {SIZE}x{SIZE})", body)
     log.info("\n%s", body)
     if tmp is not None:
         tmp.cleanup()

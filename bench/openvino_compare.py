@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu_parts import networks, timed
-from bench.report import cpu_name, markdown_table, write_section
+from bench.report import cpu_kind, markdown_table, write_section
 
 log = logging.getLogger("bench.openvino")
 
@@ -145,7 +145,7 @@ def main() -> None:
         isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
         kernels = f"ONEDNN_MAX_CPU_ISA={isa}" if isa else "native ISA"
         sizes = ", ".join(f"{size}x{size}" for size in args.sizes)
-        write_section(f"Model: sdqueue vs OpenVINO ({cpu_name()}, {kernels}, {args.dtype}, {sizes})", body)
+        write_section(f"Model: sdqueue vs OpenVINO ({cpu_kind()}, {kernels}, {args.dtype}, {sizes})", body)
     if tmp is not None:
         tmp.cleanup()
 

@@ -30,8 +30,17 @@ def _cpuinfo() -> dict[str, str]:
 
 
 def cpu_name() -> str:
-    """The CPU's model name, as ``lscpu`` shows it (for section titles: one section per kind of CPU)."""
+    """The CPU's model name, as ``lscpu`` shows it."""
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_kind() -> str:
+    """The model name with its family and model numbers, for section titles: one section per kind of CPU
+    (virtual machines often show only "AMD EPYC" for every generation)."""
+    fields = _cpuinfo()
+    if "cpu family" not in fields or "model" not in fields:
+        return cpu_name()
+    return f"{cpu_name()} family {fields['cpu family']} model {fields['model']}"
 
 
 def cpu_line() -> str:
