@@ -64,11 +64,11 @@ def write_sd15_folder(folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
 
 
-def ours(folder: Path, dtype: str) -> Callable[[str], None]:
+def ours(folder: Path, dtype: str, choices: Path | None = None) -> Callable[[str], None]:
     from model.pipeline import Pipeline
     from model.requests import GenerationRequest
 
-    pipe = Pipeline.load(folder, device="cpu", dtype=dtype)
+    pipe = Pipeline.load(folder, device="cpu", dtype=dtype, cpu_choices=choices)
 
     def run(prompt: str) -> None:
         pipe.generate([GenerationRequest(prompt=prompt, width=SIZE, height=SIZE, steps=STEPS, sampler="euler_a",
@@ -106,13 +106,15 @@ def theirs(folder: Path) -> Callable[[str], None]:
     return run
 
 
-def fresh_process(folder: Path, which: str) -> tuple[float, float, float]:
+def fresh_process(folder: Path, which: str, choices: Path) -> tuple[float, float, float]:
     """(seconds from its start to its first image, its second image's seconds, peak RSS MiB) of a new process that
     loads ``which`` and generates twice (the second image: that implementation alone in its process, as users run
-    it, with no other implementation's process-wide settings or warm kernels)."""
+    it, with no other implementation's process-wide settings or warm kernels). Ours keeps its CPU self-check's
+    choices in ``choices``, as a worker or ``sdqueue generate`` does: the first such process measures, later ones
+    find them stored."""
     start = time.time()
-    out = subprocess.run([sys.executable, __file__, "--folder", str(folder), "--child", which, "--size", str(SIZE)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--folder", str(folder), "--child", which, "--size", str(SIZE),
+                          "--choices", str(choices)], check=True, capture_output=True, text=True)
     first_done, second, rss = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
     return first_done - start, second, rss
 
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=2, help="rounds of fresh processes (whole process, peak RSS)")
     parser.add_argument("--child", choices=("ours", "ours-fp32", "diffusers"), default=None)
     parser.add_argument("--size", type=int, default=SIZE)
+    parser.add_argument("--choices", type=Path, default=None, help="(child) the CPU self-check's choices file")
     args = parser.parse_args()
     SIZE = args.size
     tmp = tempfile.TemporaryDirectory() if args.folder is None else None
@@ -140,7 +143,7 @@ def main() -> None:
         write_sd15_folder(folder)
     if args.child:  # child: load one implementation, generate twice; print what fresh_process reads
         run = theirs(folder) if args.child == "diffusers" else ours(folder, "float32" if args.child == "ours-fp32"
-                                                                     else "auto")
+                                                                     else "auto", args.choices)
         run(PROMPT)
         first_done = time.time()
         start = time.perf_counter()
@@ -165,9 +168,10 @@ def main() -> None:
     whole: dict[str, list[float]] = {name: [] for name in makers}
     alone: dict[str, list[float]] = {name: [] for name in makers}
     peaks: dict[str, list[float]] = {name: [] for name in makers}
+    choices = tempfile.TemporaryDirectory()  # round 0 of ours measures and stores; later rounds find the choices
     for i in range(args.fresh):  # fresh processes first, while this one holds no model
         for name in makers:
-            seconds, second, peak = fresh_process(folder, children[name])
+            seconds, second, peak = fresh_process(folder, children[name], Path(choices.name) / f"{name}.json")
             whole[name].append(seconds)
             alone[name].append(second)
             peaks[name].append(peak)
@@ -190,7 +194,9 @@ def main() -> None:
     del runners
     gc.collect()
     load_after = os.getloadavg()[0]
-    first = {k: median_or_nan(v) for k, v in whole.items()}
+    choices.cleanup()
+    cold = {k: v[0] if v else float("nan") for k, v in whole.items()}
+    warm = {k: median_or_nan(v[1:]) for k, v in whole.items()}
     rss = {k: f"{max(v):.0f}" if v else "" for k, v in peaks.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["diffusers (fp32)"]
@@ -201,8 +207,9 @@ def main() -> None:
 
     solo = {k: median_or_nan(v) for k, v in alone.items()}
     rows = [[k, f"{med[k]:.2f}", f"{base / med[k]:.2f}x", f"{solo[k]:.2f}",
-             f"{solo['diffusers (fp32)'] / solo[k]:.2f}x", f"{first[k]:.2f}",
-             f"{first['diffusers (fp32)'] / first[k]:.2f}x", ", ".join(f"{t:.2f}" for t in times[k]), rss[k]]
+             f"{solo['diffusers (fp32)'] / solo[k]:.2f}x", f"{cold[k]:.2f}",
+             f"{cold['diffusers (fp32)'] / cold[k]:.2f}x", f"{warm[k]:.2f}",
+             f"{warm['diffusers (fp32)'] / warm[k]:.2f}x", ", ".join(f"{t:.2f}" for t in times[k]), rss[k]]
             for k in med]
     import diffusers
     import transformers
@@ -214,15 +221,17 @@ def main() -> None:
         f"{cpu_isa()}; torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
         f"{transformers.__version__}; threads {torch.get_num_threads()}; ours (auto) is {auto}. Load average "
         f"{load_before:.2f} at the start, {load_after:.2f} at the end. Whole process: a fresh process from its start "
-        f"(interpreter, imports, load) to its first image (ours: with the CPU self-check's first pass, "
-        f"model/cpu_choice.py), median of {args.fresh} alternating rounds; alone: the second image of those "
+        f"(interpreter, imports, load) to its first image, in {args.fresh} alternating rounds: the first start "
+        f"(ours: the CPU self-check measures on the first pass, model/cpu_choice.py, and stores its choices) and "
+        f"the median of the later starts (ours: the choices found stored, model/cpu_choice_store.py, as a "
+        f"restarted worker or a second `sdqueue generate` finds them); alone: the second image of those "
         f"processes (each implementation on its own, as users run it); peak RSS: the largest of those "
         f"processes'. The glibc malloc setting ours makes on load (model/device.py) is process-wide, so the "
         f"diffusers runs in this process (seconds / image) get it too; the alone column has diffusers without it."
         f"\n\n"
         + markdown_table(["implementation", "seconds / image", "speed vs diffusers fp32",
-                          "alone: second image s", "alone vs diffusers", "start to first image s",
-                          "whole process vs diffusers", "runs (s)", "peak RSS MiB"], rows)
+                          "alone: second image s", "alone vs diffusers", "first start to first image s",
+                          "vs diffusers", "later starts s", "vs diffusers", "runs (s)", "peak RSS MiB"], rows)
         + "\n\nRun by run (each ours run against the diffusers run of the same round): "
         + "; ".join(f"{k} {paired(k)}" for k in times if k != "diffusers (fp32)") + "."
         + "\n\nTargets (issue 14): ours (fp32) >= 1.5x diffusers fp32 on every x86 CPU; ours (auto) >= 2.5x where "

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         None, description="TAESD for `\"vae\": \"tiny\"` requests and live previews: a diffusers AutoencoderTiny "
         "folder, or taesd_encoder.safetensors and taesd_decoder.safetensors (their folder, or either file).",
     )
+    cpu_choices: str = Field(
+        "", description="File where CPU workers keep the start-up self-check's choices (packed or plain layers, per "
+        "CPU, PyTorch build, network, dtype and shape), so later starts skip measuring; empty = "
+        "$XDG_CACHE_HOME/sdqueue/cpu-choices.json (~/.cache when unset), `off` = measure on every start.",
+    )
     max_batch_images: int = Field(8, ge=1, le=64, description="Images per UNet batch.")
     compile: Literal["off", "default", "max"] = Field(
         "off", description="torch.compile the UNet and the VAE decoder (whole graphs): default = inductor kernels, "

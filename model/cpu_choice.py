@@ -5,8 +5,11 @@ linear layer can lose to MKL's plain one), so no choice is made in advance. On a
 layer runs both ways on the real input and adds both times to its kind's totals, until the kind's totals reach
 ``MEASURE_BUDGET_S`` or the pass ends (a layer's second call); then the kind takes the path with the smaller total,
 logged once per network and kind, and its other layers follow without measuring. A kind that is not faster packed
-so runs plain, and no CPU runs slower than plain PyTorch by more than the self-check's noise. The budget bounds
-the self-check's cost (each measured layer runs four times) to a few seconds per network at any image size.
+so runs plain, and no CPU runs slower than plain PyTorch by more than the self-check's noise. The budget, and at
+most ``MEASURE_LAYERS`` layers per kind, bound the self-check's cost (each measured layer runs four times) to a
+few seconds per network at any image size. With a ``ChoiceStore`` (``model.cpu_choice_store``) each decision is
+kept on disk under the machine, network, dtype and input shape, and a later process with the same key takes it
+without measuring.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from enum import Enum
 
 import torch
 
+from model.cpu_choice_store import ChoiceStore, Stored
+
 log = logging.getLogger(__name__)
 
 MEASURE_BUDGET_S = 0.25  # measured seconds (both paths) after which a kind is decided
+MEASURE_LAYERS = 12  # layers measured at most per kind (small layers would take a whole pass to fill the budget)
 
 
 class LayerPath(str, Enum):
@@ -50,8 +56,35 @@ class PathChooser:
 
     network: str
     budget_s: float = MEASURE_BUDGET_S
+    max_layers: int = MEASURE_LAYERS
+    store: ChoiceStore | None = None
+    dtype: torch.dtype = torch.float32
     totals: dict[str, Totals] = field(default_factory=dict)
     decided: dict[str, LayerPath] = field(default_factory=dict)
+    first_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)  # input of each kind's first layer
+
+    def known(self, kind: str, shape: tuple[int, ...]) -> bool:
+        """True when ``kind``'s path is fixed: decided in this process, or found in the store (looked up with
+        the input shape of the kind's first layer, the shape its measurement would start from)."""
+        if kind in self.decided:
+            return True
+        if kind in self.first_shape:
+            return False
+        self.first_shape[kind] = tuple(shape)
+        if self.store is None:
+            return False
+        stored = self.store.get(self._key(kind))
+        if stored is None:
+            return False
+        self.decided[kind] = LayerPath(stored.path)
+        log.info("%s %s layers: %s (stored in %s: measured on %d layers: packed %.1f ms, plain %.1f ms; %s)",
+                 self.network, kind, stored.path, self.store.path, stored.layers, stored.packed_ms, stored.plain_ms,
+                 cpu_isa())
+        return True
+
+    def _key(self, kind: str) -> str:
+        assert self.store is not None
+        return self.store.key(self.network, self.dtype, kind, self.first_shape[kind])
 
     def record(self, kind: str, packed_s: float, plain_s: float) -> None:
         t = self.totals.setdefault(kind, Totals())
@@ -68,6 +101,8 @@ class PathChooser:
         self.decided[kind] = path
         log.info("%s %s layers: %s (measured on %d layers: packed %.1f ms, plain %.1f ms; %s)",
                  self.network, kind, path.value, t.layers, 1e3 * t.packed_s, 1e3 * t.plain_s, cpu_isa())
+        if self.store is not None and t.layers and kind in self.first_shape:
+            self.store.put(self._key(kind), Stored(path.value, 1e3 * t.packed_s, 1e3 * t.plain_s, t.layers))
         return path
 
     def measure(self, kind: str, packed: Callable[[], torch.Tensor], plain: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -81,7 +116,8 @@ class PathChooser:
         middle = time.perf_counter()
         out = packed()
         self.record(kind, time.perf_counter() - middle, middle - start)
-        if self.totals[kind].packed_s + self.totals[kind].plain_s >= self.budget_s:
+        t = self.totals[kind]
+        if t.packed_s + t.plain_s >= self.budget_s or t.layers >= self.max_layers:
             self.decide(kind)
         return out
 

@@ -87,7 +87,7 @@ class ChosenLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path is None:
             assert self.chooser is not None
-            if not self.measured and self.kind not in self.chooser.decided:
+            if not self.measured and not self.chooser.known(self.kind, tuple(x.shape)):
                 self.measured = True
                 out = self.chooser.measure(self.kind, lambda: self.run_packed(x), lambda: self.run_plain(x))
                 self.weight = None  # restored from the packed copy if plain wins: one copy held at a time

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from model.cpu_choice import PathChooser
+from model.cpu_choice_store import ChoiceStore
 from model.cpu_pack import can_prepack, prepack
 from model.device import keep_freed_memory
 from model.threads import set_cpu_threads
@@ -26,14 +27,15 @@ def tune_process() -> None:
     set_cpu_threads()
 
 
-def tune_networks(networks: Iterable[tuple[nn.Module, torch.dtype, bool]], label: str = "") -> None:
+def tune_networks(networks: Iterable[tuple[nn.Module, torch.dtype, bool]], label: str = "",
+                  store: ChoiceStore | None = None) -> None:
     """(network, its dtype, whether it is a text encoder) each: packed where it can be; else fp32 UNets and VAEs
     go channels-last (about 1.4x for plain oneDNN; it slows bf16 UNets down about 2x, and text encoders have no
-    convolutions)."""
+    convolutions). ``store`` keeps the self-check's choices across processes (``model.cpu_choice_store``)."""
     for network, dtype, text in networks:
         name = label + type(network).__name__
         if can_prepack(dtype):
             # Activations stay contiguous: channels_last measured no faster packed.
-            log.info("%s: %d packable layers", name, prepack(network, PathChooser(name)))
+            log.info("%s: %d packable layers", name, prepack(network, PathChooser(name, store=store, dtype=dtype)))
         elif dtype == torch.float32 and not text:
             network.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]

@@ -25,6 +25,7 @@ from PIL import Image
 from core import rules
 from model.batch import Batch, BatchCancelled, Denoiser, EncodedInputs, InputNeeds, Posterior, UNetFn
 from model.compile import CompileMode, compile_decode, compile_network
+from model.cpu_choice_store import ChoiceStore
 from model.cpu_tuning import tune_networks, tune_process
 from model.device import Precision, resolve_device, resolve_precision
 from model.images import image_to_tensor, latents_to_preview, mask_to_tensor, tensor_to_images
@@ -78,6 +79,7 @@ class Pipeline:
         self.vae_decode: DecodeFn = components.vae.decode
         self.batch_padding: BatchPadding | None = None  # set by a worker that pads batches to warmed sizes
         self.refiner: Refiner | None = None  # SDXL: the second stage of requests with refiner_switch
+        self.cpu_choices: ChoiceStore | None = None  # where the CPU self-check keeps its choices (load)
 
     @classmethod
     def load(
@@ -90,10 +92,13 @@ class Pipeline:
         tiny_vae: str | Path | None = None,
         compile_mode: CompileMode = "off",
         prediction_type: PredictionChoice = "auto",
+        cpu_choices: Path | None = None,
     ) -> Pipeline:
         """Load a single-file checkpoint or diffusers folder from a local path onto ``device``, and optionally a
         tiny VAE (TAESD, ``model/taesd.py``). ``prediction_type`` "auto": the folder's scheduler config, or for a
-        single file the rule of ``model/prediction.py``; "epsilon" / "v_prediction" overrule both."""
+        single file the rule of ``model/prediction.py``; "epsilon" / "v_prediction" overrule both.
+        ``cpu_choices``: a file where the CPU self-check keeps its choices for later processes
+        (``model/cpu_choice_store.py``); None measures in every process."""
         dev = resolve_device(device)
         precision = resolve_precision(dev, dtype)
         components = load_components(
@@ -117,10 +122,12 @@ class Pipeline:
         else:
             schedule = NoiseSchedule.sd15()
         schedule = dataclasses.replace(schedule, prediction_type=choose_prediction_type(components, prediction_type))
+        store = ChoiceStore(cpu_choices) if cpu_choices is not None and dev.type == "cpu" else None
         if dev.type == "cpu":
-            _tune_for_cpu(components, precision)
+            _tune_for_cpu(components, precision, store)
         log.info("loaded %s on %s (unet %s, vae %s)", checkpoint, dev, precision.unet, precision.vae)
         pipe = cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
+        pipe.cpu_choices = store
         if components.tokenizer_2_dir is not None:
             pipe.text.pad_id_2 = ClipTokenizer.from_folder(components.tokenizer_2_dir).pad_id
         if tiny_vae is not None:
@@ -144,7 +151,7 @@ class Pipeline:
         parts = load_refiner(path, device=self.device, dtype=self.precision.unet, text_dtype=self.precision.text)
         if self.device.type == "cpu":
             tune_networks([(parts.unet, self.precision.unet, False), (parts.text_encoder, self.precision.text, True)],
-                          label="Refiner")
+                          label="Refiner", store=self.cpu_choices)
         self.refiner = Refiner(parts, self.device, self.precision.unet, Path(path).stem)
 
     def use_tiny_vae(self, path: str | Path) -> None:
@@ -154,7 +161,7 @@ class Pipeline:
             return
         # as for the other networks; TAESD 512x512 decode measured 1.38 s packed, 1.50 s NHWC, 1.69 s plain,
         # diffusers 1.86 s (2 busy cores)
-        tune_networks([(self.tiny_vae, self.precision.vae, False)])
+        tune_networks([(self.tiny_vae, self.precision.vae, False)], store=self.cpu_choices)
 
     @property
     def is_inpaint(self) -> bool:
@@ -401,10 +408,10 @@ class Pipeline:
                 for i in images]
 
 
-def _tune_for_cpu(components: Components, precision: Precision) -> None:
+def _tune_for_cpu(components: Components, precision: Precision, store: ChoiceStore | None) -> None:
     tune_process()
     networks = [(components.unet, precision.unet, False), (components.vae, precision.vae, False),
                 (components.text_encoder, precision.text, True)]
     if components.text_encoder_2 is not None:
         networks.append((components.text_encoder_2, precision.text, True))
-    tune_networks(networks)
+    tune_networks(networks, store=store)

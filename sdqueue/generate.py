@@ -71,6 +71,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny-vae", type=Path, default=None, metavar="PATH",
                    help="decode (and encode the init image) with TAESD: a diffusers AutoencoderTiny folder, or "
                    "taesd_encoder/decoder.safetensors (their folder or either file); pairs well with --sampler lcm")
+    p.add_argument("--cpu-choices", default=os.environ.get("SDQ_CPU_CHOICES", ""), metavar="FILE",
+                   help="on the CPU, where the start-up self-check keeps its choices for later runs; off = measure "
+                   "every run (default: $SDQ_CPU_CHOICES, else ~/.cache/sdqueue/cpu-choices.json)")
 
 
 def output_paths(output: Path, n: int) -> list[Path]:
@@ -91,6 +94,7 @@ def lora_option(value: str) -> tuple[Path, float]:
 
 def run(args: argparse.Namespace) -> int:
     from core.loras import prompt_loras
+    from model.cpu_choice_store import resolve_path as resolve_choices_path
     from model.pipeline import Pipeline
     from model.requests import GenerationRequest, LoraRef, StepEvent, Task
 
@@ -127,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         pipe = Pipeline.load(args.checkpoint, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                             tiny_vae=args.tiny_vae, prediction_type=args.prediction_type)
+                             tiny_vae=args.tiny_vae, prediction_type=args.prediction_type,
+                             cpu_choices=resolve_choices_path(args.cpu_choices))
         pipe.loras.configure(args.lora_dir, pipe.loras.max_bytes)
         if task == "txt2img" and not args.width and not args.height:  # the model's own size (SDXL 1024)
             request.width = request.height = pipe.default_size

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from tests.redis_server import RedisServer
 # Nothing in the test suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# CPU workers and `sdqueue generate` started by tests keep their self-check's choices here, not in ~/.cache.
+os.environ.setdefault("SDQ_CPU_CHOICES", str(Path(tempfile.mkdtemp(prefix="sdq-test-")) / "cpu-choices.json"))
 
 
 @pytest.fixture(scope="session")

@@ -59,12 +59,14 @@ def load_resident(settings: Settings) -> Resident:
         if _resident is None:
             if settings.checkpoint is None:
                 raise ValueError("SDQ_CHECKPOINT is not set: point it at an SD .safetensors file or diffusers folder")
+            from model.cpu_choice_store import resolve_path as resolve_choices_path
             from model.pipeline import Pipeline  # torch is imported only by processes that run the model
 
             started = time.monotonic()
             pipe = Pipeline.load(
                 settings.checkpoint, device=settings.device, dtype=settings.dtype, allow_pickle=settings.allow_pickle,
                 tiny_vae=settings.tiny_vae, compile_mode=settings.compile, prediction_type=settings.prediction_type,
+                cpu_choices=resolve_choices_path(settings.cpu_choices),
             )
             pipe.name = served_name(settings.model_name, pipe.name)
             if settings.refiner_checkpoint is not None:

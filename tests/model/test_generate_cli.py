@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,26 @@ def test_generate_writes_numbered_files_and_a_seed_reproduces_them(tiny_checkpoi
     diff = np.abs(np.asarray(Image.open(tmp_path / "again.png"), dtype=np.int16) - np.asarray(second, dtype=np.int16))
     assert diff.max() <= 1
     assert "steps" in run.stderr  # the progress bar
+
+
+def test_generate_keeps_the_cpu_self_checks_choices_for_the_next_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    file = tmp_path / "choices" / "cpu-choices.json"
+    common = ["a fox", "--checkpoint", str(tiny_checkpoint), "--width", "64", "--height", "64", "--steps", "2",
+              "--seed", "5", "--device", "cpu", "--dtype", "float32", "--cpu-choices", str(file)]
+    first = generate(*common, "-o", str(tmp_path / "first.png"))
+    assert first.returncode == 0, first.stderr
+    networks = {key.split()[1] for key in json.loads(file.read_text())["choices"]}
+    assert {"UNetModel", "AutoencoderKL", "CLIPTextModel"} <= networks
+    second = generate(*common, "-o", str(tmp_path / "second.png"))
+    assert second.returncode == 0, second.stderr
+    assert "UNetModel conv3x3 layers:" in first.stderr and f"(stored in {file}" not in first.stderr
+    assert f"UNetModel conv3x3 layers: packed (stored in {file}" in second.stderr or \
+        f"UNetModel conv3x3 layers: plain (stored in {file}" in second.stderr  # taken, not measured again
+    pixels = [np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16) for name in ("first", "second")]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1  # packed and plain layers agree up to summation order
+    off = generate(*common[:-1], "off", "-o", str(tmp_path / "off.png"))
+    assert off.returncode == 0, off.stderr
+    assert "(stored in" not in off.stderr and "UNetModel conv3x3 layers:" in off.stderr  # measured again
 
 
 def test_generate_img2img_and_clear_errors(tiny_checkpoint: Path, tmp_path: Path) -> None:
