@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.model_vs_diffusers import write_sd15_folder
-from bench.report import markdown_table, write_section
+from bench.report import cpu_kind, markdown_table, write_section
 
 log = logging.getLogger("bench.lcm_taesd")
 
@@ -143,7 +143,7 @@ def main() -> None:
         + "\n\nTarget (issue 15): >= 1.5x diffusers."
     )
     if args.write:
-        write_section(f"LCM + TAESD: sdqueue vs diffusers (CPU, {args.size}x{args.size})", body)
+        write_section(f"LCM + TAESD: sdqueue vs diffusers ({cpu_kind()}, {args.size}x{args.size})", body)
     print(body)
     if tmp is not None:
         tmp.cleanup()

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.batching import JOBS, WINDOW_MS, Service, sd15_checkpoint, tiny_checkpoint
-from bench.report import markdown_table, write_section
+from bench.report import cpu_kind, markdown_table, write_section
 from core.jobs import GenerationParams
 from core.jobstore import enqueue, new_job_spec
 
@@ -150,7 +150,7 @@ def main() -> None:
         + "\n\nTarget: >= 1.5x on this CPU."
     )
     if args.write:
-        write_section("Batching across LoRAs: 8 jobs with 8 different LoRAs", body)
+        write_section(f"Batching across LoRAs: 8 jobs with 8 different LoRAs ({cpu_kind()})", body)
     log.info("\n%s", body)
     if tmp is not None:
         tmp.cleanup()

@@ -115,7 +115,8 @@ def fresh_process(folder: Path, which: str, choices: Path) -> tuple[float, float
     start = time.time()
     out = subprocess.run([sys.executable, __file__, "--folder", str(folder), "--child", which, "--size", str(SIZE),
                           "--choices", str(choices)], check=True, capture_output=True, text=True)
-    first_done, second, rss = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
+    loaded, first_done, second, rss = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
+    log.info("%s: interpreter, imports and load %.2f s, first image %.2f s", which, loaded - start, first_done - loaded)
     return first_done - start, second, rss
 
 
@@ -144,6 +145,7 @@ def main() -> None:
     if args.child:  # child: load one implementation, generate twice; print what fresh_process reads
         run = theirs(folder) if args.child == "diffusers" else ours(folder, "float32" if args.child == "ours-fp32"
                                                                      else "auto", args.choices)
+        loaded = time.time()
         run(PROMPT)
         first_done = time.time()
         start = time.perf_counter()
@@ -152,7 +154,7 @@ def main() -> None:
         # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork/exec.
         status = Path("/proc/self/status").read_text()
         hwm_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        print(f"{first_done} {second} {hwm_kib / 1024}")  # the parent reads this line
+        print(f"{loaded} {first_done} {second} {hwm_kib / 1024}")  # the parent reads this line
         return
 
     from model.cpu_choice import cpu_isa
@@ -168,15 +170,24 @@ def main() -> None:
     whole: dict[str, list[float]] = {name: [] for name in makers}
     alone: dict[str, list[float]] = {name: [] for name in makers}
     peaks: dict[str, list[float]] = {name: [] for name in makers}
-    choices = tempfile.TemporaryDirectory()  # round 0 of ours measures and stores; later rounds find the choices
+    # Each round starts ours twice: with a new choices file (the self-check measures, as on a new machine) and with
+    # the file the first round's measuring start wrote (the choices found stored, as on every later start).
+    stored: dict[str, list[float]] = {name: [] for name in makers}
+    choices = tempfile.TemporaryDirectory()
     for i in range(args.fresh):  # fresh processes first, while this one holds no model
         for name in makers:
-            seconds, second, peak = fresh_process(folder, children[name], Path(choices.name) / f"{name}.json")
+            seconds, second, peak = fresh_process(folder, children[name], Path(choices.name) / f"{name} {i}.json")
             whole[name].append(seconds)
             alone[name].append(second)
             peaks[name].append(peak)
             log.info("fresh process %d %s: start to first image %.2f s, second image %.2f s, peak RSS %.0f MiB",
                      i, name, seconds, second, peak)
+            if name.startswith("ours"):
+                seconds, _, _ = fresh_process(folder, children[name], Path(choices.name) / f"{name} 0.json")
+                stored[name].append(seconds)
+                log.info("fresh process %d %s, choices stored: start to first image %.2f s", i, name, seconds)
+            else:
+                stored[name].append(seconds)  # diffusers has no self-check: its start is the same start
     runners: dict[str, Callable[[str], None]] = {}
     for name, make in makers.items():  # load, then the first image (the warm-up)
         gc.collect()
@@ -195,8 +206,8 @@ def main() -> None:
     gc.collect()
     load_after = os.getloadavg()[0]
     choices.cleanup()
-    cold = {k: v[0] if v else float("nan") for k, v in whole.items()}
-    warm = {k: median_or_nan(v[1:]) for k, v in whole.items()}
+    cold = {k: median_or_nan(v) for k, v in whole.items()}
+    warm = {k: median_or_nan(v) for k, v in stored.items()}
     rss = {k: f"{max(v):.0f}" if v else "" for k, v in peaks.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["diffusers (fp32)"]
@@ -221,16 +232,17 @@ def main() -> None:
         f"{cpu_isa()}; torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
         f"{transformers.__version__}; threads {torch.get_num_threads()}; ours (auto) is {auto}. Load average "
         f"{load_before:.2f} at the start, {load_after:.2f} at the end. Whole process: a fresh process from its start "
-        f"(interpreter, imports, load) to its first image, in {args.fresh} alternating rounds: the first start "
-        f"(ours: the CPU self-check measures on the first pass, model/cpu_choice.py, and stores its choices) and "
-        f"the median of the later starts (ours: the choices found stored, model/cpu_choice_store.py, as a "
-        f"restarted worker or a second `sdqueue generate` finds them); alone: the second image of those "
+        f"(interpreter, imports, load) to its first image, median of {args.fresh} alternating rounds, each starting "
+        f"ours twice: on a new machine (no stored choices: the CPU self-check measures on the first pass, "
+        f"model/cpu_choice.py) and on later starts (the choices the first round stored, model/cpu_choice_store.py, "
+        f"as a restarted worker or a second `sdqueue generate` finds them; diffusers: the same start as in the "
+        f"other column); alone: the second image of those "
         f"processes (each implementation on its own, as users run it); peak RSS: the largest of those "
         f"processes'. The glibc malloc setting ours makes on load (model/device.py) is process-wide, so the "
         f"diffusers runs in this process (seconds / image) get it too; the alone column has diffusers without it."
         f"\n\n"
         + markdown_table(["implementation", "seconds / image", "speed vs diffusers fp32",
-                          "alone: second image s", "alone vs diffusers", "first start to first image s",
+                          "alone: second image s", "alone vs diffusers", "new machine: start to first image s",
                           "vs diffusers", "later starts s", "vs diffusers", "runs (s)", "peak RSS MiB"], rows)
         + "\n\nRun by run (each ours run against the diffusers run of the same round): "
         + "; ".join(f"{k} {paired(k)}" for k in times if k != "diffusers (fp32)") + "."
