@@ -217,11 +217,26 @@ def main() -> None:
         return f"{min(ratios):.2f}x to {max(ratios):.2f}x, median {statistics.median(ratios):.2f}x"
 
     solo = {k: median_or_nan(v) for k, v in alone.items()}
-    rows = [[k, f"{med[k]:.2f}", f"{base / med[k]:.2f}x", f"{solo[k]:.2f}",
-             f"{solo['diffusers (fp32)'] / solo[k]:.2f}x", f"{cold[k]:.2f}",
-             f"{cold['diffusers (fp32)'] / cold[k]:.2f}x", f"{warm[k]:.2f}",
-             f"{warm['diffusers (fp32)'] / warm[k]:.2f}x", ", ".join(f"{t:.2f}" for t in times[k]), rss[k]]
-            for k in med]
+    header = ["implementation", "seconds / image", "speed vs diffusers fp32"]
+    rows = [[k, f"{med[k]:.2f}", f"{base / med[k]:.2f}x"] for k in med]
+    if args.fresh:  # the fresh processes' columns
+        header += ["alone: second image s", "alone vs diffusers", "new machine: start to first image s",
+                   "vs diffusers", "later starts s", "vs diffusers"]
+        for row, k in zip(rows, med, strict=True):
+            row += [f"{solo[k]:.2f}", f"{solo['diffusers (fp32)'] / solo[k]:.2f}x", f"{cold[k]:.2f}",
+                    f"{cold['diffusers (fp32)'] / cold[k]:.2f}x", f"{warm[k]:.2f}",
+                    f"{warm['diffusers (fp32)'] / warm[k]:.2f}x"]
+    header += ["runs (s)", "peak RSS MiB"]
+    for row, k in zip(rows, med, strict=True):
+        row += [", ".join(f"{t:.2f}" for t in times[k]), rss[k]]
+    fresh = (
+        f" Whole process: a fresh process from its start "
+        f"(interpreter, imports, load) to its first image, median of {args.fresh} alternating rounds, each starting "
+        f"ours twice: on a new machine (no stored choices: the CPU self-check measures on the first pass, "
+        f"model/cpu_choice.py) and on later starts (the choices the first round stored, model/cpu_choice_store.py, "
+        f"as a restarted worker or a second `sdqueue generate` finds them; diffusers: the same start as in the "
+        f"other column); alone: the second image of those processes (each implementation on its own, as users run "
+        f"it); peak RSS: the largest of those processes'." if args.fresh else " No fresh processes (--fresh 0).")
     import diffusers
     import transformers
 
@@ -231,19 +246,11 @@ def main() -> None:
         f"CPU; median of {args.runs} alternating runs after the first image, each run with a new prompt text. "
         f"{cpu_isa()}; torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
         f"{transformers.__version__}; threads {torch.get_num_threads()}; ours (auto) is {auto}. Load average "
-        f"{load_before:.2f} at the start, {load_after:.2f} at the end. Whole process: a fresh process from its start "
-        f"(interpreter, imports, load) to its first image, median of {args.fresh} alternating rounds, each starting "
-        f"ours twice: on a new machine (no stored choices: the CPU self-check measures on the first pass, "
-        f"model/cpu_choice.py) and on later starts (the choices the first round stored, model/cpu_choice_store.py, "
-        f"as a restarted worker or a second `sdqueue generate` finds them; diffusers: the same start as in the "
-        f"other column); alone: the second image of those "
-        f"processes (each implementation on its own, as users run it); peak RSS: the largest of those "
-        f"processes'. The glibc malloc setting ours makes on load (model/device.py) is process-wide, so the "
-        f"diffusers runs in this process (seconds / image) get it too; the alone column has diffusers without it."
+        f"{load_before:.2f} at the start, {load_after:.2f} at the end.{fresh} The glibc malloc setting ours makes on "
+        f"load (model/device.py) is process-wide, so the diffusers runs in this process (seconds / image) get it "
+        f"too{'; the alone column has diffusers without it' if args.fresh else ''}."
         f"\n\n"
-        + markdown_table(["implementation", "seconds / image", "speed vs diffusers fp32",
-                          "alone: second image s", "alone vs diffusers", "new machine: start to first image s",
-                          "vs diffusers", "later starts s", "vs diffusers", "runs (s)", "peak RSS MiB"], rows)
+        + markdown_table(header, rows)
         + "\n\nRun by run (each ours run against the diffusers run of the same round): "
         + "; ".join(f"{k} {paired(k)}" for k in times if k != "diffusers (fp32)") + "."
         + "\n\nTargets (issue 14): ours (fp32) >= 1.5x diffusers fp32 on every x86 CPU; ours (auto) >= 2.5x where "
