@@ -86,6 +86,13 @@ class PathChooser:
         assert self.store is not None
         return self.store.key(self.network, self.dtype, kind, self.first_shape[kind])
 
+    def settle_measured(self) -> bool:
+        """Fix the path of every kind measured so far; True when a pass has run through the network (so from now on
+        no layer of a measured kind measures again). A kind no pass has reached stays open."""
+        for kind in list(self.totals):
+            self.decide(kind)
+        return bool(self.first_shape)
+
     def record(self, kind: str, packed_s: float, plain_s: float) -> None:
         t = self.totals.setdefault(kind, Totals())
         t.packed_s += packed_s

@@ -28,14 +28,19 @@ def tune_process() -> None:
 
 
 def tune_networks(networks: Iterable[tuple[nn.Module, torch.dtype, bool]], label: str = "",
-                  store: ChoiceStore | None = None) -> None:
+                  store: ChoiceStore | None = None) -> list[PathChooser]:
     """(network, its dtype, whether it is a text encoder) each: packed where it can be; else fp32 UNets and VAEs
     go channels-last (about 1.4x for plain oneDNN; it slows bf16 UNets down about 2x, and text encoders have no
-    convolutions). ``store`` keeps the self-check's choices across processes (``model.cpu_choice_store``)."""
+    convolutions). ``store`` keeps the self-check's choices across processes (``model.cpu_choice_store``).
+    Returns the packed networks' self-checks."""
+    choosers = []
     for network, dtype, text in networks:
         name = label + type(network).__name__
         if can_prepack(dtype):
             # Activations stay contiguous: channels_last measured no faster packed.
-            log.info("%s: %d packable layers", name, prepack(network, PathChooser(name, store=store, dtype=dtype)))
+            chooser = PathChooser(name, store=store, dtype=dtype)
+            log.info("%s: %d packable layers", name, prepack(network, chooser))
+            choosers.append(chooser)
         elif dtype == torch.float32 and not text:
             network.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]
+    return choosers

@@ -25,6 +25,7 @@ from PIL import Image
 from core import rules
 from model.batch import Batch, BatchCancelled, Denoiser, EncodedInputs, InputNeeds, Posterior, UNetFn
 from model.compile import CompileMode, compile_decode, compile_network
+from model.cpu_choice import PathChooser
 from model.cpu_choice_store import ChoiceStore
 from model.cpu_tuning import tune_networks, tune_process
 from model.device import Precision, resolve_device, resolve_precision
@@ -80,6 +81,7 @@ class Pipeline:
         self.batch_padding: BatchPadding | None = None  # set by a worker that pads batches to warmed sizes
         self.refiner: Refiner | None = None  # SDXL: the second stage of requests with refiner_switch
         self.cpu_choices: ChoiceStore | None = None  # where the CPU self-check keeps its choices (load)
+        self.cpu_choosers: list[PathChooser] = []  # the CPU self-check of each packed network
 
     @classmethod
     def load(
@@ -123,11 +125,11 @@ class Pipeline:
             schedule = NoiseSchedule.sd15()
         schedule = dataclasses.replace(schedule, prediction_type=choose_prediction_type(components, prediction_type))
         store = ChoiceStore(cpu_choices) if cpu_choices is not None and dev.type == "cpu" else None
-        if dev.type == "cpu":
-            _tune_for_cpu(components, precision, store)
+        choosers = _tune_for_cpu(components, precision, store) if dev.type == "cpu" else []
         log.info("loaded %s on %s (unet %s, vae %s)", checkpoint, dev, precision.unet, precision.vae)
         pipe = cls(components, tokenizer, schedule, dev, precision, Path(checkpoint).stem)
         pipe.cpu_choices = store
+        pipe.cpu_choosers = choosers
         if components.tokenizer_2_dir is not None:
             pipe.text.pad_id_2 = ClipTokenizer.from_folder(components.tokenizer_2_dir).pad_id
         if tiny_vae is not None:
@@ -150,8 +152,9 @@ class Pipeline:
                              "text_encoder/")
         parts = load_refiner(path, device=self.device, dtype=self.precision.unet, text_dtype=self.precision.text)
         if self.device.type == "cpu":
-            tune_networks([(parts.unet, self.precision.unet, False), (parts.text_encoder, self.precision.text, True)],
-                          label="Refiner", store=self.cpu_choices)
+            self.cpu_choosers += tune_networks(
+                [(parts.unet, self.precision.unet, False), (parts.text_encoder, self.precision.text, True)],
+                label="Refiner", store=self.cpu_choices)
         self.refiner = Refiner(parts, self.device, self.precision.unet, Path(path).stem)
 
     def use_tiny_vae(self, path: str | Path) -> None:
@@ -161,7 +164,13 @@ class Pipeline:
             return
         # as for the other networks; TAESD 512x512 decode measured 1.38 s packed, 1.50 s NHWC, 1.69 s plain,
         # diffusers 1.86 s (2 busy cores)
-        tune_networks([(self.tiny_vae, self.precision.vae, False)], store=self.cpu_choices)
+        self.cpu_choosers += tune_networks([(self.tiny_vae, self.precision.vae, False)], store=self.cpu_choices)
+
+    def cpu_self_check_done(self) -> bool:
+        """True when no later pass mixes packed and plain layers: every packed network's self-check has seen a
+        pass (a warm-up, an earlier batch) and the kinds it measured are fixed now, or nothing is packed. The
+        worker's first batch then needs no extra step (``worker/runner.py``)."""
+        return all([chooser.settle_measured() for chooser in self.cpu_choosers])  # a list: settle every one
 
     @property
     def is_inpaint(self) -> bool:
@@ -408,10 +417,10 @@ class Pipeline:
                 for i in images]
 
 
-def _tune_for_cpu(components: Components, precision: Precision, store: ChoiceStore | None) -> None:
+def _tune_for_cpu(components: Components, precision: Precision, store: ChoiceStore | None) -> list[PathChooser]:
     tune_process()
     networks = [(components.unet, precision.unet, False), (components.vae, precision.vae, False),
                 (components.text_encoder, precision.text, True)]
     if components.text_encoder_2 is not None:
         networks.append((components.text_encoder_2, precision.text, True))
-    tune_networks(networks, store=store)
+    return tune_networks(networks, store=store)

@@ -165,8 +165,10 @@ class BatchRunner:
         # On the CPU, a network's first pass measures each layer kind packed and plain (``model.cpu_choice``) and
         # only then fixes the path, so that pass mixes paths. The first batch is run once with its results dropped,
         # so every image is computed on the settled paths: the same request gives the same pixels in every batch.
+        # A worker whose warm-up (SDQ_WARMUP_SHAPES) already ran that pass skips it.
         device = getattr(pipe, "device", None)
-        self.self_check_pending = getattr(device, "type", None) == "cpu"
+        done = getattr(pipe, "cpu_self_check_done", None)
+        self.self_check_pending = getattr(device, "type", None) == "cpu" and not (done is not None and done())
 
     def run(self, items: Sequence[BatchItem]) -> Finished:
         """Yield every item exactly once with its outcome, as soon as that item is done."""

@@ -147,3 +147,29 @@ def test_cancelling_every_real_request_stops_a_padded_batch(pipe: Pipeline, monk
     assert pipe.generate([request(steps=5)], callback=cancel_at_first_step) == [None]
     assert recorder.images() == [1, 4]
     assert steps == [1]
+
+
+def test_a_warm_up_settles_the_cpu_self_check_so_the_first_batch_needs_no_extra_step(pipe: Pipeline) -> None:
+    from rq.timeouts import UnixSignalDeathPenalty
+
+    from core.queues import Keys
+    from worker.runner import BatchRunner
+
+    def runner() -> BatchRunner:
+        return BatchRunner(pipe, None, Keys("sdq"), death_penalty_class=UnixSignalDeathPenalty)  # type: ignore[arg-type]
+
+    assert pipe.cpu_choosers and not pipe.cpu_self_check_done()  # packed networks, no pass yet
+    assert runner().self_check_pending  # without a warm-up the first batch runs one step first
+    warm_up(pipe, [(64, 64, 1)])
+    assert pipe.cpu_self_check_done()
+    assert not runner().self_check_pending
+    measured = {c.network: {k: t.layers for k, t in c.totals.items()} for c in pipe.cpu_choosers}
+    assert all(set(c.totals) <= set(c.decided) for c in pipe.cpu_choosers)  # every measured kind is fixed
+    from PIL import Image
+
+    init = Image.new("RGB", (64, 72), (30, 160, 90))
+    # the VAE's encoder (img2img: its first pass), then another shape
+    pipe.generate([request(task="img2img", init_image=init, width=64, height=72, strength=0.6, steps=3)])
+    pipe.generate([request(width=64, height=72, steps=2, n=2)])
+    after = {c.network: {k: t.layers for k, t in c.totals.items()} for c in pipe.cpu_choosers}
+    assert after == measured  # nothing measured again: the batch ran on the settled paths only
