@@ -8,6 +8,8 @@ import platform
 import re
 from pathlib import Path
 
+from model.cpuinfo import first_processor
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
@@ -15,29 +17,15 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 _FLAGS_OF_NOTE = re.compile(r"^(avx.*|fma|f16c|amx.*)$")
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break  # the first processor is enough
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
 def cpu_name() -> str:
     """The CPU's model name, as ``lscpu`` shows it."""
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+    return first_processor().get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_kind() -> str:
     """The model name with its family and model numbers, for section titles: one section per kind of CPU
     (virtual machines often show only "AMD EPYC" for every generation)."""
-    fields = _cpuinfo()
+    fields = first_processor()
     if "cpu family" not in fields or "model" not in fields:
         return cpu_name()
     return f"{cpu_name()} family {fields['cpu family']} model {fields['model']}"
@@ -45,7 +33,7 @@ def cpu_kind() -> str:
 
 def cpu_line() -> str:
     """CPU model name, family / model numbers and the SIMD flags of note, as ``lscpu`` reports them."""
-    fields = _cpuinfo()
+    fields = first_processor()
     flags = [f for f in fields.get("flags", "").split() if _FLAGS_OF_NOTE.match(f)]
     return f"{cpu_name()} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}; " \
         f"flags {' '.join(flags) or 'none of avx/fma/amx'})"

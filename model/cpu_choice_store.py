@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from model.cpuinfo import first_processor
+
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bumped when the self-check's measuring changes what a choice means
@@ -47,15 +49,7 @@ def resolve_path(value: str | Path | None) -> Path | None:
 
 def machine_signature() -> str:
     """What the choices depend on besides the network: CPU model and flags, PyTorch build, ISA caps, threads."""
-    cpu: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break  # the first processor describes them all on the machines this runs on
-            key, _, value = line.partition(":")
-            cpu.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    cpu = first_processor()
     caps = [f"{name}={os.environ.get(name, '')}" for name in
             ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA")]
     try:

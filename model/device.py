@@ -9,9 +9,10 @@ import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
+
+from model.cpuinfo import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,7 @@ def cpu_has_fast_bf16() -> bool:
     ``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16 caps the kernels to ones without it."""
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ISAS_WITHOUT_BF16:
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
