@@ -166,10 +166,10 @@ class Pipeline:
         # diffusers 1.86 s (2 busy cores)
         self.cpu_choosers += tune_networks([(self.tiny_vae, self.precision.vae, False)], store=self.cpu_choices)
 
-    def cpu_self_check_done(self) -> bool:
-        """True when no later pass mixes packed and plain layers: every packed network's self-check has seen a
-        pass (a warm-up, an earlier batch) and the kinds it measured are fixed now, or nothing is packed. The
-        worker's first batch then needs no extra step (``worker/runner.py``)."""
+    def settle_cpu_self_check(self) -> bool:
+        """Fix the path of every layer kind the CPU self-check has measured so far; returns True when no later pass
+        mixes packed and plain layers: every packed network's self-check has seen a pass (a warm-up, an earlier
+        batch), or nothing is packed. The worker's first batch then needs no extra step (``worker/runner.py``)."""
         return all([chooser.settle_measured() for chooser in self.cpu_choosers])  # a list: settle every one
 
     @property

@@ -167,8 +167,8 @@ class BatchRunner:
         # so every image is computed on the settled paths: the same request gives the same pixels in every batch.
         # A worker whose warm-up (SDQ_WARMUP_SHAPES) already ran that pass skips it.
         device = getattr(pipe, "device", None)
-        done = getattr(pipe, "cpu_self_check_done", None)
-        self.self_check_pending = getattr(device, "type", None) == "cpu" and not (done is not None and done())
+        settle = getattr(pipe, "settle_cpu_self_check", None)
+        self.self_check_pending = getattr(device, "type", None) == "cpu" and not (settle is not None and settle())
 
     def run(self, items: Sequence[BatchItem]) -> Finished:
         """Yield every item exactly once with its outcome, as soon as that item is done."""

@@ -158,10 +158,10 @@ def test_a_warm_up_settles_the_cpu_self_check_so_the_first_batch_needs_no_extra_
     def runner() -> BatchRunner:
         return BatchRunner(pipe, None, Keys("sdq"), death_penalty_class=UnixSignalDeathPenalty)  # type: ignore[arg-type]
 
-    assert pipe.cpu_choosers and not pipe.cpu_self_check_done()  # packed networks, no pass yet
+    assert pipe.cpu_choosers and not pipe.settle_cpu_self_check()  # packed networks, no pass yet
     assert runner().self_check_pending  # without a warm-up the first batch runs one step first
     warm_up(pipe, [(64, 64, 1)])
-    assert pipe.cpu_self_check_done()
+    assert pipe.settle_cpu_self_check()
     assert not runner().self_check_pending
     measured = {c.network: {k: t.layers for k, t in c.totals.items()} for c in pipe.cpu_choosers}
     assert all(set(c.totals) <= set(c.decided) for c in pipe.cpu_choosers)  # every measured kind is fixed
