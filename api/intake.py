@@ -44,7 +44,7 @@ from api.instrumentation import ApiMetrics
 from api.limits import KeyLimits
 from api.submitter import QueueFullError, Submitter
 from core import commit, eventlog, fleet, jobstore
-from core.catalog import default_size, live_loras, refiners_of, tiny_vae_served
+from core.catalog import live_models
 from core.commit import KeyRecord
 from core.jobs import JobPublic, JobSpec
 from core.loras import unknown_loras
@@ -118,9 +118,11 @@ class Intake:
                 f"is {caller.max_priority.value!r})",
                 field="priority",
             )
+        # What the live workers hold, read once: every check below is against it.
+        live = await to_thread.run_sync(live_models, self.s.redis, self.s.keys)
         try:  # the model it runs on (core.fleet), before anything is queued
             model = await to_thread.run_sync(fleet.route, self.s.redis, self.s.keys, spec.params.model,
-                                             self.s.settings.default_model, self.s.settings.model_seen_ttl_s)
+                                             self.s.settings.default_model, self.s.settings.model_seen_ttl_s, live)
         except fleet.ModelRefused as exc:
             if on_refused is not None:
                 await on_refused()
@@ -128,26 +130,25 @@ class Intake:
         spec = spec.model_copy(update={"params": spec.params.model_copy(update={"model": model})})
         if model is not None and spec.task == "txt2img" and not {"width", "height"} & spec.params.model_fields_set:
             # a size left out is the model's own (SDXL 1024); the rules hold for it as for any size given
-            side = await to_thread.run_sync(default_size, self.s.redis, self.s.keys, model)
+            side = live.default_size(model)
             if side is not None and (side, side) != (spec.params.width, spec.params.height):
                 params = spec.params.model_copy(update={"width": side, "height": side})
                 spec = spec.model_copy(update={"params": params})
         if spec.params.loras:  # a name no live worker can load is refused before anything is queued
-            announced = await to_thread.run_sync(live_loras, self.s.redis, self.s.keys)
-            problem = unknown_loras(spec.params.loras, announced)
+            problem = unknown_loras(spec.params.loras, live.loras())
             if problem is not None:
                 if on_refused is not None:
                     await on_refused()
                 raise ApiError(422, "invalid_request", problem, field="loras")
         if spec.params.refiner is not None:  # a live worker of the job's model must hold that refiner
-            held = await to_thread.run_sync(refiners_of, self.s.redis, self.s.keys, model)
+            held = live.refiners_of(model)
             if spec.params.refiner.model not in held:
                 if on_refused is not None:
                     await on_refused()
                 where = f"model {model!r}" if model else "this deployment"
                 raise ApiError(422, "invalid_request", f"refiner {spec.params.refiner.model!r} is not held by a live "
                                f"worker of {where}; held: {', '.join(held) or 'none'}", field="refiner.model")
-        if spec.params.vae == "tiny" and not await to_thread.run_sync(tiny_vae_served, self.s.redis, self.s.keys):
+        if spec.params.vae == "tiny" and not live.tiny_vae():
             if on_refused is not None:
                 await on_refused()
             raise ApiError(422, "invalid_request", "vae 'tiny': no live worker holds a tiny VAE (the operator sets "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 
 from pydantic import BaseModel, Field, ValidationError
 from redis import Redis
@@ -131,21 +132,43 @@ def loaded_models(redis: Redis, keys: Keys) -> ModelList:
     return ModelList(models=listed)
 
 
+@dataclass(frozen=True)
+class LiveModels:
+    """The live workers' models as read once (``live_models``): what one submit checks its job against."""
+
+    workers: list[tuple[str, LoadedModel]]
+
+    def served(self) -> list[str]:
+        """The names of the models the live workers hold, sorted."""
+        return sorted({loaded.name for _, loaded in self.workers})
+
+    def refiners_of(self, model: str | None) -> list[str]:
+        """The refiners the live workers of ``model`` hold (of every live worker, for None), sorted."""
+        return sorted({loaded.refiner for _, loaded in self.workers
+                       if loaded.refiner and (model is None or loaded.name == model)})
+
+    def default_size(self, model: str) -> int | None:
+        """The native image side a live worker of ``model`` announces; None when no live worker holds it."""
+        sides = [loaded.default_size for _, loaded in self.workers if loaded.name == model]
+        return max(sides) if sides else None
+
+    def tiny_vae(self) -> bool:
+        """Whether a live worker holds a tiny VAE, so a `vae: tiny` job can run."""
+        return any(loaded.tiny_vae for _, loaded in self.workers)
+
+    def loras(self) -> LoraList:
+        """The LoRA names the live workers announce, with the workers that can load each (``GET /v1/loras``)."""
+        return available({worker: loaded.loras for worker, loaded in self.workers})
+
+
+def live_models(redis: Redis, keys: Keys) -> LiveModels:
+    """The live workers' models, read from Redis now."""
+    return LiveModels(_live_models(redis, keys))
+
+
 def served_models(redis: Redis, keys: Keys) -> list[str]:
     """The names of the models the live workers hold, sorted."""
-    return sorted({loaded.name for _, loaded in _live_models(redis, keys)})
-
-
-def refiners_of(redis: Redis, keys: Keys, model: str | None) -> list[str]:
-    """The refiners the live workers of ``model`` hold (of every live worker, for None), sorted."""
-    return sorted({loaded.refiner for _, loaded in _live_models(redis, keys)
-                   if loaded.refiner and (model is None or loaded.name == model)})
-
-
-def default_size(redis: Redis, keys: Keys, model: str) -> int | None:
-    """The native image side a live worker of ``model`` announces; None when no live worker holds it."""
-    sides = [loaded.default_size for _, loaded in _live_models(redis, keys) if loaded.name == model]
-    return max(sides) if sides else None
+    return live_models(redis, keys).served()
 
 
 class ModelLoad(BaseModel):
@@ -186,11 +209,6 @@ def recently_served(redis: Redis, keys: Keys, now: float, within_s: float) -> li
     return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
 
-def tiny_vae_served(redis: Redis, keys: Keys) -> bool:
-    """Whether a live worker holds a tiny VAE, so a `vae: tiny` job can run."""
-    return any(loaded.tiny_vae for _, loaded in _live_models(redis, keys))
-
-
 def live_loras(redis: Redis, keys: Keys) -> LoraList:
     """The LoRA names the live workers announce, with the workers that can load each (``GET /v1/loras``)."""
-    return available({worker: loaded.loras for worker, loaded in _live_models(redis, keys)})
+    return live_models(redis, keys).loras()

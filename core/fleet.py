@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from redis import Redis
 
-from core.catalog import recently_served, served_models
+from core.catalog import LiveModels, live_models, recently_served
 from core.queues import Keys
 
 
@@ -53,7 +53,10 @@ def choose_model(served: list[str], requested: str | None, default: str | None,
                        "no default (SDQ_DEFAULT_MODEL)")
 
 
-def route(redis: Redis, keys: Keys, requested: str | None, default: str | None, seen_ttl_s: float) -> str | None:
-    """``choose_model`` against the models the live workers announce now, and those seen within ``seen_ttl_s``."""
-    return choose_model(served_models(redis, keys), requested, default,
+def route(redis: Redis, keys: Keys, requested: str | None, default: str | None, seen_ttl_s: float,
+          live: LiveModels | None = None) -> str | None:
+    """``choose_model`` against the models the live workers announce (``live``, else read now), and those seen
+    within ``seen_ttl_s``."""
+    served = (live or live_models(redis, keys)).served()
+    return choose_model(served, requested, default,
                         lambda: recently_served(redis, keys, time.time(), seen_ttl_s))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Worker
 
 from api.main import create_app
+from core import catalog
 from core.catalog import LoadedModel, publish_model
 from core.settings import Settings
 
@@ -200,3 +203,27 @@ def test_a_refiner_must_be_held_by_a_live_worker_of_the_jobs_model(client: TestC
     r = client.post("/v1/txt2img", json={**job, "model": "sd_xl_base_1.0",
                                          "refiner": {"model": "sd_xl_refiner_1.0", "switch_at": 1.5}})
     assert r.status_code == 422 and "switch_at" in r.text
+
+
+def test_a_submit_reads_the_live_workers_models_once(client: TestClient, redis: Redis, monkeypatch: Any) -> None:
+    """The model route, the default size, the LoRA names, the refiner and the tiny VAE are all checked against one
+    read of the live workers' models (each read costs a registry lookup per queue and one per worker)."""
+    sdxl = LoadedModel(name="sdxl", inpainting_unet=False, device="cuda", dtype="float16", loras=["detail"],
+                       tiny_vae=True, refiner="sdxl-refiner", default_size=1024)
+    start_worker(redis, "gpu-1", sdxl)
+    reads = []
+    real = catalog._live_models
+
+    def counted(*args: Any) -> Any:
+        reads.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(catalog, "_live_models", counted)
+    r = client.post("/v1/txt2img", json={"prompt": "a cat", "model": "sdxl", "loras": [{"name": "detail"}],
+                                         "refiner": {"model": "sdxl-refiner"}, "vae": "tiny"})
+    assert r.status_code == 202, r.text
+    assert (r.json()["params"]["width"], r.json()["params"]["height"]) == (1024, 1024)  # the model's own size
+    assert len(reads) == 1
+    r = client.post("/v1/txt2img", json={"prompt": "a cat", "model": "sdxl", "refiner": {"model": "other"}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "refiner.model"
+    assert len(reads) == 2
