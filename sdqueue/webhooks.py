@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 from uuid import uuid4
 
 import redis.exceptions
-from redis import Redis
 from rq import worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution, ExecutionRegistry
@@ -41,11 +40,12 @@ from rq.queue import Queue
 from rq.scheduler import RQScheduler
 from rq.timeouts import JobTimeoutException
 from rq.utils import now
-from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker import WorkerStatus
 
 from core.metrics_http import MetricsPortError, serve_metrics
 from core.outages import Backoff, GaveUp, Link, tolerate, until_answered
 from core.queues import Keys, connect
+from core.rq_worker import PatientWorker
 from core.settings import Settings
 from sdqueue.webhook_delivery import METRICS, DeliveryError
 
@@ -57,21 +57,10 @@ SCHEDULER_STOP_S = 5  # the scheduler's turn is 1 s: SIGTERM ends it within that
 SETTLE_HEARTBEATS = 3  # steady contact before RQ's cleanup may take a message for abandoned
 
 
-class WebhookWorker(SimpleWorker):
+class WebhookWorker(PatientWorker):
     """RQ's in-process worker, sending one message at a time, through Redis outages of any length."""
 
-    def __init__(self, queues: list[str], *, connection: Redis, heartbeat_s: int) -> None:
-        # Set before RQ's __init__, which sizes the connection's socket timeout from dequeue_timeout and talks to
-        # Redis already (_set_ip_address).
-        self.heartbeat_s = heartbeat_s
-        self.redis_link = Link("Redis")
-        super().__init__(queues, connection=connection, maintenance_interval=heartbeat_s, log_job_description=False)
-
-    def wait_for_redis(self, call: Callable[[], T], doing: str, give_up: Callable[[], bool] | None = None) -> T:
-        return until_answered(call, doing, self.redis_link, cap_s=self.heartbeat_s, give_up=give_up)
-
-    def _tolerate(self, call: Callable[[], object], doing: str) -> None:
-        tolerate(call, doing, self.redis_link)
+    role = "webhook sender"
 
     # one message -------------------------------------------------------------------------------------------
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -173,69 +162,12 @@ class WebhookWorker(SimpleWorker):
         self._install_signal_handlers()
         super().bootstrap(*args, **kwargs)
 
-    def _set_ip_address(self, connection: Redis) -> None:
-        set_ip_address = super()._set_ip_address
-        self.wait_for_redis(lambda: set_ip_address(connection), "naming the sender's connection")
-
     def register_birth(self) -> None:
         try:
             self.wait_for_redis(self._register, "registering the webhook sender",
                                 give_up=lambda: self._stop_requested)
         except GaveUp:
             log.info("shutdown requested while waiting for Redis: the webhook sender never registered")
-
-    def _register(self) -> None:
-        # RQ's register_birth without its check for a live namesake: the name is this process's own, and a try
-        # whose answer was lost has registered it already.
-        self.birth_date = self.birth_date or now()
-        self.last_heartbeat = now()
-        with self.connection.pipeline() as pipe:
-            pipe.hset(self.key, mapping=self.serialize())
-            pipe.hset(self.key, "state", self._state)
-            worker_registration.register(self, pipe)
-            pipe.expire(self.key, self.worker_ttl + 60)
-            pipe.execute()
-
-    def register_death(self) -> None:
-        self._tolerate(super().register_death, "recording the sender's exit")
-
-    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        if pipeline is not None:
-            super().heartbeat(timeout, pipeline=pipeline)
-            return
-        self._tolerate(self._beat, "sending the sender's heartbeat")
-
-    def _beat(self) -> None:
-        with self.connection.pipeline() as pipe:
-            super().heartbeat(pipeline=pipe)
-            created = pipe.execute()[0]  # HSET last_heartbeat: 1 = a new field, so the key had expired
-        if created:
-            log.warning("webhook sender %s: its registration lapsed while Redis was away: registering again",
-                        self.name)
-            self._register()
-
-    def set_state(self, state: str, pipeline: Any = None) -> None:
-        if pipeline is not None:
-            super().set_state(state, pipeline)
-            return
-        set_state = super().set_state
-        self._tolerate(lambda: set_state(state), "recording the sender's state")
-
-    def subscribe(self) -> None:
-        with contextlib.suppress(GaveUp):  # a shutdown while Redis is away: nothing to listen for
-            self.wait_for_redis(super().subscribe, "subscribing to worker commands",
-                                give_up=lambda: self._stop_requested)
-
-    def unsubscribe(self) -> None:
-        self._tolerate(super().unsubscribe, "unsubscribing from worker commands")
-
-    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
-        # RQ's handler ends the command thread on any error but a ConnectionError; keep it through any outage.
-        if not isinstance(exc, redis.exceptions.RedisError):
-            super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
-            return
-        self.redis_link.failed(exc, "listening for worker commands")
-        time.sleep(self.heartbeat_s)
 
     def _shutdown(self) -> None:
         # Called from the SIGTERM/SIGINT handler. RQ raises StopRequested here when idle, which can land between a
@@ -244,19 +176,6 @@ class WebhookWorker(SimpleWorker):
         self._stop_requested = True
         if self.scheduler:
             self.stop_scheduler()
-
-    def check_for_suspension(self, burst: bool) -> None:
-        check = super().check_for_suspension
-        self._tolerate(lambda: check(burst), "checking whether workers are suspended")
-
-    # RQ hooks: maintenance and the scheduler -----------------------------------------------------------------
-    @property
-    def dequeue_timeout(self) -> int:
-        # The idle wait is cut into heartbeat-long slices, so maintenance (the scheduler's restart) runs that often.
-        return self.heartbeat_s
-
-    def run_maintenance_tasks(self) -> None:
-        self._tolerate(super().run_maintenance_tasks, "cleaning RQ's registries")
 
     def clean_registries(self) -> None:
         """RQ's registry maintenance, only after steady contact, under a lock that expires after a few heartbeats
@@ -339,12 +258,6 @@ class WebhookWorker(SimpleWorker):
                     return None
                 return result
         return None
-
-    def _push_back(self, job: Job, queue: Queue) -> None:
-        with self.connection.pipeline() as pipe:
-            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
-            pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # where RQ's single-queue dequeue put it
-            pipe.execute()
 
 
 class PatientScheduler(RQScheduler):

@@ -1,5 +1,5 @@
-"""The worker's RQ hooks (``RQWorker``); with ``worker.rq_records`` (per-job records) the only code that uses RQ
-internals.
+"""The worker's RQ hooks (``RQWorker``); with ``worker.rq_records`` (per-job records) and the hooks it shares with
+the webhook sender (``core.rq_worker``), the only worker code that uses RQ internals.
 
 ``RQWorker`` is ``rq.SimpleWorker`` (no fork per job) with RQ's timings tightened from minutes to seconds, a
 shutdown that never drops a job, and a loop that rides out Redis outages; its subclass decides what one turn does
@@ -17,17 +17,16 @@ shutdown that never drops a job, and a loop that rides out Redis outages; its su
 
 Redis outages (down, unreachable, paused, or full under ``maxmemory`` + ``noeviction``) never end the loop. RQ's
 ``work()`` quits on any error its steps raise, so every step that talks to Redis is one of these hooks: the idle
-wait retries with capped backoff (``worker.outages``), registration and the command subscription wait until Redis
-answers, and bookkeeping that can be skipped (worker state, a heartbeat, a cleanup) is skipped and done next
-time. A registration that expired while Redis was away is written again at the next heartbeat (``rejoin``). The
-registry cleanup waits for a lease plus a heartbeat of steady contact after any outage or stall, and after the
+wait retries with capped backoff (``worker.outages``); registration waits until Redis answers; the hooks shared
+with the webhook sender (``core.rq_worker.PatientWorker``) wait for the command subscription and skip, until next
+time, bookkeeping that can be skipped (worker state, a heartbeat, a cleanup), and a registration that expired
+while Redis was away is written again at the next heartbeat (``rejoin``). The registry cleanup waits for a lease plus a heartbeat of steady contact after any outage or stall, and after the
 worker's start: an outage stops every worker's heartbeats, so right after it every lease looks expired, and the
 workers that are alive need a heartbeat to renew theirs before anyone takes their jobs for abandoned.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -46,13 +45,14 @@ from rq.exceptions import AbandonedJobError, DequeueTimeout, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.utils import current_timestamp, now
-from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker import WorkerStatus
 
 from core.attempts import died_message, read_counts
 from core.jobs import JobError
 from core.queues import JOB_FUNC
+from core.rq_worker import PatientWorker
 from worker.events import Failed
-from worker.outages import Backoff, GaveUp, Link, until_answered
+from worker.outages import Backoff, GaveUp
 from worker.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -60,28 +60,28 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class RQWorker(SimpleWorker):
+class RQWorker(PatientWorker):
     """An in-process RQ worker whose turn (``run_turn``) runs a batch of sdqueue jobs."""
 
     def __init__(self, queues: Sequence[str], *, connection: Redis, heartbeat_s: int, name: str | None = None) -> None:
-        # Set before RQ's __init__, which sizes the connection's socket timeout from dequeue_timeout and talks to
-        # Redis already (_set_ip_address).
-        self.heartbeat_s = heartbeat_s
-        self.lease_s = 3 * heartbeat_s
-        self.redis_link = Link("Redis")
+        self.lease_s = 3 * heartbeat_s  # before RQ's __init__, which reads registration_ttl's worker_ttl
         super().__init__(
-            list(queues),
-            name=name,
+            queues,
             connection=connection,
+            heartbeat_s=heartbeat_s,
+            name=name,
             worker_ttl=self.lease_s,
-            maintenance_interval=heartbeat_s,
             job_monitoring_interval=heartbeat_s,
-            log_job_description=False,  # the description holds the prompt: keep it out of the logs
         )
         self.batch_ids: set[str] = set()  # jobs of the running batch
         self.stop_ids: set[str] = set()  # RQ stop-job commands received for jobs of the running batch
         # What leaves with the failure of an abandoned job: set by the Bookkeeper that records this worker's jobs.
         self.outbox: Outbox | None = None
+
+    @property
+    def registration_ttl(self) -> int:
+        # RQ keeps a worker's key for worker_ttl + 60 s; one lease is enough for /readyz to forget a dead worker.
+        return self.lease_s
 
     @property
     def stop_requested(self) -> bool:
@@ -92,24 +92,11 @@ class RQWorker(SimpleWorker):
         """One batch, headed by ``job`` (RQ dequeued it from ``queue``)."""
         raise NotImplementedError
 
-    def on_birth(self) -> None:
-        """Called right after RQ registered the worker, and after each re-registration."""
-
     def on_idle(self) -> None:
         """Called when the worker starts waiting for a job."""
 
     def on_maintenance(self) -> None:
         """Called after RQ's registry cleanup, with the same steady contact with Redis behind it."""
-
-    def wait_for_redis(self, call: Callable[[], T], doing: str, give_up: Callable[[], bool] | None = None) -> T:
-        return until_answered(call, doing, self.redis_link, cap_s=self.heartbeat_s, give_up=give_up)
-
-    def _tolerate(self, call: Callable[[], object], doing: str) -> None:
-        """Bookkeeping that may be skipped while Redis is away: done next time."""
-        try:
-            call()
-        except redis.exceptions.RedisError as exc:
-            self.redis_link.failed(exc, doing)
 
     # turn ----------------------------------------------------------------------------------------------------
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -125,10 +112,6 @@ class RQWorker(SimpleWorker):
             self.set_state(WorkerStatus.IDLE)
 
     # RQ hooks: registration --------------------------------------------------------------------------------
-    def _set_ip_address(self, connection: Redis) -> None:
-        set_ip_address = super()._set_ip_address
-        self.wait_for_redis(lambda: set_ip_address(connection), "naming the worker's connection")
-
     def register_birth(self) -> None:
         rq_register = super().register_birth  # refuses a name that a live worker holds
         attempts = 0
@@ -147,77 +130,7 @@ class RQWorker(SimpleWorker):
         except GaveUp:
             log.info("shutdown requested while waiting for Redis: the worker never registered")
 
-    def rejoin(self) -> None:
-        """Register again: the worker's key expired while Redis could not be reached (or lost it in a restart)."""
-        log.warning("worker %s: its registration lapsed while Redis was away: registering again", self.name)
-        self._register()
-        self.on_birth()
-
-    def _register(self) -> None:
-        self.birth_date = self.birth_date or now()
-        self.last_heartbeat = now()
-        with self.connection.pipeline() as pipe:
-            pipe.hset(self.key, mapping=self.serialize())
-            pipe.hset(self.key, "state", self._state)
-            worker_registration.register(self, pipe)
-            pipe.expire(self.key, self.lease_s)
-            pipe.execute()
-
-    def register_death(self) -> None:
-        # Once: a worker that exits while Redis is away leaves a registration that expires within a lease.
-        self._tolerate(super().register_death, "recording the worker's exit")
-
-    def subscribe(self) -> None:
-        with contextlib.suppress(GaveUp):  # a shutdown while Redis is away: nothing to listen for
-            self.wait_for_redis(super().subscribe, "subscribing to worker commands",
-                                give_up=lambda: self._stop_requested)
-
-    def unsubscribe(self) -> None:
-        self._tolerate(super().unsubscribe, "unsubscribing from worker commands")
-
-    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
-        # RQ's handler ends the command thread on any error but a ConnectionError; keep it through any outage.
-        if not isinstance(exc, redis.exceptions.RedisError):
-            super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
-            return
-        self.redis_link.failed(exc, "listening for worker commands")
-        time.sleep(self.heartbeat_s)
-
-    def set_state(self, state: str, pipeline: Any = None) -> None:
-        if pipeline is not None:
-            super().set_state(state, pipeline)
-            return
-        set_state = super().set_state
-        self._tolerate(lambda: set_state(state), "recording the worker's state")
-
-    # RQ hooks: timings -------------------------------------------------------------------------------------
-    @property
-    def dequeue_timeout(self) -> int:
-        # The idle wait is cut into heartbeat-long slices, so maintenance (abandoned-job recovery) runs that often.
-        return self.heartbeat_s
-
-    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        # RQ keeps a worker's key for worker_ttl + 60 s; one lease is enough for /readyz to forget a dead worker.
-        if pipeline is not None:
-            super().heartbeat(timeout or self.lease_s, pipeline=pipeline)
-            return
-        self._tolerate(self.beat, "sending the worker's heartbeat")
-
-    def beat(self) -> None:
-        """Extend the worker's registration by one lease, and register again if it lapsed; raises Redis errors."""
-        with self.connection.pipeline() as pipe:
-            super().heartbeat(self.lease_s, pipeline=pipe)
-            created = pipe.execute()[0]  # HSET last_heartbeat: 1 = a new field, so the key had expired
-        if created:
-            self.rejoin()
-
-    def check_for_suspension(self, burst: bool) -> None:
-        check = super().check_for_suspension
-        self._tolerate(lambda: check(burst), "checking whether workers are suspended")
-
-    def run_maintenance_tasks(self) -> None:
-        self._tolerate(super().run_maintenance_tasks, "cleaning RQ's registries")
-
+    # RQ hooks: maintenance ---------------------------------------------------------------------------------
     def clean_registries(self) -> None:
         """RQ's registry maintenance, under a lock that expires after one lease (RQ's lasts 15 minutes, so a worker
         killed while cleaning would stop abandoned-job recovery for that long), and only after steady contact."""
@@ -387,9 +300,3 @@ class RQWorker(SimpleWorker):
             self.redis_link.stalled(took, doing)
         else:
             self.redis_link.answered()
-
-    def _push_back(self, job: Job, queue: Queue) -> None:
-        with self.connection.pipeline() as pipe:
-            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
-            pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # where RQ's single-queue dequeue puts it
-            pipe.execute()
