@@ -105,14 +105,12 @@ class Table:
 
 def networks(folder: Path, dtype: torch.dtype) -> tuple[UNetModel, UNetModel, AutoencoderKL, AutoencoderKL]:
     """Our UNet and VAE as the pipeline runs them on the CPU (packed, self-checked), and plain copies."""
-    from model.cpu_choice import PathChooser
-    from model.cpu_pack import prepack
+    from model.cpu_tuning import tune_networks
     from model.weights import load_components
 
     c = load_components(folder, dtype=dtype)
     unet, vae = copy.deepcopy(c.unet), copy.deepcopy(c.vae)
-    prepack(unet, PathChooser("UNet"))
-    prepack(vae, PathChooser("VAE"))
+    tune_networks([(unet, dtype, False), (vae, dtype, False)])
     return unet, c.unet, vae, c.vae
 
 

@@ -1,7 +1,8 @@
 """What a pipeline does to its networks when it runs on the CPU, each step measured on SD 1.5
 (bench/model_vs_diffusers.py, BENCHMARKS.md): freed memory kept for reuse, threads from the CPU quota, and per
 network either oneDNN-packed weights (where the dtype has a packed path; per layer kind the first pass keeps the
-faster of packed and plain, ``model/cpu_choice.py``) or, for fp32 convolution networks, channels-last activations.
+faster of packed and plain, ``model/cpu_choice.py``; in fp32 attention too, ``model/cpu_attention.py``) or, for
+fp32 convolution networks, channels-last activations.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from model.cpu_attention import can_use_onednn_attention, choose_attention
 from model.cpu_choice import PathChooser
 from model.cpu_choice_store import ChoiceStore
 from model.cpu_pack import can_prepack, prepack
@@ -40,6 +42,8 @@ def tune_networks(networks: Iterable[tuple[nn.Module, torch.dtype, bool]], label
             # Activations stay contiguous: channels_last measured no faster packed.
             chooser = PathChooser(name, store=store, dtype=dtype)
             log.info("%s: %d packable layers", name, prepack(network, chooser))
+            if dtype == torch.float32 and can_use_onednn_attention():  # bf16 has a path of its own
+                choose_attention(network, chooser)
             choosers.append(chooser)
         elif dtype == torch.float32 and not text:
             network.to(memory_format=torch.channels_last)  # type: ignore[call-overload,call-arg]

@@ -11,6 +11,7 @@ and crop values, ``model/sdxl.py``) whose output is added to the timestep embedd
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # ".0": index 1 was dropout
+        self.cpu_attention: Callable[..., torch.Tensor] | None = None  # set on the CPU: model.cpu_attention
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
@@ -128,7 +130,8 @@ class CrossAttention(nn.Module):
         B, N, _ = x.shape
         q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)  # [B, heads, tokens, head_dim]
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = attention(q, k, v, context_mask, upcast=self.upcast)  # [B, heads, N, head_dim]
+        attend = attention if self.cpu_attention is None else self.cpu_attention
+        out = attend(q, k, v, context_mask, upcast=self.upcast)  # [B, heads, N, head_dim]
         return self.to_out(out.transpose(1, 2).reshape(B, N, -1))
 
 

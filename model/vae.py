@@ -7,6 +7,7 @@ Shape comments are for SD 1.5 at a 512x512 image, batch B.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -71,12 +72,13 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.cpu_attention: Callable[..., torch.Tensor] | None = None  # set on the CPU: model.cpu_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (t.reshape(B, 1, C, H * W).transpose(2, 3) for t in (self.q(h), self.k(h), self.v(h)))  # [B,1,HW,C]
-        h = attention(q, k, v)
+        h = attention(q, k, v) if self.cpu_attention is None else self.cpu_attention(q, k, v)
         return x + self.proj_out(h.transpose(2, 3).reshape(B, C, H, W))
 
 
