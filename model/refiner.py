@@ -31,6 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from model import diffusers_format, open_clip, single_file
 from model.clip_config import state_dict_prefix
+from model.network_parts import NetworkPart, check_parts, folder_part, materialize, read_json
 from model.open_clip import PAD_TOKEN
 from model.requests import GenerationRequest
 from model.sdxl import encode_text as sdxl_encode_text
@@ -41,7 +42,7 @@ from model.text_encoding import TextContext, encode_prompts
 from model.tokenizer import ClipTokenizer, PromptTokens
 from model.unet import UNetModel
 from model.vae import AutoencoderKL
-from model.weights import _check, _folder_part, _materialize, _Part, _read_json, _save
+from model.weights import save_original_layout
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,9 @@ def load_refiner(path: str | Path, *, device: torch.device, dtype: torch.dtype, 
     with ExitStack() as stack:
         parts, stray, tokenizer_dir = (_folder(path, stack, allow_pickle) if path.is_dir()
                                        else _single_file(path, stack, allow_pickle))
-        _check(parts, stray, path)
+        check_parts(parts, stray, path)
         for part, part_dtype in zip(parts, (dtype, text_dtype), strict=True):
-            _materialize(part, device, part_dtype)
+            materialize(part, device, part_dtype)
     unet, text = (part.module for part in parts)
     assert isinstance(unet, UNetModel) and isinstance(text, CLIPTextModelWithProjection)
     if not unet.config.adm_in_channels:
@@ -88,7 +89,7 @@ def load_refiner(path: str | Path, *, device: torch.device, dtype: torch.dtype, 
     return RefinerParts(unet, text, tokenizer, path)
 
 
-def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list[_Part], list[str], Path | None]:
+def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list[NetworkPart], list[str], Path | None]:
     reader = TensorReader()
     reader.add(path, stack, allow_pickle)
     if not open_clip.has_open_clip(reader.shapes, REFINER_OPEN_CLIP_PREFIX):
@@ -102,8 +103,8 @@ def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list
             reader.shapes, REFINER_OPEN_CLIP_PREFIX, None, heads.get("text_2_num_attention_heads")))
     found = open_clip.open_clip_sources(reader.shapes, REFINER_OPEN_CLIP_PREFIX, text)
     parts = [
-        _Part("unet", unet, reader, groups.unet, [], lambda k: UNET_PREFIX + k),
-        _Part("text_encoder_2", text, reader, found.sources, found.unexpected,
+        NetworkPart("unet", unet, reader, groups.unet, [], lambda k: UNET_PREFIX + k),
+        NetworkPart("text_encoder_2", text, reader, found.sources, found.unexpected,
               partial(open_clip.checkpoint_name, prefix=REFINER_OPEN_CLIP_PREFIX, model=text)),
     ]
     # the VAE is the base's (the same SDXL VAE): its tensors here are known and left
@@ -112,19 +113,19 @@ def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list
     return parts, stray, None
 
 
-def _folder(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list[_Part], list[str], Path | None]:
-    unet_config = diffusers_format.unet_config_from_diffusers(_read_json(path / "unet" / "config.json"))
+def _folder(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list[NetworkPart], list[str], Path | None]:
+    unet_config = diffusers_format.unet_config_from_diffusers(read_json(path / "unet" / "config.json"))
     with torch.device("meta"):
         unet = UNetModel(unet_config)
         text = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(
-            _read_json(path / "text_encoder_2" / "config.json")))
+            read_json(path / "text_encoder_2" / "config.json")))
     names = diffusers_format.unet_renames(unet_config)
     back = diffusers_format.inverted(names)
     prefix = state_dict_prefix(text)
     parts = [
-        _folder_part("unet", unet, path, partial(diffusers_format.rename, renames=names),
+        folder_part("unet", unet, path, partial(diffusers_format.rename, renames=names),
                      lambda k: diffusers_format.rename(k, back) or k, stack, allow_pickle),
-        _folder_part("text_encoder_2", text, path,
+        folder_part("text_encoder_2", text, path,
                      lambda k: k if k.startswith("text_projection.") else prefix + k.removeprefix("text_model."),
                      lambda k: k, stack, allow_pickle),
     ]
@@ -134,7 +135,8 @@ def _folder(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list[_Par
 
 def save_refiner_file(parts: RefinerParts, vae: AutoencoderKL, path: str | Path) -> Path:
     """Write a refiner as one .safetensors file in the original layout (bigG as embedder 0, the UNet, the VAE)."""
-    return _save(Path(path), parts.unet, vae, None, parts.text_encoder, open_clip_prefix=REFINER_OPEN_CLIP_PREFIX)
+    return save_original_layout(Path(path), parts.unet, vae, None, parts.text_encoder,
+                                open_clip_prefix=REFINER_OPEN_CLIP_PREFIX)
 
 
 class Refiner:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from model import diffusers_format, open_clip, single_file
 from model.clip_config import clip_text_config, state_dict_prefix
 from model.cpu_pack import ChosenLayer
+from model.network_parts import NetworkPart, check_parts, folder_part, materialize, read_json
 from model.sdxl import SDXL_SCALING_FACTOR
 from model.single_file import (
     HEADS_METADATA_KEY,
@@ -37,7 +37,7 @@ from model.single_file import (
     VAE_PREFIX,
     CheckpointError,
 )
-from model.tensor_reader import Source, TensorReader, source_name
+from model.tensor_reader import TensorReader
 from model.unet import UNetConfig, UNetModel
 from model.vae import AutoencoderKL, VAEConfig
 
@@ -71,74 +71,13 @@ class Components:
         return self.unet_config.in_channels == 9
 
 
-@dataclass
-class _Part:
-    """One network: its module (on the meta device) and where each of its tensors comes from."""
-
-    label: str
-    module: nn.Module
-    reader: TensorReader
-    sources: Mapping[str, Source]  # module key -> checkpoint key (or a slice of that tensor)
-    unexpected: list[str]  # checkpoint keys of this network that no module key takes
-    checkpoint_name: Callable[[str], str]  # module key -> the name the checkpoint should have used
-
-
-def _fits(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
-    # a 1x1 conv and a linear layer hold the same matrix; VAE attention is stored either way
-    return have == want or have == (*want, 1, 1) or (*have, 1, 1) == want
-
-
-def _check(parts: list[_Part], stray: list[str], source: Path) -> None:
-    missing: list[str] = []
-    unexpected = list(stray)
-    wrong: list[str] = []
-    for part in parts:
-        expected = {k: tuple(v.shape) for k, v in part.module.state_dict().items()}
-        missing += [part.checkpoint_name(k) for k in expected if k not in part.sources]
-        unexpected += part.unexpected + [source_name(src) for k, src in part.sources.items() if k not in expected]
-        for key, src in part.sources.items():
-            have = part.reader.shape(src)
-            if key in expected and not _fits(have, expected[key]):
-                wrong.append(f"{source_name(src)}: checkpoint {list(have)}, network {list(expected[key])}")
-    missing = list(dict.fromkeys(missing))  # q, k and v of a fused OpenCLIP projection share one name
-    if missing or unexpected or wrong:
-        sections = [_listing(title, items) for title, items in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
-        raise CheckpointError(
-            f"{source} does not match the SD 1.x networks inferred from it:\n" + "\n".join(sections)
-        )
-
-
-def _listing(title: str, items: list[str], limit: int = 20) -> str:
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {item}" for item in items[:limit]) + more
-
-
-def _materialize(part: _Part, device: torch.device, dtype: torch.dtype) -> None:
-    expected = part.module.state_dict()
-    state = {}
-    for key, src in part.sources.items():
-        tensor = part.reader.get(src, dtype).reshape(expected[key].shape)
-        state[key] = tensor.to(device)
-    part.module.load_state_dict(state, strict=True, assign=True)
-    # non-persistent buffers are not in checkpoints and are still on the meta device: rebuild them
-    for name, buffer in list(part.module.named_buffers()):
-        if buffer.is_meta:
-            owner, _, leaf = name.rpartition(".")
-            if leaf != "position_ids":
-                raise RuntimeError(f"{part.label}: buffer {name} has no value after loading")
-            ids = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape)
-            part.module.get_submodule(owner).register_buffer(leaf, ids, persistent=False)
-    part.module.eval().requires_grad_(False)
-
-
 def _build(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> tuple[UNetModel, AutoencoderKL, CLIPTextModel]:
     with torch.device("meta"):  # shapes only: no memory, no random init
         return UNetModel(unet), AutoencoderKL(vae), CLIPTextModel(text)
 
 
 def _sdxl_single_file(reader: TensorReader, groups: single_file.KeyGroups, heads: Mapping[str, int]
-                      ) -> tuple[list[_Part], list[str], dict[str, Any]]:
+                      ) -> tuple[list[NetworkPart], list[str], dict[str, Any]]:
     """SDXL's original layout: CLIP ViT-L under ``conditioner.embedders.0.transformer.`` and OpenCLIP ViT-bigG
     (all its layers, with the projection) under ``conditioner.embedders.1.model.``."""
     text_model = SDXL_TEXT_PREFIX + "text_model."
@@ -154,11 +93,11 @@ def _sdxl_single_file(reader: TensorReader, groups: single_file.KeyGroups, heads
     unexpected = [k for k in groups.conditioner
                   if not k.startswith(text_model) and not k.startswith(SDXL_OPEN_CLIP_PREFIX)]
     parts = [
-        _Part("unet", unet, reader, groups.unet, [], lambda k: UNET_PREFIX + k),
-        _Part("vae", vae, reader, groups.vae, [], lambda k: VAE_PREFIX + k),
-        _Part("text_encoder", text, reader, {text_prefix + k: text_model + k for k in clip_shapes}, unexpected,
+        NetworkPart("unet", unet, reader, groups.unet, [], lambda k: UNET_PREFIX + k),
+        NetworkPart("vae", vae, reader, groups.vae, [], lambda k: VAE_PREFIX + k),
+        NetworkPart("text_encoder", text, reader, {text_prefix + k: text_model + k for k in clip_shapes}, unexpected,
               lambda k: text_model + k.removeprefix(text_prefix)),
-        _Part("text_encoder_2", text_2, reader, found.sources, found.unexpected,
+        NetworkPart("text_encoder_2", text_2, reader, found.sources, found.unexpected,
               partial(open_clip.checkpoint_name, prefix=SDXL_OPEN_CLIP_PREFIX, model=text_2)),
     ]
     return parts, list(groups.stray) + list(groups.text.values()), {
@@ -166,7 +105,8 @@ def _sdxl_single_file(reader: TensorReader, groups: single_file.KeyGroups, heads
     }
 
 
-def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list[_Part], list[str], dict[str, Any]]:
+def _single_file(path: Path, stack: ExitStack, allow_pickle: bool
+                 ) -> tuple[list[NetworkPart], list[str], dict[str, Any]]:
     reader = TensorReader()
     reader.add(path, stack, allow_pickle)
     groups = single_file.group_keys(reader.shapes)
@@ -191,77 +131,50 @@ def _single_file(path: Path, stack: ExitStack, allow_pickle: bool) -> tuple[list
     stray = groups.stray
     if sd2:
         found = open_clip.open_clip_sources(reader.shapes, open_clip.SD2_PREFIX, text)
-        text_part = _Part("text_encoder", text, reader, found.sources, found.unexpected,
+        text_part = NetworkPart("text_encoder", text, reader, found.sources, found.unexpected,
                           partial(open_clip.checkpoint_name, prefix=open_clip.SD2_PREFIX, model=text))
         stray = [name for name in stray if not name.startswith(open_clip.SD2_PREFIX)]
     else:
-        text_part = _Part("text_encoder", text, reader, {text_prefix + k: v for k, v in groups.text.items()}, [],
+        text_part = NetworkPart("text_encoder", text, reader, {text_prefix + k: v for k, v in groups.text.items()}, [],
                           lambda k: TEXT_MODEL_PREFIX + k.removeprefix(text_prefix))
     parts = [
-        _Part("unet", unet, reader, groups.unet, [], lambda k: UNET_PREFIX + k),
-        _Part("vae", vae, reader, groups.vae, [], lambda k: VAE_PREFIX + k),
+        NetworkPart("unet", unet, reader, groups.unet, [], lambda k: UNET_PREFIX + k),
+        NetworkPart("vae", vae, reader, groups.vae, [], lambda k: VAE_PREFIX + k),
         text_part,
     ]
     return parts, stray, {"scaling_factor": SD1_SCALING_FACTOR, "tokenizer_dir": None, "scheduler_config": None}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent.parent}: not a diffusers model folder, {path} is missing")
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
-
-
-def _folder_part(
-    label: str, module: nn.Module, folder: Path, to_module: Callable[[str], str | None],
-    from_module: Callable[[str], str], stack: ExitStack, allow_pickle: bool,
-) -> _Part:
-    # transformers names its files model.safetensors / pytorch_model.bin, diffusers diffusion_pytorch_model.*
-    stem, pickle_stem = (("model", "pytorch_model") if label.startswith("text_encoder")
-                         else ("diffusion_pytorch_model",) * 2)
-    reader = TensorReader()
-    for file in diffusers_format.weight_files(folder / label, stem, pickle_stem, allow_pickle):
-        reader.add(file, stack, allow_pickle)
-    sources, unexpected = {}, []
-    for name in reader.shapes:
-        key = to_module(name)
-        if key is None:
-            unexpected.append(f"{label}/{name}")
-        else:
-            sources[key] = name
-    return _Part(label, module, reader, sources, unexpected, lambda k: f"{label}/{from_module(k)}")
-
-
 def _diffusers_folder(
     path: Path, stack: ExitStack, allow_pickle: bool
-) -> tuple[list[_Part], list[str], dict[str, Any]]:
+) -> tuple[list[NetworkPart], list[str], dict[str, Any]]:
     if (path / "text_encoder_2").is_dir() and not (path / "text_encoder").is_dir():
         raise CheckpointError(f"{path} is an SDXL refiner (text_encoder_2 alone): it runs as a second stage beside "
                               "an SDXL base model (SDQ_REFINER_CHECKPOINT), not on its own")
-    vae_json = _read_json(path / "vae" / "config.json")
-    unet_config = diffusers_format.unet_config_from_diffusers(_read_json(path / "unet" / "config.json"))
+    vae_json = read_json(path / "vae" / "config.json")
+    unet_config = diffusers_format.unet_config_from_diffusers(read_json(path / "unet" / "config.json"))
     vae_config = diffusers_format.vae_config_from_diffusers(vae_json)
-    text_config = CLIPTextConfig.from_dict(_read_json(path / "text_encoder" / "config.json"))
+    text_config = CLIPTextConfig.from_dict(read_json(path / "text_encoder" / "config.json"))
     unet, vae, text = _build(unet_config, vae_config, text_config)
 
     unet_names, vae_names = diffusers_format.unet_renames(unet_config), diffusers_format.vae_renames(vae_config)
     unet_back, vae_back = diffusers_format.inverted(unet_names), diffusers_format.inverted(vae_names)
     text_prefix = state_dict_prefix(text)
     parts = [
-        _folder_part("unet", unet, path, partial(diffusers_format.rename, renames=unet_names),
+        folder_part("unet", unet, path, partial(diffusers_format.rename, renames=unet_names),
                      lambda k: diffusers_format.rename(k, unet_back) or k, stack, allow_pickle),
-        _folder_part("vae", vae, path, partial(diffusers_format.rename, renames=vae_names),
+        folder_part("vae", vae, path, partial(diffusers_format.rename, renames=vae_names),
                      lambda k: diffusers_format.rename(k, vae_back) or k, stack, allow_pickle),
         # transformers has saved CLIPTextModel with and without the "text_model." level
-        _folder_part("text_encoder", text, path, lambda k: text_prefix + k.removeprefix("text_model."),
+        folder_part("text_encoder", text, path, lambda k: text_prefix + k.removeprefix("text_model."),
                      lambda k: k, stack, allow_pickle),
     ]
     if unet_config.adm_in_channels:  # SDXL: the second text encoder, CLIPTextModelWithProjection
         with torch.device("meta"):
             text_2 = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_dict(_read_json(path / "text_encoder_2" / "config.json")))
+                CLIPTextConfig.from_dict(read_json(path / "text_encoder_2" / "config.json")))
         prefix_2 = state_dict_prefix(text_2)
-        parts.append(_folder_part(
+        parts.append(folder_part(
             "text_encoder_2", text_2, path,
             lambda k: k if k.startswith("text_projection.") else prefix_2 + k.removeprefix("text_model."),
             lambda k: k, stack, allow_pickle))
@@ -297,10 +210,10 @@ def load_components(
             parts, stray, extras = _single_file(path, stack, allow_pickle)
         else:
             raise FileNotFoundError(f"checkpoint not found: {path} (a .safetensors file or a diffusers folder)")
-        _check(parts, stray, path)
+        check_parts(parts, stray, path)
         dtypes = (dtype, vae_dtype or dtype, text_dtype or dtype, text_dtype or dtype)
         for part, part_dtype in zip(parts, dtypes[: len(parts)], strict=True):
-            _materialize(part, device, part_dtype)
+            materialize(part, device, part_dtype)
     unet, vae, text, *more = (part.module for part in parts)
     assert isinstance(unet, UNetModel) and isinstance(vae, AutoencoderKL) and isinstance(text, CLIPTextModel)
     text_2 = more[0] if more else None
@@ -311,9 +224,9 @@ def load_components(
                       source=path, text_encoder_2=text_2, **extras)
 
 
-def _save(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
-          text_encoder_2: CLIPTextModelWithProjection | None = None, open_clip_prefix: str = SDXL_OPEN_CLIP_PREFIX
-          ) -> Path:
+def save_original_layout(path: Path, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextModel | None,
+                         text_encoder_2: CLIPTextModelWithProjection | None = None,
+                         open_clip_prefix: str = SDXL_OPEN_CLIP_PREFIX) -> Path:
     """The original layout; an OpenCLIP (GELU) text encoder as SD 2.x holds it, with its unused last layer; SDXL's
     two under ``conditioner.embedders.``; the SDXL refiner's bigG alone (``text_encoder`` None) under
     ``open_clip_prefix``."""
@@ -356,7 +269,8 @@ def save_single_file(components: Components, path: str | Path) -> Path:
     if any(isinstance(m, ChosenLayer) for net in networks if net is not None for m in net.modules()):
         raise ValueError("these components hold packed CPU weights (a loaded pipeline's): save the components "
                          "load_components returns instead")
-    return _save(Path(path), components.unet, components.vae, components.text_encoder, components.text_encoder_2)
+    return save_original_layout(Path(path), components.unet, components.vae, components.text_encoder,
+                                components.text_encoder_2)
 
 
 def save_random_checkpoint(
@@ -374,7 +288,7 @@ def save_random_checkpoint(
             for param in network.parameters():
                 if param.ndim == 1:
                     param.add_(0.1 * torch.randn_like(param))
-    return _save(Path(path), *networks)
+    return save_original_layout(Path(path), *networks)
 
 
 def tiny_configs(in_channels: int = 4) -> tuple[UNetConfig, VAEConfig, CLIPTextConfig]:
