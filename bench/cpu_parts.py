@@ -148,12 +148,16 @@ def two_matmuls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 def attention_parts(size: int, runs: int, dtype: torch.dtype, table: Table) -> None:
     """Self-attention of the UNet's first level (8 heads of 40 over (size/8)^2 positions, 2 latents) and of the
     VAE's middle block (1 head of 512 over (size/8)^2 positions)."""
+    from model.cpu_attention import onednn_attention
+
     n = (size // 8) ** 2
     for name, (B, H, D) in (("UNet level-1 self-attention", (2, 8, 40)), ("VAE mid attention", (1, 1, 512))):
         q, k, v = (torch.randn(B, H, n, D, dtype=dtype) for _ in range(3))
-        table.add(f"{name} {size}", timed({"SDPA": lambda: F.scaled_dot_product_attention(q, k, v),  # noqa: B023
-                                           "two matmuls": lambda: two_matmuls(q, k, v)}, runs),  # noqa: B023
-                  4.0 * B * H * n * n * D)
+        ways: dict[str, Run] = {"SDPA": lambda: F.scaled_dot_product_attention(q, k, v),  # noqa: B023
+                                "two matmuls": lambda: two_matmuls(q, k, v)}  # noqa: B023
+        if dtype == torch.float32:  # the self-check's other fp32 path (model/cpu_attention.py)
+            ways["oneDNN, query chunks"] = lambda: onednn_attention(q, k, v)  # noqa: B023
+        table.add(f"{name} {size}", timed(ways, runs), 4.0 * B * H * n * n * D)
 
 
 def elementwise_parts(size: int, runs: int, dtype: torch.dtype, table: Table) -> None:
