@@ -20,9 +20,10 @@ Redis outages (down, unreachable, paused, or full under ``maxmemory`` + ``noevic
 wait retries with capped backoff (``worker.outages``); registration waits until Redis answers; the hooks shared
 with the webhook sender (``core.rq_worker.PatientWorker``) wait for the command subscription and skip, until next
 time, bookkeeping that can be skipped (worker state, a heartbeat, a cleanup), and a registration that expired
-while Redis was away is written again at the next heartbeat (``rejoin``). The registry cleanup waits for a lease plus a heartbeat of steady contact after any outage or stall, and after the
-worker's start: an outage stops every worker's heartbeats, so right after it every lease looks expired, and the
-workers that are alive need a heartbeat to renew theirs before anyone takes their jobs for abandoned.
+while Redis was away is written again at the next heartbeat (``rejoin``). The registry cleanup waits for a lease
+plus a heartbeat of steady contact after any outage or stall, and after the worker's start: an outage stops every
+worker's heartbeats, so right after it every lease looks expired, and the workers that are alive need a heartbeat
+to renew theirs before anyone takes their jobs for abandoned.
 """
 
 from __future__ import annotations
