@@ -322,6 +322,9 @@ class Pipeline:
                 prompt_chunks=text.chunks[req_index],
             )
             offset += r.n
+        # Each network this batch ran has had a pass: fix (and store) the CPU self-check's kinds it measured, those
+        # whose layers ran once and filled neither budget too (the VAE decoder's), so no later call measures them.
+        self.settle_cpu_self_check()
         return results
 
     # helpers -------------------------------------------------------------------------------------------------
