@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ class RowAdapters:
             if order is not None:  # every set's pair at once
                 stack = self._stacked(path, pairs, order)
                 if layout.perm is None:  # row b belongs to set order[b % G]: a view, no gather
-                    output.add_(stack.delta(x, layout.k, tiled=True).to(output.dtype))
+                    stack.add_tiled(x, layout.k, output)
                 else:
                     delta = stack.delta(x.index_select(0, layout.perm), layout.k, tiled=False)
                     output.index_add_(0, layout.perm, delta.to(output.dtype))
@@ -163,6 +163,8 @@ class _Stack:
     conv: bool
     down: torch.Tensor
     up: torch.Tensor
+    # per row count k: the pairs laid out per batch row (row b: set b % G), as add_tiled's batched products take them
+    _per_row: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, compare=False)
 
     @staticmethod
     def fits(target: Target) -> bool:
@@ -183,6 +185,27 @@ class _Stack:
                 down[g, :r] = pair.down.reshape(r, -1)
                 up[g, :, :r] = pair.up
         return _Stack(some.target.conv, down, up)
+
+    def add_tiled(self, x: torch.Tensor, k: int, output: torch.Tensor) -> None:
+        """``output`` += the side paths of rows ``x`` (row b: set b % G), the second product accumulating straight
+        into ``output``: no delta tensor, no separate add over the layer's output."""
+        if output.dtype != x.dtype or x.dtype != self.down.dtype or not output.is_contiguous():
+            output.add_(self.delta(x, k, tiled=True).to(output.dtype))
+            return
+        rows = self._per_row.get(k)
+        if rows is None:  # [B, in, R] and [B, R, out] (conv: [B, R, in] and [B, out, R]), built once per k
+            g = self.down.shape[0]
+            down, up = (self.down, self.up) if self.conv else (self.down.transpose(1, 2), self.up.transpose(1, 2))
+            rows = self._per_row[k] = (down.repeat(k, 1, 1), up.repeat(k, 1, 1))
+            assert rows[0].shape[0] == k * g
+        down_rows, up_rows = rows
+        b = x.shape[0]
+        if self.conv:  # [B, C, H, W]: the 1x1 convolution as a matrix product over pixels
+            h = torch.bmm(down_rows, x.reshape(b, x.shape[1], -1))  # [B, R, HW]
+            output.view(b, output.shape[1], -1).baddbmm_(up_rows, h)
+        else:
+            h = torch.bmm(x.reshape(b, -1, x.shape[-1]), down_rows)  # [B, T, R]
+            output.view(b, -1, output.shape[-1]).baddbmm_(h, up_rows)
 
     def delta(self, x: torch.Tensor, k: int, tiled: bool) -> torch.Tensor:
         """The side paths for rows ``x`` laid out as [k, G, ...] (tiled) or [G, k, ...] (rows in set order)."""
