@@ -7,7 +7,9 @@ weight is packed in the layout of the kernel oneDNN selects for the real input: 
 (AVX-512, AMX, AVX2 brgemm) and between input shapes, so each layer packs on its first call, for that call's
 input. Whether packing pays at all is then measured per layer kind (``model.cpu_choice``). What each layer becomes:
 
-- 3x3 convolutions: ``PackedConv2d``;
+- 3x3 convolutions: ``PackedConv2d``; those with many channels in fp32 ``WinogradConv2d``, which may run them by
+  Winograd's F(4x4, 3x3) or F(2x2, 3x3) (``model.winograd``: 4x or 2.25x less arithmetic) where that measures
+  faster than the packed direct convolution;
 - 1x1 convolutions: ``PackedPointwiseConv``, the same matrix as a packed linear layer;
 - ``Upsample`` (nearest 2x, then 3x3 conv): ``PackedUpsample``, whose 2x path is a sub-pixel convolution doing 16
   multiply-adds where the plain path does 36 (``SubpixelConv``);
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import winograd
 from model.cpu_choice import LayerPath, PathChooser
 from model.layers import Upsample
 
@@ -129,6 +132,55 @@ class PackedConv2d(ChosenLayer):
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, " \
             f"{self.path_repr()}"
+
+
+class WinogradConv2d(ChosenLayer):
+    """A stride-1 3x3 fp32 convolution that may run by Winograd's minimal filtering (``model.winograd``).
+
+    Its own kind of the self-check, ``winograd``, measured on the layers whose first input has a tile
+    (``winograd.tile_for``): "packed" is the Winograd path (its weight transformed once, 16/9 or 4x the size of the
+    plain one), "plain" the direct convolution ``direct`` (a ``PackedConv2d``, measured packed, then on the
+    ``conv3x3`` kind's path). Layers whose first input has no tile (4x4 maps, say) run ``direct`` only. Once
+    Winograd is settled, ``direct``'s weights are dropped.
+    """
+
+    kind = "winograd"
+
+    def __init__(self, conv: PackedConv2d, chooser: PathChooser | None = None) -> None:
+        assert conv.weight is not None
+        super().__init__(conv.weight, conv.bias, chooser)  # the same tensors as ``direct``'s: no copy
+        self.direct = conv
+        self.tile: int | None = None  # Winograd's output tile, 0 for direct: from the first input
+
+    def pack(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return winograd.transform_weight(weight, self.tile or 4)
+
+    def run_packed(self, x: torch.Tensor) -> torch.Tensor:
+        return winograd.conv3x3(x, self.packed_weight(x), self.bias)
+
+    def run_plain(self, x: torch.Tensor) -> torch.Tensor:
+        return self.direct.run_packed(x) if self.path is None else self.direct(x)
+
+    def settle(self, path: LayerPath) -> None:
+        self.path = path
+        if path is LayerPath.PLAIN:  # ``direct`` holds what it needs
+            self.packed = self.weight = None
+        else:
+            self.direct.weight = self.direct.packed = None
+            if self.packed is not None:
+                self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tile is None:
+            self.tile = winograd.tile_for(self.direct.in_channels, self.direct.out_channels, x.shape[-2], x.shape[-1])
+            if self.path is LayerPath.PACKED:  # built without a chooser: Winograd at any size
+                self.tile = self.tile or 2
+            if not self.tile:
+                self.weight = None  # ``direct`` keeps its own reference
+        return super().forward(x) if self.tile else self.direct(x)
+
+    def extra_repr(self) -> str:
+        return f"Winograd F({self.tile}x{self.tile}, 3x3) or direct, {self.path_repr()}"
 
 
 class PackedLinear(ChosenLayer):
@@ -297,6 +349,11 @@ def _pointwise(conv: nn.Conv2d) -> bool:
     return _sizes(conv) == ((1, 1), (1, 1), (0, 0))
 
 
+def _winograd(conv: nn.Conv2d) -> bool:
+    return (_sizes(conv) == ((3, 3), (1, 1), (1, 1)) and conv.dilation == (1, 1) and conv.weight.dtype == torch.float32
+            and min(conv.in_channels, conv.out_channels) >= winograd.MIN_CHANNELS)
+
+
 def prepack(module: nn.Module, chooser: PathChooser | None = None) -> int:
     """Replace ``module``'s convolutions, upsamplers and linear layers (in place) with packable ones; returns how
     many. Layers of other dtypes, groups or padding modes stay as they are.
@@ -311,6 +368,7 @@ def prepack(module: nn.Module, chooser: PathChooser | None = None) -> int:
             count += 1
         elif isinstance(child, nn.Conv2d) and _packable(child) and (_pointwise(child) or child.kernel_size != (1, 1)):
             setattr(module, name, PackedPointwiseConv(child, chooser) if _pointwise(child)
+                    else WinogradConv2d(PackedConv2d(child, chooser), chooser) if _winograd(child)
                     else PackedConv2d(child, chooser))
             count += 1
         elif isinstance(child, nn.Linear) and child.weight.dtype in PACKABLE_DTYPES:

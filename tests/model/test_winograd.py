@@ -1,0 +1,115 @@
+"""Winograd 3x3 convolutions give the direct convolution's numbers, and the self-check decides where they run."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import winograd
+from model.cpu_choice import LayerPath, PathChooser
+from model.cpu_pack import PackedConv2d, WinogradConv2d, can_prepack, prepack
+from model.weights import load_components
+
+
+def direct(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("shape", [(2, 16, 12, 12), (1, 5, 7, 9), (3, 4, 1, 1), (1, 8, 6, 5), (2, 24, 17, 16)])
+def test_winograd_equals_the_direct_convolution(tile: int, shape: tuple[int, int, int, int]) -> None:
+    torch.manual_seed(tile)
+    x = torch.randn(*shape)
+    w, b = torch.randn(11, shape[1], 3, 3) / (3 * shape[1] ** 0.5), torch.randn(11)
+    u = winograd.transform_weight(w, tile)
+    assert u.shape == ((tile + 2) ** 2, 11, shape[1])
+    reference = direct(x, w, b)
+    scale = reference.abs().max().item()
+    for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = winograd.conv3x3(layout, u, b)
+        assert out.shape == reference.shape and out.dtype == torch.float32
+        assert (out.double() - reference).abs().max().item() < 2e-5 * scale * tile
+    without_bias = winograd.conv3x3(x, u, None).double()
+    assert (without_bias - direct(x, w, None)).abs().max().item() < 2e-5 * scale * tile
+
+
+def test_a_wrong_transform_is_caught() -> None:
+    """The checks above can fail: a transform with one sign flipped gives other numbers."""
+    torch.manual_seed(3)
+    x, w = torch.randn(1, 6, 8, 8), torch.randn(5, 6, 3, 3)
+    u = winograd.transform_weight(w, 4)
+    u[7] = -u[7]
+    assert (winograd.conv3x3(x, u, None).double() - direct(x, w, None)).abs().max().item() > 1e-2
+
+
+def test_the_tile_follows_channels_and_map_size() -> None:
+    big = winograd.MIN_CHANNELS
+    assert winograd.tile_for(big, big, 64, 64) == 4 and winograd.tile_for(big, 2 * big, 16, 40) == 4
+    assert winograd.tile_for(big, big, 8, 8) == 2 and winograd.tile_for(big, big, 15, 64) == 2
+    assert winograd.tile_for(big, big, 4, 4) == 0 and winograd.tile_for(big - 1, big, 64, 64) == 0
+
+
+pack_only = pytest.mark.skipif(not can_prepack(torch.float32), reason="this PyTorch build has no oneDNN ops")
+
+
+@pack_only
+def test_prepack_wraps_fp32_3x3_convolutions_with_many_channels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2,
+                        padding=1), nn.Conv2d(8, 8, 3, padding=1).bfloat16())
+    assert prepack(net) == 4
+    assert isinstance(net[0], WinogradConv2d)
+    assert type(net[1]) is PackedConv2d and type(net[2]) is PackedConv2d  # 4 channels; stride 2
+    assert type(net[3]) is PackedConv2d  # bf16 keeps the direct kernels
+
+
+@pack_only
+def test_the_self_check_measures_winograd_and_keeps_the_winning_weights(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 32)  # the tiny UNet's channels: 32 and 64
+    c = load_components(tiny_checkpoint)
+    unet = copy.deepcopy(c.unet)
+    chooser = PathChooser("UNet", budget_s=1e9)
+    prepack(unet, chooser)
+    wrapped = [m for m in unet.modules() if isinstance(m, WinogradConv2d)]
+    assert len(wrapped) > 4
+    x, ctx, t = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32), torch.full((2,), 321)
+    with caplog.at_level(logging.INFO, logger="model.cpu_choice"), torch.inference_mode():
+        for _ in range(2):
+            assert torch.allclose(unet(x, t, ctx), c.unet(x, t, ctx), atol=1e-4, rtol=1e-4)
+    path = chooser.decided["winograd"]
+    assert f"UNet winograd layers: {path.value} (measured on" in caplog.text
+    tiles = {m.tile for m in wrapped}
+    assert tiles == {4, 2}  # 16x16 maps at the first level, 8x8 at the second
+    for layer in wrapped:
+        assert layer.path is path
+        if path is LayerPath.PACKED:  # the transformed weight only
+            assert layer.packed is not None and layer.weight is None and layer.direct.weight is None
+        else:  # the direct convolution's weight only
+            assert layer.packed is None and (layer.direct.weight is not None or layer.direct.packed is not None)
+
+
+@pack_only
+@pytest.mark.parametrize("path", [LayerPath.PACKED, LayerPath.PLAIN])
+def test_either_winograd_path_gives_the_plain_numbers(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, path: LayerPath
+) -> None:
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 32)
+    c = load_components(tiny_checkpoint)
+    vae = copy.deepcopy(c.vae)
+    chooser = PathChooser("VAE")
+    chooser.decided["winograd"] = path  # as a stored choice would set it
+    prepack(vae, chooser)
+    z = torch.randn(1, 4, 9, 12)  # odd sides: padded tiles, then cropped
+    with torch.inference_mode():
+        for _ in range(2):
+            assert torch.allclose(vae.decode(z), c.vae.decode(z), atol=1e-4, rtol=1e-4)
+    used = [m for m in vae.decoder.modules() if isinstance(m, WinogradConv2d) and m.tile]
+    assert used and all(m.path is path for m in used)
