@@ -10,12 +10,12 @@ transformed input tiles (in channels x tiles): a batch of large products instead
 and output transforms, sums with small integer factors, one pass each over the tiles. In float32 the result
 differs from the direct convolution by about 1e-6 (F(2x2)) and 1e-5 (F(4x4)) of the output's scale.
 
-On a 2-core AMD EPYC Zen 3 (AVX2) F(4x4) ran the SD 1.5 UNet's 3x3 convolutions 1.35-2.4x faster than oneDNN's
-pre-packed direct kernels on 16x16 to 64x64 maps with 320-1280 channels, and the VAE's 512-channel ones 1.96x;
-F(2x2) is the faster of the two on 8x8 maps (four 4x4 tiles leave the products too thin); both lose at 4x4 and
-with few channels over large maps, where the transforms' memory traffic outweighs the arithmetic saved
-(``tile_for``). The transformed weight takes 16/9 (F(2x2)) or 4x (F(4x4)) the memory of the plain one. Whether
-Winograd pays on a given CPU is measured by the self-check (``model.cpu_pack.WinogradConv2d``).
+On a 2-core AMD EPYC Zen 3 (AVX2) F(4x4) ran the SD 1.5 UNet's 3x3 convolutions 1.6-2.4x faster than oneDNN's
+pre-packed direct kernels on 16x16 to 64x64 maps with 320-960 channels, and the VAE's 512-channel ones 1.96x;
+F(2x2) 1.4-2.7x on the UNet's 1280-channel 8x8 and 16x16 maps (where F(4x4) leaves few tiles per weight); both
+lose at 4x4 and with few channels over large maps, where the transforms' memory traffic outweighs the arithmetic
+saved (``tile_for``). The transformed weight takes 16/9 (F(2x2)) or 4x (F(4x4)) the memory of the plain one.
+Whether Winograd pays on a given CPU is measured by the self-check (``model.cpu_pack.WinogradConv2d``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 MIN_CHANNELS = 320  # fewer input or output channels: the transforms cost more than the products save
-SIDES = ((16, 4), (8, 2))  # (smallest map side, output tile): F(4x4) from 16x16, F(2x2) from 8x8, else direct
+WIDE = 640  # more channels than this: F(4x4)'s 4x weight only on maps of 32x32 and up (enough tiles to reuse it)
 
 _G = {
     2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
@@ -39,17 +39,24 @@ Transform = Callable[[Sequence[torch.Tensor], Out], list[torch.Tensor]]
 
 
 def tile_for(in_channels: int, out_channels: int, height: int, width: int) -> int:
-    """The output tile (4 or 2) Winograd runs this convolution with, or 0 where direct is faster (see above)."""
-    if min(in_channels, out_channels) < MIN_CHANNELS:
+    """The output tile Winograd runs this convolution with, or 0 where direct is faster (see above): F(4x4) on maps
+    of 32x32 and up, or 16x16 and up for weights of at most ``WIDE`` channels; F(2x2) on other maps of 8x8 and up.
+
+    F(4x4)'s transformed weight is 4x the plain one, F(2x2)'s 16/9: on a 16x16 map the UNet's 1280-channel
+    layers ran only about 1.2x faster with F(4x4) than with F(2x2), for 2.25x the memory (about 1.3 GB more)."""
+    side = min(height, width)
+    if min(in_channels, out_channels) < MIN_CHANNELS or side < 8:
         return 0
-    return next((tile for side, tile in SIDES if min(height, width) >= side), 0)
+    return 4 if side >= 32 or (side >= 16 and max(in_channels, out_channels) <= WIDE) else 2
 
 
 def transform_weight(weight: torch.Tensor, tile: int) -> torch.Tensor:
     """[O, C, 3, 3] -> U, [(tile + 2)^2, O, C]: ``G g G^T`` for each (out, in) channel pair, tile position major."""
     g = torch.tensor(_G[tile], dtype=torch.float64)
-    u = torch.einsum("ai,ocij,bj->aboc", g, weight.double(), g)
-    return u.reshape(-1, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
+    both = torch.kron(g, g).to(weight.dtype)  # [(tile + 2)^2, 9]: G (.) G^T as one matrix on the 9 taps
+    out_c, in_c = weight.shape[:2]
+    u = both @ weight.reshape(out_c * in_c, 9).T  # one product: milliseconds where a float64 einsum took seconds
+    return u.view(-1, out_c, in_c)
 
 
 def _into(out: Out, k: int, value: Callable[[torch.Tensor | None], torch.Tensor]) -> torch.Tensor:

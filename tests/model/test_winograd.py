@@ -49,10 +49,11 @@ def test_a_wrong_transform_is_caught() -> None:
 
 
 def test_the_tile_follows_channels_and_map_size() -> None:
-    big = winograd.MIN_CHANNELS
-    assert winograd.tile_for(big, big, 64, 64) == 4 and winograd.tile_for(big, 2 * big, 16, 40) == 4
-    assert winograd.tile_for(big, big, 8, 8) == 2 and winograd.tile_for(big, big, 15, 64) == 2
-    assert winograd.tile_for(big, big, 4, 4) == 0 and winograd.tile_for(big - 1, big, 64, 64) == 0
+    few, wide = winograd.MIN_CHANNELS, 2 * winograd.WIDE
+    assert winograd.tile_for(few, few, 64, 64) == 4 and winograd.tile_for(few, winograd.WIDE, 16, 40) == 4
+    assert winograd.tile_for(wide, wide, 32, 32) == 4 and winograd.tile_for(wide, few, 16, 16) == 2  # 4x weight
+    assert winograd.tile_for(few, few, 8, 8) == 2 and winograd.tile_for(few, few, 15, 64) == 2
+    assert winograd.tile_for(few, few, 4, 4) == 0 and winograd.tile_for(few - 1, few, 64, 64) == 0
 
 
 pack_only = pytest.mark.skipif(not can_prepack(torch.float32), reason="this PyTorch build has no oneDNN ops")
@@ -74,6 +75,7 @@ def test_the_self_check_measures_winograd_and_keeps_the_winning_weights(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 32)  # the tiny UNet's channels: 32 and 64
+    monkeypatch.setattr(winograd, "WIDE", 64)
     c = load_components(tiny_checkpoint)
     unet = copy.deepcopy(c.unet)
     chooser = PathChooser("UNet", budget_s=1e9)
