@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import winograd
+from model import host_memory, winograd
 from model.cpu_choice import LayerPath, PathChooser
 from model.layers import Upsample
 
@@ -140,8 +140,9 @@ class WinogradConv2d(ChosenLayer):
     Its own kind of the self-check, ``winograd``, measured on the layers whose first input has a tile
     (``winograd.tile_for``): "packed" is the Winograd path (its weight transformed once, 16/9 or 4x the size of the
     plain one), "plain" the direct convolution ``direct`` (a ``PackedConv2d``, measured packed, then on the
-    ``conv3x3`` kind's path). Layers whose first input has no tile (4x4 maps, say) run ``direct`` only. Once
-    Winograd is settled, ``direct``'s weights are dropped.
+    ``conv3x3`` kind's path). Layers whose first input has no tile (4x4 maps, say), or that would leave too little
+    memory free for the transformed weight (``host_memory.room_for``), run ``direct`` only. Once Winograd is
+    settled, ``direct``'s weights are dropped.
     """
 
     kind = "winograd"
@@ -172,11 +173,19 @@ class WinogradConv2d(ChosenLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tile is None:
-            self.tile = winograd.tile_for(self.direct.in_channels, self.direct.out_channels, x.shape[-2], x.shape[-1])
+            tile = winograd.tile_for(self.direct.in_channels, self.direct.out_channels, x.shape[-2], x.shape[-1])
             if self.path is LayerPath.PACKED:  # built without a chooser: Winograd at any size
-                self.tile = self.tile or 2
-            if not self.tile:
+                tile = tile or 2
+            assert self.weight is not None
+            if tile and not host_memory.room_for(self.weight.nbytes * (tile + 2) ** 2 // 9):
+                log.warning("%d->%d channel 3x3 convolution: too little free memory for Winograd's transformed "
+                            "weight; it runs direct", self.direct.in_channels, self.direct.out_channels)
+                tile = 0
+            self.tile = tile
+            if not tile:
                 self.weight = None  # ``direct`` keeps its own reference
+            elif self.path is LayerPath.PACKED:
+                self.direct.weight = None
         return super().forward(x) if self.tile else self.direct(x)
 
     def extra_repr(self) -> str:

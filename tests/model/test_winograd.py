@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import winograd
+from model import host_memory, winograd
 from model.cpu_choice import LayerPath, PathChooser
 from model.cpu_pack import PackedConv2d, WinogradConv2d, can_prepack, prepack
 from model.weights import load_components
@@ -115,3 +115,35 @@ def test_either_winograd_path_gives_the_plain_numbers(
             assert torch.allclose(vae.decode(z), c.vae.decode(z), atol=1e-4, rtol=1e-4)
     used = [m for m in vae.decoder.modules() if isinstance(m, WinogradConv2d) and m.tile]
     assert used and all(m.path is path for m in used)
+
+
+@pack_only
+def test_too_little_free_memory_keeps_the_direct_convolution(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda *a: (2 << 30, 8 << 30))  # 2 of 8 GiB free
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 16, 16)
+    roomy, tight = WinogradConv2d(PackedConv2d(conv)), WinogradConv2d(PackedConv2d(conv))
+    with torch.inference_mode():
+        assert torch.allclose(roomy(x), conv(x), atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(host_memory, "available_bytes", lambda *a: ((1 << 30) + 100, 8 << 30))
+        with caplog.at_level(logging.WARNING, logger="model.cpu_pack"):
+            assert torch.allclose(tight(x), conv(x), atol=1e-5, rtol=1e-5)
+    assert roomy.tile == 4 and roomy.packed is not None
+    assert tight.tile == 0 and tight.packed is None and "too little free memory" in caplog.text
+
+
+def test_free_memory_is_capped_by_the_cgroup_limit(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemFree:         1000 kB\nMemAvailable:   8000000 kB\n")
+    assert host_memory.available_bytes(meminfo, tmp_path / "none") == (8_192_000_000, 16_384_000_000)
+    (tmp_path / "memory.max").write_text("4294967296\n")
+    (tmp_path / "memory.current").write_text("1073741824\n")
+    assert host_memory.available_bytes(meminfo, tmp_path) == (3 << 30, 4 << 30)
+    assert host_memory.room_for(2 << 30, meminfo, tmp_path)  # 1 GiB left: the reserve
+    assert not host_memory.room_for((2 << 30) + 1, meminfo, tmp_path)
+    (tmp_path / "memory.max").write_text("max\n")
+    assert host_memory.available_bytes(meminfo, tmp_path) == (8_192_000_000, 16_384_000_000)
+    assert host_memory.available_bytes(tmp_path / "missing") is None and host_memory.room_for(1 << 60, tmp_path)
