@@ -147,3 +147,26 @@ def test_free_memory_is_capped_by_the_cgroup_limit(tmp_path: Path) -> None:
     (tmp_path / "memory.max").write_text("max\n")
     assert host_memory.available_bytes(meminfo, tmp_path) == (8_192_000_000, 16_384_000_000)
     assert host_memory.available_bytes(tmp_path / "missing") is None and host_memory.room_for(1 << 60, tmp_path)
+
+
+@pack_only
+def test_a_pipeline_on_winograd_draws_the_plain_pixels(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from model.pipeline import Pipeline
+    from model.requests import GenerationRequest
+
+    request = GenerationRequest(prompt="a red cube", width=128, height=128, steps=3, seed=7)
+    plain = Pipeline.load(tiny_checkpoint, device="cpu", dtype="float32", cpu_choices=None)
+    expected = np.asarray(plain.generate([request])[0].images[0], dtype=np.int16)  # type: ignore[union-attr]
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 32)
+    monkeypatch.setattr(winograd, "WIDE", 32)
+    pipe = Pipeline.load(tiny_checkpoint, device="cpu", dtype="float32", cpu_choices=None)
+    for chooser in pipe.cpu_choosers:
+        chooser.decided["winograd"] = LayerPath.PACKED
+    for _ in range(2):
+        image = np.asarray(pipe.generate([request])[0].images[0], dtype=np.int16)  # type: ignore[union-attr]
+        assert np.abs(image - expected).max() <= 1
+    used = [m for net in (pipe.components.unet, pipe.components.vae) for m in net.modules()
+            if isinstance(m, WinogradConv2d) and m.tile]
+    assert {m.tile for m in used} == {2, 4} and all(m.path is LayerPath.PACKED for m in used)
