@@ -189,7 +189,9 @@ class WinogradConv2d(ChosenLayer):
         return super().forward(x) if self.tile else self.direct(x)
 
     def extra_repr(self) -> str:
-        return f"Winograd F({self.tile}x{self.tile}, 3x3) or direct, {self.path_repr()}"
+        how = "tile from the first input" if self.tile is None else f"F({self.tile}x{self.tile}, 3x3)" if self.tile \
+            else "direct only"
+        return f"Winograd or direct, {how}, {self.path_repr()}"
 
 
 class PackedLinear(ChosenLayer):
