@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import attention
-from model.cpu_choice import LayerPath, PathChooser
+from model.cpu_choice import LayerPath, PathChooser, chosen_call
 
 KIND = "attention"
 MIN_KEYS = 1024  # shorter key sequences (text contexts, the UNet's deeper levels) stay on SDPA: no faster
@@ -60,7 +60,7 @@ class ChosenAttention:
     first layers measure both on their first call; a layer's second call takes the kind's decision."""
 
     def __init__(self, chooser: PathChooser) -> None:
-        self.chooser = chooser
+        self.chooser: PathChooser | None = chooser
         self.path: LayerPath | None = None
         self.measured = False
 
@@ -68,12 +68,13 @@ class ChosenAttention:
                  *, upcast: bool = False) -> torch.Tensor:
         if not eligible(q, k, key_mask):
             return attention(q, k, v, key_mask, upcast=upcast)
-        if self.path is None:
-            if not self.measured and not self.chooser.known(KIND, tuple(q.shape)):
-                self.measured = True
-                return self.chooser.measure(KIND, lambda: onednn_attention(q, k, v), lambda: attention(q, k, v))
-            self.path = self.chooser.decide(KIND)
-        return onednn_attention(q, k, v) if self.path is LayerPath.PACKED else attention(q, k, v)
+        return chosen_call(self, KIND, tuple(q.shape), lambda: onednn_attention(q, k, v), lambda: attention(q, k, v))
+
+    def settle(self, path: LayerPath) -> None:
+        self.path = path
+
+    def after_measuring(self) -> None:
+        pass
 
 
 def can_use_onednn_attention() -> bool:

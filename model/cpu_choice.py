@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 import torch
 
@@ -133,6 +134,34 @@ class PathChooser:
         if t.packed_s + t.plain_s >= self.budget_s or t.layers >= self.max_layers:
             self.decide(kind)
         return out
+
+
+class Chooses(Protocol):
+    """A layer under the self-check: its network's chooser, its path once fixed, whether it measured."""
+
+    chooser: PathChooser | None
+    path: LayerPath | None
+    measured: bool
+
+    def settle(self, path: LayerPath) -> None: ...
+
+    def after_measuring(self) -> None: ...
+
+
+def chosen_call(layer: Chooses, kind: str, shape: tuple[int, ...], packed: Callable[[], torch.Tensor],
+                plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """One call of ``layer``: while its kind is open, its first call measures both paths (unless the kind is
+    known: decided here, or stored) and a later call settles the layer on the kind's decision; then the settled
+    path runs."""
+    if layer.path is None:
+        assert layer.chooser is not None
+        if not layer.measured and not layer.chooser.known(kind, shape):
+            layer.measured = True
+            out = layer.chooser.measure(kind, packed, plain)
+            layer.after_measuring()
+            return out
+        layer.settle(layer.chooser.decide(kind))  # a second call: the network's first pass is done
+    return packed() if layer.path is LayerPath.PACKED else plain()
 
 
 def cpu_isa() -> str:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import host_memory, winograd
-from model.cpu_choice import LayerPath, PathChooser
+from model.cpu_choice import LayerPath, PathChooser, chosen_call
 from model.layers import Upsample
 
 log = logging.getLogger(__name__)
@@ -87,16 +87,11 @@ class ChosenLayer(nn.Module):
         elif self.packed is not None:
             self.weight = None
 
+    def after_measuring(self) -> None:
+        self.weight = None  # restored from the packed copy if plain wins: one copy held at a time
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path is None:
-            assert self.chooser is not None
-            if not self.measured and not self.chooser.known(self.kind, tuple(x.shape)):
-                self.measured = True
-                out = self.chooser.measure(self.kind, lambda: self.run_packed(x), lambda: self.run_plain(x))
-                self.weight = None  # restored from the packed copy if plain wins: one copy held at a time
-                return out
-            self.settle(self.chooser.decide(self.kind))  # a second call: the network's first pass is done
-        return self.run_packed(x) if self.path is LayerPath.PACKED else self.run_plain(x)
+        return chosen_call(self, self.kind, tuple(x.shape), lambda: self.run_packed(x), lambda: self.run_plain(x))
 
     def path_repr(self) -> str:
         return "path undecided" if self.path is None else f"{self.path.value}"
